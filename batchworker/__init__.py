@@ -1,0 +1,1 @@
+"""batchworker: event-driven GPU batch jobs on AWS (shared core)."""

@@ -1,0 +1,1 @@
+"""The `batchworker` command line."""

@@ -1,0 +1,1 @@
+"""The local cloud: moto server, Terraform, a local Lambda runtime and local instance hosts."""

@@ -1,0 +1,1 @@
+"""Ways of starting a job on an instance."""

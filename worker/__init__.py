@@ -1,0 +1,1 @@
+"""The job that runs on the GPU instance: input -> model -> predictions + manifest."""
