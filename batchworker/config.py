@@ -1,0 +1,67 @@
+"""Settings of the Lambda functions, read from the environment in exactly one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from batchworker.errors import ConfigurationError
+
+ENV_PREFIX = "BATCHWORKER_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Deployment settings; each field `x` comes from `BATCHWORKER_X` (Terraform variable `x` sets it)."""
+
+    input_bucket: str
+    output_bucket: str
+    jobs_table: str
+    instance_events_table: str
+    pool_tag: str
+    worker_function: str
+    model_uri: str
+    parameter_prefix: str
+    job_command: str
+    ssh_user: str = "ubuntu"
+    instance_ready_timeout_seconds: float = 600.0
+    dispatch_command_timeout_seconds: float = 60.0
+    extra: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def ssh_private_key_parameter(self) -> str:
+        return f"{self.parameter_prefix}/ssh/private-key"
+
+    def instance_parameter(self, instance_id: str) -> str:
+        return f"{self.parameter_prefix}/instances/{instance_id}/ssh-endpoint"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            name = ENV_PREFIX + f.name.upper()
+            raw = environ.get(name)
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if raw is None or raw == "":
+                if required:
+                    raise ConfigurationError(f"environment variable {name} is not set")
+                continue
+            values[f.name] = _convert(name, raw, f.type)
+        return cls(**values)
+
+
+def _convert(name: str, raw: str, type_name: object) -> object:
+    if type_name in ("float", float):
+        try:
+            value = float(raw)
+        except ValueError as exc:
+            raise ConfigurationError(f"{name} must be a number, got {raw!r}") from exc
+        if value < 0:
+            raise ConfigurationError(f"{name} must be >= 0, got {raw!r}")
+        return value
+    return raw

@@ -1,0 +1,37 @@
+"""The one error hierarchy of batchworker; every module raises a subclass of BatchworkerError."""
+
+
+class BatchworkerError(Exception):
+    """Base class of every error batchworker raises on purpose."""
+
+
+class ConfigurationError(BatchworkerError):
+    """A setting is missing or invalid; the message names it."""
+
+
+class RetryableError(BatchworkerError):
+    """A transient failure: trying again later may succeed."""
+
+
+class PermanentError(BatchworkerError):
+    """Trying again cannot help: bad input, a missing object, a refused request."""
+
+
+class InstanceNotReady(RetryableError):
+    """The instance is not running yet, or its transport does not answer yet."""
+
+
+class InstanceReadyTimeout(PermanentError):
+    """The instance did not become ready within the bounded wait."""
+
+
+class NoInstanceAvailable(RetryableError):
+    """No tagged instance exists or none can take the job now."""
+
+
+class RejectedEvent(PermanentError):
+    """An event that must not produce a job (wrong bucket, malformed record)."""
+
+
+class DispatchError(PermanentError):
+    """The job could not be started on the instance."""

@@ -1,0 +1,145 @@
+"""The pool of tagged GPU instances: find by tag and state, start, stop, and record every change."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+import boto3
+from botocore.exceptions import ClientError
+
+from batchworker.errors import InstanceReadyTimeout, NoInstanceAvailable
+from batchworker.models import POOL_TAG_KEY, Instance, InstanceState, isoformat, utc_now
+
+logger = logging.getLogger(__name__)
+
+
+class InstanceHistory:
+    """Every start and stop this system asks for, per instance (the `<prefix>-instance-events` table)."""
+
+    def __init__(self, table_name: str, client=None):
+        self.table_name = table_name
+        self.client = client or boto3.client("dynamodb")
+
+    def record(self, instance_id: str, state: str, reason: str, now: datetime | None = None) -> None:
+        moment = now or utc_now()
+        self.client.put_item(
+            TableName=self.table_name,
+            Item={
+                "instance_id": {"S": instance_id},
+                # The nanosecond suffix keeps two records of one millisecond apart.
+                "at": {"S": f"{isoformat(moment)}#{time.monotonic_ns() % 10**9:09d}"},
+                "state": {"S": state},
+                "reason": {"S": reason[:500]},
+            },
+        )
+
+    def events(self, instance_id: str) -> list[dict]:
+        items = []
+        paginator = self.client.get_paginator("query")
+        for page in paginator.paginate(
+            TableName=self.table_name,
+            KeyConditionExpression="instance_id = :i",
+            ExpressionAttributeValues={":i": {"S": instance_id}},
+        ):
+            items.extend(page.get("Items", []))
+        return [
+            {
+                "instance_id": instance_id,
+                "at": item["at"]["S"].split("#")[0],
+                "state": item["state"]["S"],
+                "reason": item.get("reason", {}).get("S", ""),
+            }
+            for item in items
+        ]
+
+
+class InstancePool:
+    """Instances carrying `batchworker:pool = pool_tag`; found by tag and state, never by a stored id."""
+
+    def __init__(
+        self,
+        pool_tag: str,
+        history: InstanceHistory | None = None,
+        client=None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.pool_tag = pool_tag
+        self.history = history
+        self.client = client or boto3.client("ec2")
+        self.sleep = sleep
+        self.clock = clock
+
+    def list(self) -> list[Instance]:
+        instances = []
+        paginator = self.client.get_paginator("describe_instances")
+        for page in paginator.paginate(Filters=[{"Name": f"tag:{POOL_TAG_KEY}", "Values": [self.pool_tag]}]):
+            for reservation in page["Reservations"]:
+                for raw in reservation["Instances"]:
+                    state = InstanceState(raw["State"]["Name"])
+                    if state in (InstanceState.TERMINATED, InstanceState.SHUTTING_DOWN):
+                        continue
+                    instances.append(
+                        Instance(raw["InstanceId"], state, raw.get("InstanceType", ""), raw.get("LaunchTime"))
+                    )
+        return sorted(instances, key=lambda i: i.instance_id)
+
+    def get(self, instance_id: str) -> Instance:
+        for instance in self.list():
+            if instance.instance_id == instance_id:
+                return instance
+        raise NoInstanceAvailable(f"instance {instance_id} is not in pool {self.pool_tag!r} (terminated?)")
+
+    def request_start(self, reason: str) -> Instance:
+        """Make sure one instance is up or about to be; never blocks.
+
+        Prefers an instance that is already pending or running; otherwise starts a stopped one.
+        When the only instances are stopping, returns one of them: the worker function waits for
+        it to stop and starts it again (it has the time budget; the trigger does not).
+        """
+        instances = self.list()
+        if not instances:
+            raise NoInstanceAvailable(
+                f"no instance carries tag {POOL_TAG_KEY}={self.pool_tag}; run `terraform apply` to create the pool"
+            )
+        for wanted in (InstanceState.RUNNING, InstanceState.PENDING, InstanceState.STOPPED):
+            for instance in instances:
+                if instance.state is wanted:
+                    if wanted is InstanceState.STOPPED:
+                        self.start(instance.instance_id, reason)
+                    return instance
+        return instances[0]
+
+    def start(self, instance_id: str, reason: str) -> None:
+        self.client.start_instances(InstanceIds=[instance_id])
+        logger.info("started instance %s: %s", instance_id, reason)
+        if self.history:
+            self.history.record(instance_id, "start", reason)
+
+    def stop(self, instance_id: str, reason: str) -> None:
+        self.client.stop_instances(InstanceIds=[instance_id])
+        logger.info("stopped instance %s: %s", instance_id, reason)
+        if self.history:
+            self.history.record(instance_id, "stop", reason)
+
+    def ensure_running(self, instance_id: str, deadline: float, reason: str, poll_seconds: float = 1.0) -> Instance:
+        """Block until the instance is running, starting it (again) when it is stopped or was stopping."""
+        while True:
+            instance = self.get(instance_id)
+            if instance.state is InstanceState.RUNNING:
+                return instance
+            if instance.state is InstanceState.STOPPED:
+                try:
+                    self.start(instance_id, reason)
+                except ClientError as exc:
+                    # Still stopping as far as EC2 is concerned: wait and try again.
+                    if exc.response.get("Error", {}).get("Code") != "IncorrectInstanceState":
+                        raise
+            if self.clock() >= deadline:
+                raise InstanceReadyTimeout(
+                    f"instance {instance_id} is still {instance.state.value}; it did not reach running in time"
+                )
+            self.sleep(poll_seconds)

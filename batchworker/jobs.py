@@ -1,0 +1,167 @@
+"""The job table (DynamoDB): one item per job, every transition a conditional write."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+
+import boto3
+from botocore.exceptions import ClientError
+
+from batchworker.models import ACTIVE_STATUSES, Job, JobStatus, isoformat, utc_now
+
+logger = logging.getLogger(__name__)
+
+STATUS_INDEX = "status-index"
+
+
+class JobStore:
+    """Reads and writes jobs; `table_name` is the `<prefix>-jobs` table."""
+
+    def __init__(self, table_name: str, client=None):
+        self.table_name = table_name
+        self.client = client or boto3.client("dynamodb")
+
+    def create_queued(self, job: Job, now: datetime | None = None) -> bool:
+        """Record a new QUEUED job. False when the job already exists (a duplicate delivery)."""
+        stamp = isoformat(now or utc_now())
+        item = {
+            "job_id": {"S": job.job_id},
+            "status": {"S": JobStatus.QUEUED.value},
+            "input_bucket": {"S": job.input_bucket},
+            "input_key": {"S": job.input_key},
+            "created_at": {"S": stamp},
+            "updated_at": {"S": stamp},
+            "attempts": {"N": "0"},
+        }
+        if job.input_version:
+            item["input_version"] = {"S": job.input_version}
+        if job.input_size_bytes is not None:
+            item["input_size_bytes"] = {"N": str(job.input_size_bytes)}
+        if job.instance_id:
+            item["instance_id"] = {"S": job.instance_id}
+        try:
+            self.client.put_item(
+                TableName=self.table_name,
+                Item=item,
+                # One upload is one job: S3 and SQS deliver at least once.
+                ConditionExpression="attribute_not_exists(job_id)",
+            )
+        except ClientError as exc:
+            if _is_condition_failure(exc):
+                return False
+            raise
+        return True
+
+    def assign_instance(self, job_id: str, instance_id: str) -> None:
+        self.client.update_item(
+            TableName=self.table_name,
+            Key={"job_id": {"S": job_id}},
+            UpdateExpression="SET instance_id = :i, updated_at = :u",
+            ExpressionAttributeValues={":i": {"S": instance_id}, ":u": {"S": isoformat(utc_now())}},
+            ConditionExpression="attribute_exists(job_id)",
+        )
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        allowed_from: Iterable[JobStatus],
+        instance_id: str | None = None,
+        error: str | None = None,
+        manifest_key: str | None = None,
+        count_attempt: bool = False,
+        now: datetime | None = None,
+    ) -> bool:
+        """Move a job to `to` if its status is one of `allowed_from`; False when it was not."""
+        names = {"#s": "status"}
+        values = {":to": {"S": to.value}, ":u": {"S": isoformat(now or utc_now())}}
+        sets = ["#s = :to", "updated_at = :u"]
+        if instance_id:
+            sets.append("instance_id = :i")
+            values[":i"] = {"S": instance_id}
+        if error is not None:
+            sets.append("last_error = :e")
+            values[":e"] = {"S": error[:2000]}
+        if manifest_key:
+            sets.append("manifest_key = :m")
+            values[":m"] = {"S": manifest_key}
+        update = "SET " + ", ".join(sets)
+        if count_attempt:
+            update += " ADD attempts :one"
+            values[":one"] = {"N": "1"}
+        allowed = [s.value for s in allowed_from]
+        placeholders = []
+        for n, status in enumerate(allowed):
+            values[f":f{n}"] = {"S": status}
+            placeholders.append(f":f{n}")
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key={"job_id": {"S": job_id}},
+                UpdateExpression=update,
+                # The job must exist (never create one here) and be in a state this step may leave.
+                ConditionExpression=f"attribute_exists(job_id) AND #s IN ({', '.join(placeholders)})",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _is_condition_failure(exc):
+                return False
+            raise
+        return True
+
+    def get(self, job_id: str) -> Job | None:
+        item = self.client.get_item(TableName=self.table_name, Key={"job_id": {"S": job_id}}, ConsistentRead=True)
+        return _to_job(item["Item"]) if "Item" in item else None
+
+    def by_status(self, status: JobStatus) -> Iterator[Job]:
+        paginator = self.client.get_paginator("query")
+        for page in paginator.paginate(
+            TableName=self.table_name,
+            IndexName=STATUS_INDEX,
+            KeyConditionExpression="#s = :s",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={":s": {"S": status.value}},
+        ):
+            for item in page.get("Items", []):
+                yield _to_job(item)
+
+    def active(self) -> list[Job]:
+        """Jobs that still need an instance: queued, dispatched or running."""
+        return [job for status in ACTIVE_STATUSES for job in self.by_status(status)]
+
+    def all(self) -> list[Job]:
+        jobs = []
+        for page in self.client.get_paginator("scan").paginate(TableName=self.table_name):
+            jobs.extend(_to_job(item) for item in page.get("Items", []))
+        return sorted(jobs, key=lambda job: job.created_at)
+
+
+def _to_job(item: dict) -> Job:
+    def s(name: str) -> str | None:
+        return item[name]["S"] if name in item else None
+
+    def n(name: str) -> int | None:
+        return int(item[name]["N"]) if name in item else None
+
+    return Job(
+        job_id=item["job_id"]["S"],
+        status=JobStatus(item["status"]["S"]),
+        input_bucket=s("input_bucket") or "",
+        input_key=s("input_key") or "",
+        input_version=s("input_version"),
+        input_size_bytes=n("input_size_bytes"),
+        instance_id=s("instance_id"),
+        created_at=s("created_at") or "",
+        updated_at=s("updated_at") or "",
+        error=s("last_error"),
+        manifest_key=s("manifest_key"),
+        attempts=n("attempts") or 0,
+    )
+
+
+def _is_condition_failure(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"

@@ -1,0 +1,95 @@
+"""Starts a job on an instance over SSH: pinned host key, fixed command, the job spec as stdin data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from batchworker.config import Settings
+from batchworker.errors import DispatchError, InstanceReadyTimeout
+from batchworker.transports.ssh import (
+    HostKeyMismatch,
+    TransportUnavailable,
+    fetch_endpoint,
+    load_private_key,
+    probe,
+    run_with_stdin,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SshLauncher:
+    """`launch()` waits until the instance's published SSH endpoint answers, then runs `job_command`.
+
+    The command line is the fixed `settings.job_command`; the object key travels only inside the JSON
+    written to the command's stdin, so no key ever becomes shell text.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        ssm_client,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        poll_seconds: float = 0.5,
+    ):
+        self.settings = settings
+        self.ssm = ssm_client
+        self.sleep = sleep
+        self.clock = clock
+        self.poll_seconds = poll_seconds
+        self._pkey = None
+
+    def launch(self, instance_id: str, spec: dict, deadline: float) -> dict:
+        if self._pkey is None:
+            self._pkey = load_private_key(self.ssm, self.settings.ssh_private_key_parameter)
+        payload = json.dumps(spec).encode()
+        last_problem = "no SSH endpoint published yet"
+        while True:
+            endpoint = fetch_endpoint(self.ssm, self.settings.parameter_prefix, instance_id)
+            if endpoint is not None and probe(endpoint, timeout=2.0):
+                try:
+                    result = run_with_stdin(
+                        endpoint,
+                        self.settings.ssh_user,
+                        self._pkey,
+                        self.settings.job_command,
+                        payload,
+                        timeout_seconds=self.settings.dispatch_command_timeout_seconds,
+                    )
+                except HostKeyMismatch as exc:
+                    raise DispatchError(
+                        f"instance {instance_id} presented a host key other than the one it published; "
+                        "refusing to connect (no command was run)"
+                    ) from exc
+                except TransportUnavailable as exc:
+                    last_problem = f"SSH not ready: {exc}"
+                else:
+                    if result.exit_status != 0:
+                        raise DispatchError(
+                            f"job launcher on instance {instance_id} exited {result.exit_status}: "
+                            f"{result.stderr.decode(errors='replace')[-500:]}"
+                        )
+                    return _parse_launch_reply(result.stdout)
+            elif endpoint is not None:
+                last_problem = f"SSH endpoint {endpoint.host}:{endpoint.port} does not answer yet"
+            if self.clock() >= deadline:
+                raise InstanceReadyTimeout(
+                    f"instance {instance_id} was not reachable over SSH within "
+                    f"{self.settings.instance_ready_timeout_seconds:.0f}s ({last_problem})"
+                )
+            self.sleep(self.poll_seconds)
+
+
+def _parse_launch_reply(stdout: bytes) -> dict:
+    for line in reversed(stdout.decode(errors="replace").splitlines()):
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(reply, dict):
+            return reply
+    return {}

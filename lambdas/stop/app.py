@@ -1,0 +1,52 @@
+"""Lambda `stop`: a manifest.json landed (through the done queue) -> final job status -> stop the idle instance."""
+
+from urllib.parse import unquote_plus
+
+import boto3
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes import S3Event
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+from batchworker.config import Settings
+from batchworker.control import finish_job
+from batchworker.errors import RejectedEvent
+from batchworker.instances import InstanceHistory, InstancePool
+from batchworker.jobs import JobStore
+from batchworker.manifests import read_manifest
+
+settings = Settings.from_env()
+logger = Logger()
+processor = BatchProcessor(event_type=EventType.SQS)
+jobs = JobStore(settings.jobs_table)
+pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
+s3 = boto3.client("s3")
+
+
+def record_handler(record: SQSRecord) -> None:
+    body = record.json_body
+    if body.get("Event") == "s3:TestEvent":
+        logger.info("skipping s3:TestEvent")
+        return
+    for s3_record in S3Event(body).records:
+        bucket = s3_record.s3.bucket.name
+        key = unquote_plus(s3_record.s3.get_object.key)
+        if bucket != settings.output_bucket:
+            logger.warning("event from an unexpected bucket ignored", extra={"bucket": bucket})
+            continue
+        try:
+            manifest = read_manifest(s3, bucket, key)
+        except RejectedEvent as exc:
+            logger.warning("not a job manifest; ignored", extra={"reason": str(exc)})
+            continue
+        logger.append_keys(job_id=manifest["job_id"])
+        decision = finish_job(manifest, key, settings, jobs, pool)
+        logger.info(
+            "job finished",
+            extra={"status": manifest["status"], "stop": decision.stop if decision else None},
+        )
+
+
+@logger.inject_lambda_context
+def handler(event, context):
+    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)

@@ -1,0 +1,57 @@
+"""Lambda `trigger`: S3 upload events (through the jobs queue) -> job QUEUED -> instance starting -> worker invoked."""
+
+import json
+from urllib.parse import unquote_plus
+
+import boto3
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes import S3Event
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+from batchworker.config import Settings
+from batchworker.control import Upload, accept_upload
+from batchworker.errors import RejectedEvent
+from batchworker.instances import InstanceHistory, InstancePool
+from batchworker.jobs import JobStore
+
+settings = Settings.from_env()
+logger = Logger()
+processor = BatchProcessor(event_type=EventType.SQS)
+jobs = JobStore(settings.jobs_table)
+pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
+lambda_client = boto3.client("lambda")
+
+
+def invoke_worker(payload: dict) -> None:
+    lambda_client.invoke(
+        FunctionName=settings.worker_function, InvocationType="Event", Payload=json.dumps(payload).encode()
+    )
+
+
+def record_handler(record: SQSRecord) -> None:
+    body = record.json_body
+    if body.get("Event") == "s3:TestEvent":
+        logger.info("skipping s3:TestEvent")
+        return
+    for s3_record in S3Event(body).records:
+        obj = s3_record.s3.get_object
+        upload = Upload(
+            bucket=s3_record.s3.bucket.name,
+            key=unquote_plus(obj.key),  # S3 (and moto) URL-encode keys in events
+            size_bytes=obj.size,
+            etag=obj.etag or None,
+            version_id=obj.version_id or None,
+        )
+        try:
+            job_id = accept_upload(upload, settings, jobs, pool, invoke_worker)
+        except RejectedEvent as exc:
+            # Retrying cannot make this event valid; log it and let the rest of the batch go on.
+            logger.warning("rejected event", extra={"reason": str(exc), "bucket": upload.bucket})
+            continue
+        logger.info("upload accepted", extra={"job_id": job_id, "key": upload.key})
+
+
+@logger.inject_lambda_context
+def handler(event, context):
+    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)

@@ -1,0 +1,73 @@
+################################################################################
+# Job table: one item per job (hash job_id); status-index lists jobs by status, oldest first.
+################################################################################
+
+resource "aws_dynamodb_table" "jobs" {
+  name         = "${var.name_prefix}-jobs"
+  billing_mode = "PAY_PER_REQUEST"
+  hash_key     = "job_id"
+
+  attribute {
+    name = "job_id"
+    type = "S"
+  }
+
+  attribute {
+    name = "status"
+    type = "S"
+  }
+
+  attribute {
+    name = "created_at"
+    type = "S"
+  }
+
+  global_secondary_index {
+    name            = "status-index"
+    hash_key        = "status"
+    range_key       = "created_at"
+    projection_type = "ALL"
+  }
+
+  ttl {
+    attribute_name = "expires_at"
+    enabled        = true
+  }
+
+  point_in_time_recovery {
+    enabled = true
+  }
+
+  server_side_encryption {
+    enabled = true
+  }
+}
+
+################################################################################
+# Instance events: state changes of the GPU instances (hash instance_id, range at).
+################################################################################
+
+resource "aws_dynamodb_table" "instance_events" {
+  name         = "${var.name_prefix}-instance-events"
+  billing_mode = "PAY_PER_REQUEST"
+  hash_key     = "instance_id"
+  range_key    = "at"
+
+  attribute {
+    name = "instance_id"
+    type = "S"
+  }
+
+  attribute {
+    name = "at"
+    type = "S"
+  }
+
+  point_in_time_recovery {
+    enabled = true
+  }
+
+  server_side_encryption {
+    enabled = true
+  }
+}

@@ -1,0 +1,44 @@
+data "aws_caller_identity" "current" {}
+
+data "aws_partition" "current" {}
+
+locals {
+  is_local   = var.aws_endpoint_url != null
+  account_id = data.aws_caller_identity.current.account_id
+  partition  = data.aws_partition.current.partition
+
+  pool_tag_key     = "batchworker:pool"
+  parameter_prefix = "/${var.name_prefix}"
+
+  model_source_path = coalesce(var.model_source_path, "${path.module}/../build/model/digits-cnn.pt")
+  model_key         = "models/digits-cnn.pt"
+  model_uri         = coalesce(var.model_uri, "s3://${aws_s3_bucket.this["artifacts"].id}/${local.model_key}")
+  # "s3://bucket/key" -> "bucket/key", for the instance role's s3:GetObject.
+  model_object_path = trimprefix(local.model_uri, "s3://")
+
+  lambda_build_dir = coalesce(var.lambda_build_dir, "${path.module}/../build/lambdas")
+
+  # The three Lambda functions. "worker" is the dispatcher Lambda (waits for an instance
+  # and launches the job over SSH); the GPU box that runs the job is aws_instance.gpu.
+  lambda_timeout_seconds = {
+    trigger = 60
+    worker  = 900
+    stop    = 60
+  }
+
+  # Settings of batchworker.config.Settings.from_env (docs/architecture.md, "Settings").
+  lambda_environment = {
+    BATCHWORKER_INPUT_BUCKET                   = aws_s3_bucket.this["input"].id
+    BATCHWORKER_OUTPUT_BUCKET                  = aws_s3_bucket.this["output"].id
+    BATCHWORKER_JOBS_TABLE                     = aws_dynamodb_table.jobs.name
+    BATCHWORKER_INSTANCE_EVENTS_TABLE          = aws_dynamodb_table.instance_events.name
+    BATCHWORKER_POOL_TAG                       = var.name_prefix
+    BATCHWORKER_WORKER_FUNCTION                = "${var.name_prefix}-worker"
+    BATCHWORKER_MODEL_URI                      = local.model_uri
+    BATCHWORKER_PARAMETER_PREFIX               = local.parameter_prefix
+    BATCHWORKER_SSH_USER                       = var.ssh_user
+    BATCHWORKER_JOB_COMMAND                    = var.job_command
+    BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS = tostring(var.instance_ready_timeout_seconds)
+    POWERTOOLS_SERVICE_NAME                    = var.name_prefix
+  }
+}
