@@ -18,17 +18,17 @@ from typing import Any, TextIO
 
 # Protocol, one JSON object per line:
 #   child -> parent once:   {"ready": true} or {"ready": false, "errorType": ..., "errorMessage": ...}
-#   parent -> child:        {"request_id": ..., "payload": "<event JSON>", "deadline_ms": <epoch ms>}
+#   parent -> child:        {"request_id", "payload": "<event JSON>", "deadline_ms": <epoch ms>, "invoked_function_arn"}
 #   child -> parent:        {"ok": true, "payload": "<result JSON>"} or {"ok": false, "error": {...}}
 
 
 class LambdaContext:
     """The attributes of the real Python runtime's context object that handlers and Powertools read."""
 
-    def __init__(self, request_id: str, deadline_ms: int) -> None:
+    def __init__(self, request_id: str, deadline_ms: int, invoked_function_arn: str) -> None:
         self.function_name = os.environ["AWS_LAMBDA_FUNCTION_NAME"]
         self.function_version = os.environ.get("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        self.invoked_function_arn = os.environ.get("BATCHWORKER_LOCAL_FUNCTION_ARN", "")
+        self.invoked_function_arn = invoked_function_arn
         self.memory_limit_in_mb = int(os.environ.get("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128"))
         self.aws_request_id = request_id
         self.log_group_name = os.environ.get("AWS_LAMBDA_LOG_GROUP_NAME", "")
@@ -70,7 +70,7 @@ def _invoke(handler: Any, request: dict[str, Any]) -> dict[str, Any]:
     sys.stderr.write(f"START RequestId: {request_id} Version: $LATEST\n")
     try:
         event = json.loads(request["payload"])
-        result = handler(event, LambdaContext(request_id, request["deadline_ms"]))
+        result = handler(event, LambdaContext(request_id, request["deadline_ms"], request["invoked_function_arn"]))
         try:
             response: dict[str, Any] = {"ok": True, "payload": json.dumps(result)}
         except (TypeError, ValueError) as exc:

@@ -1,0 +1,61 @@
+"""Uploads of inputs and downloads of a job's results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from batchworker.cli.client import Deployment
+from batchworker.errors import BatchworkerError
+from batchworker.models import job_id_for, manifest_key, output_prefix
+
+
+class ResultsNotFound(BatchworkerError):
+    """The job has written nothing (yet) under its output prefix."""
+
+
+def upload(deployment: Deployment, path: Path, key: str) -> str:
+    """Upload one file; return the job id the trigger will give it."""
+    s3 = deployment.client("s3")
+    with open(path, "rb") as body:
+        response = s3.put_object(Bucket=deployment.input_bucket, Key=key, Body=body)
+    return job_id_for(deployment.input_bucket, key, response.get("VersionId") or response.get("ETag"))
+
+
+def download_results(deployment: Deployment, job_id: str, out_dir: Path) -> list[Path]:
+    s3 = deployment.client("s3")
+    target = out_dir / job_id
+    written = []
+    for page in s3.get_paginator("list_objects_v2").paginate(
+        Bucket=deployment.output_bucket, Prefix=output_prefix(job_id)
+    ):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(output_prefix(job_id)):]
+            # Output keys come from the job; keep every file inside the job's own folder.
+            if not name or "/" in name or name in (".", ".."):
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            s3.download_file(deployment.output_bucket, obj["Key"], str(target / name))
+            written.append(target / name)
+    if not written:
+        raise ResultsNotFound(f"job {job_id} has no results yet; check `batchworker status {job_id}`")
+    return written
+
+
+def read_manifest(deployment: Deployment, job_id: str) -> dict | None:
+    s3 = deployment.client("s3")
+    try:
+        body = s3.get_object(Bucket=deployment.output_bucket, Key=manifest_key(job_id))["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        return None
+    return json.loads(body)
+
+
+def read_job_log(deployment: Deployment, job_id: str) -> str | None:
+    s3 = deployment.client("s3")
+    try:
+        return s3.get_object(Bucket=deployment.output_bucket, Key=output_prefix(job_id) + "job.log")["Body"].read().decode(
+            errors="replace"
+        )
+    except s3.exceptions.NoSuchKey:
+        return None

@@ -1,0 +1,334 @@
+"""Local stand-in for one GPU EC2 instance: an SSH server that lives and dies with the moto instance state.
+
+Run as `python -m batchworker.local.instance_host --instance-id i-... --state-dir DIR ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
+from batchworker.transports.ssh import SshEndpoint, endpoint_parameter_name
+
+logger = logging.getLogger("batchworker.local.instance_host")
+
+LISTEN_HOST = "127.0.0.1"
+INSTANCE_ID_VARIABLE = "BATCHWORKER_INSTANCE_ID"
+_PIPE_CHUNK_BYTES = 64 * 1024
+
+
+def kill_marked_processes(instance_id: str) -> list[int]:
+    """SIGKILL every process whose environment carries BATCHWORKER_INSTANCE_ID=<instance_id>."""
+    marker = f"{INSTANCE_ID_VARIABLE}={instance_id}".encode()
+    killed: list[int] = []
+    for _ in range(10):  # repeat: a process may fork while we scan
+        found = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:  # gone, a kernel thread, or not ours to read
+                continue
+            if marker in environ.split(b"\0"):
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                found += 1
+                killed.append(int(entry.name))
+        if not found:
+            break
+    return sorted(set(killed))
+
+
+class _SshServer(asyncssh.SSHServer):
+    def __init__(self, host: InstanceHost) -> None:
+        self._host = host
+        self._conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._host.connections.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._host.connections.discard(self._conn)
+
+    def begin_auth(self, username: str) -> bool:
+        if not self._host.is_accepting():  # powered off between accept and login
+            assert self._conn is not None
+            self._conn.close()
+        logger.info("login attempt for user %r from %s", username, self._conn.get_extra_info("peername"))
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+
+class InstanceHost:
+    def __init__(
+        self,
+        instance_id: str,
+        parameter_prefix: str,
+        state_dir: Path,
+        boot_delay_seconds: float,
+        authorized_key_file: Path,
+        port: int = 0,
+        poll_interval_seconds: float = 0.2,
+        ec2_client: Any = None,
+        ssm_client: Any = None,
+    ) -> None:
+        self.instance_id = instance_id
+        self.parameter_prefix = parameter_prefix
+        self.state_dir = state_dir
+        self.boot_delay_seconds = boot_delay_seconds
+        self.authorized_key_file = authorized_key_file
+        self.port = port
+        self.poll_interval_seconds = poll_interval_seconds
+        self.ec2 = ec2_client or boto3.client("ec2")
+        self.ssm = ssm_client or boto3.client("ssm")
+        self.connections: set[asyncssh.SSHServerConnection] = set()
+        self.processes: set[asyncio.subprocess.Process] = set()
+        self.ready_file = state_dir / "ready.json"
+        self._running_since: float | None = None
+        self._state: str | None = None
+        self._stop = asyncio.Event()
+        self._handshakes: set[asyncio.Task[None]] = set()
+
+    def is_accepting(self) -> bool:
+        since = self._running_since
+        return since is not None and time.monotonic() - since >= self.boot_delay_seconds
+
+    async def serve(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ready_file.unlink(missing_ok=True)
+        (self.state_dir / "home").mkdir(exist_ok=True)
+        (self.state_dir / "jobs").mkdir(exist_ok=True)
+        host_key = self._load_host_key()
+        options = asyncssh.SSHServerConnectionOptions(
+            server_factory=lambda: _SshServer(self),
+            server_host_keys=[host_key],
+            authorized_client_keys=asyncssh.read_authorized_keys(str(self.authorized_key_file)),
+            process_factory=self._run_process,
+            encoding=None,
+            line_editor=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_scp=False,
+            login_timeout=30,
+        )
+        listener = socket.create_server((LISTEN_HOST, self.port), backlog=128)
+        listener.setblocking(False)
+        self.port = listener.getsockname()[1]
+        public_key = " ".join(host_key.export_public_key("openssh").decode().split()[:2])
+        endpoint = SshEndpoint(host=LISTEN_HOST, port=self.port, host_key=public_key)
+        name = endpoint_parameter_name(self.parameter_prefix, self.instance_id)
+        await asyncio.to_thread(
+            self.ssm.put_parameter, Name=name, Value=endpoint.to_parameter(), Type="String", Overwrite=True
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        await self._poll_once()
+        tasks = [asyncio.create_task(self._watch_instance()), asyncio.create_task(self._accept(listener, options))]
+        self._write_ready_file(endpoint, name)
+        logger.info("instance %s: SSH on %s:%d, endpoint published to %s", self.instance_id, LISTEN_HOST,
+                    self.port, name)
+        try:
+            await self._stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            listener.close()
+            await self._power_off("instance host shutting down")
+            self.ready_file.unlink(missing_ok=True)
+            logger.info("instance %s: host stopped", self.instance_id)
+
+    def _load_host_key(self) -> asyncssh.SSHKey:
+        path = self.state_dir / "ssh_host_ed25519_key"
+        if path.exists():
+            return asyncssh.read_private_key(str(path))
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(key.export_private_key())
+        return key
+
+    def _write_ready_file(self, endpoint: SshEndpoint, parameter_name: str) -> None:
+        ready = {"pid": os.getpid(), "port": self.port, "host": endpoint.host, "host_key": endpoint.host_key,
+                 "instance_id": self.instance_id, "parameter": parameter_name}
+        partial = self.ready_file.with_suffix(".tmp")
+        partial.write_text(json.dumps(ready) + "\n")
+        partial.replace(self.ready_file)
+
+    async def _accept(self, listener: socket.socket, options: asyncssh.SSHServerConnectionOptions) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, peer = await loop.sock_accept(listener)
+            if not self.is_accepting():
+                # Reset at once, before any banner: the client sees a host that is not up (yet).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                logger.debug("refused connection from %s: instance %s", peer, self._state)
+                continue
+            task = asyncio.create_task(self._run_connection(sock, options))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _run_connection(self, sock: socket.socket, options: asyncssh.SSHServerConnectionOptions) -> None:
+        try:
+            await asyncssh.run_server(sock, options=options)
+        except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
+            logger.info("SSH connection failed before login: %r", exc)
+
+    async def _watch_instance(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_seconds)
+            await self._poll_once()
+
+    async def _poll_once(self) -> None:
+        try:
+            response = await asyncio.to_thread(self.ec2.describe_instances, InstanceIds=[self.instance_id])
+            state = response["Reservations"][0]["Instances"][0]["State"]["Name"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                logger.warning("describe_instances failed, keeping state %s: %s", self._state, exc)
+                return
+            state = "terminated"
+        except (BotoCoreError, IndexError, KeyError) as exc:
+            logger.warning("describe_instances failed, keeping state %s: %r", self._state, exc)
+            return
+        previous, self._state = self._state, state
+        if state == "running":
+            if self._running_since is None:
+                self._running_since = time.monotonic()
+                logger.info("instance %s is running; accepting SSH after %.1f s of boot", self.instance_id,
+                            self.boot_delay_seconds)
+        elif previous != state:
+            self._running_since = None
+            await self._power_off(f"instance is {state}")
+
+    async def _power_off(self, reason: str) -> None:
+        """What EC2 does at power off: every process dies, every connection drops."""
+        groups = 0
+        for process in list(self.processes):
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+                groups += 1
+            except ProcessLookupError:
+                pass
+        marked = await asyncio.to_thread(kill_marked_processes, self.instance_id)
+        connections = list(self.connections)
+        for conn in connections:
+            conn.abort()
+        logger.warning("instance %s power off (%s): killed %d process group(s) and pids %s, dropped %d "
+                       "connection(s)", self.instance_id, reason, groups, marked, len(connections))
+
+    def _environment(self, username: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({INSTANCE_ID_VARIABLE: self.instance_id, "HOME": str(self.state_dir / "home"),
+                    "BATCHWORKER_JOB_ROOT": str(self.state_dir / "jobs"), "USER": username, "LOGNAME": username})
+        return env
+
+    async def _run_process(self, process: asyncssh.SSHServerProcess) -> None:
+        if process.subsystem:
+            process.stderr.write(f"subsystem {process.subsystem} not supported\n".encode())
+            process.exit(1)
+            return
+        # As sshd: the command goes to the shell as one string; no command means a shell reading stdin.
+        argv = ["/bin/sh", "-c", process.command] if process.command is not None else ["/bin/sh"]
+        username = process.get_extra_info("username")
+        try:
+            child = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=self._environment(username),
+                cwd=self.state_dir / "home", start_new_session=True)
+        except OSError as exc:
+            process.stderr.write(f"cannot start /bin/sh: {exc}\n".encode())
+            process.exit(127)
+            return
+        self.processes.add(child)
+        logger.info("user %r started pid %d: %.200r", username, child.pid, process.command)
+        feeder = asyncio.create_task(_copy_stdin(process.stdin, child.stdin))
+        try:
+            await asyncio.gather(_copy_output(child.stdout, process.stdout),
+                                 _copy_output(child.stderr, process.stderr))
+            returncode = await child.wait()
+        finally:
+            feeder.cancel()
+            self.processes.discard(child)
+        logger.info("pid %d exited with %d", child.pid, returncode)
+        try:
+            if returncode >= 0:
+                process.exit(returncode)
+            else:
+                process.exit_with_signal(signal.Signals(-returncode).name.removeprefix("SIG"))
+        except (OSError, asyncssh.Error):
+            pass  # the connection is gone already
+
+
+async def _copy_stdin(source: asyncssh.SSHReader, target: asyncio.StreamWriter) -> None:
+    try:
+        while chunk := await source.read(_PIPE_CHUNK_BYTES):
+            target.write(chunk)
+            await target.drain()
+        target.close()
+    except (OSError, asyncssh.Error):
+        target.close()  # the command stopped reading, or the session went away
+
+
+async def _copy_output(source: asyncio.StreamReader, target: asyncssh.SSHWriter) -> None:
+    writing = True
+    while chunk := await source.read(_PIPE_CHUNK_BYTES):
+        if not writing:
+            continue  # keep draining so the command never blocks on a dead session
+        try:
+            target.write(chunk)
+            await target.drain()
+        except (OSError, asyncssh.Error):
+            writing = False
+    if writing:
+        try:
+            target.write_eof()
+        except (OSError, asyncssh.Error):
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instance-id", required=True)
+    parser.add_argument("--parameter-prefix", required=True, help="SSM prefix, e.g. /batchworker")
+    parser.add_argument("--state-dir", required=True, type=Path, help="host key, home, jobs, ready.json")
+    parser.add_argument("--boot-delay-seconds", type=float, default=3.0)
+    parser.add_argument("--authorized-key-file", required=True, type=Path, help="OpenSSH authorized_keys")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--poll-interval-seconds", type=float, default=0.2)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    host = InstanceHost(args.instance_id, args.parameter_prefix, args.state_dir.resolve(),
+                        args.boot_delay_seconds, args.authorized_key_file, args.port,
+                        args.poll_interval_seconds)
+    asyncio.run(host.serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

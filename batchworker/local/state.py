@@ -1,0 +1,55 @@
+"""The local cloud's state file: what is running, where, and the Terraform outputs clients need."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+LOCAL_REGION = "us-east-1"
+LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+def state_path(local_dir: Path) -> Path:
+    return local_dir / "state.json"
+
+
+def read_state(local_dir: Path) -> dict | None:
+    try:
+        return json.loads(state_path(local_dir).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_state(local_dir: Path, state: dict) -> None:
+    local_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_path(local_dir).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, state_path(local_dir))
+
+
+def is_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def client_environment(state: dict) -> dict[str, str]:
+    """The variables that point boto3, the AWS CLI and `batchworker` at the local cloud."""
+    outputs = state["outputs"]
+    return {
+        "AWS_ENDPOINT_URL": state["endpoint_url"],
+        **LOCAL_CREDENTIALS,
+        "AWS_DEFAULT_REGION": state.get("region", LOCAL_REGION),
+        "BATCHWORKER_INPUT_BUCKET": outputs["input_bucket"],
+        "BATCHWORKER_OUTPUT_BUCKET": outputs["output_bucket"],
+        "BATCHWORKER_JOBS_TABLE": outputs["jobs_table"],
+        "BATCHWORKER_INSTANCE_EVENTS_TABLE": outputs["instance_events_table"],
+        "BATCHWORKER_POOL_TAG": outputs["pool_tag"],
+    }
