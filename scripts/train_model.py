@@ -9,17 +9,14 @@ The TorchScript module carries what the job needs to feed it (see worker/model.p
   image_polarity   "light-on-dark"  images are converted to light ink on a dark background, 0..1
 """
 
-from __future__ import annotations
-
 import argparse
 import hashlib
+import io
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import List
-
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -39,7 +36,7 @@ MIN_ACCURACY = 0.97
 class DigitsCNN(nn.Module):
     """Small CNN for 1x8x8 digits; outputs logits for the 10 classes."""
 
-    input_shape: List[int]
+    input_shape: list[int]
     array_value_max: float
     image_polarity: str
 
@@ -118,8 +115,10 @@ def is_up_to_date(out: Path) -> bool:
 def save(model: nn.Module, accuracy: float, out: Path) -> dict:
     """Write the TorchScript file and its metadata atomically (concurrent builds may race)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()  # a file name would leak into the archive's folder name
+    torch.jit.save(torch.jit.script(model), buffer)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    torch.jit.save(torch.jit.script(model), str(tmp))
+    tmp.write_bytes(buffer.getvalue())
     meta = {
         "accuracy": round(accuracy, 4),
         "input_shape": [1, 8, 8],

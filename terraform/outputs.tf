@@ -1,0 +1,84 @@
+output "region" {
+  description = "AWS region of the deployment."
+  value       = var.region
+}
+
+output "input_bucket" {
+  description = "Bucket whose uploads start jobs."
+  value       = aws_s3_bucket.this["input"].id
+}
+
+output "output_bucket" {
+  description = "Bucket receiving jobs/<job_id>/ results and manifest.json."
+  value       = aws_s3_bucket.this["output"].id
+}
+
+output "artifacts_bucket" {
+  description = "Bucket holding model artifacts."
+  value       = aws_s3_bucket.this["artifacts"].id
+}
+
+output "model_uri" {
+  description = "s3:// URI of the TorchScript model the jobs use."
+  value       = local.model_uri
+}
+
+output "jobs_table" {
+  description = "DynamoDB table of jobs."
+  value       = aws_dynamodb_table.jobs.name
+}
+
+output "instance_events_table" {
+  description = "DynamoDB table of GPU instance events."
+  value       = aws_dynamodb_table.instance_events.name
+}
+
+output "jobs_queue_url" {
+  description = "URL of the SQS queue of input upload events (consumed by the trigger function)."
+  value       = aws_sqs_queue.jobs.id
+}
+
+output "done_queue_url" {
+  description = "URL of the SQS queue of manifest.json events (consumed by the stop function)."
+  value       = aws_sqs_queue.done.id
+}
+
+output "trigger_function_name" {
+  description = "Name of the trigger Lambda function."
+  value       = aws_lambda_function.this["trigger"].function_name
+}
+
+output "worker_function_name" {
+  description = "Name of the worker (dispatcher) Lambda function."
+  value       = aws_lambda_function.this["worker"].function_name
+}
+
+output "stop_function_name" {
+  description = "Name of the stop Lambda function."
+  value       = aws_lambda_function.this["stop"].function_name
+}
+
+output "instance_ids" {
+  description = "IDs of the GPU instances in the pool."
+  value       = aws_instance.gpu[*].id
+}
+
+output "pool_tag" {
+  description = "Value of the batchworker:pool tag on the GPU instances."
+  value       = var.name_prefix
+}
+
+output "parameter_prefix" {
+  description = "SSM parameter prefix of this deployment."
+  value       = local.parameter_prefix
+}
+
+output "ssh_private_key_parameter" {
+  description = "SSM SecureString parameter the worker function reads its SSH login key from (created outside Terraform)."
+  value       = "${local.parameter_prefix}/ssh/private-key"
+}
+
+output "instance_type" {
+  description = "EC2 instance type of the GPU instances."
+  value       = var.instance_type
+}

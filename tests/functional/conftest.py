@@ -1,0 +1,90 @@
+"""In-process moto stack shaped like the Terraform one, and a loader for the Lambda handlers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+
+REPO = Path(__file__).resolve().parents[2]
+PREFIX = "bwtest"
+
+
+@dataclass
+class Stack:
+    env: dict
+    instance_id: str
+    input_bucket: str = f"{PREFIX}-input"
+    output_bucket: str = f"{PREFIX}-output"
+    jobs_table: str = f"{PREFIX}-jobs"
+    events_table: str = f"{PREFIX}-instance-events"
+
+    def client(self, service):
+        return boto3.client(service, region_name="us-east-1")
+
+    def instance_state(self) -> str:
+        reservations = self.client("ec2").describe_instances(InstanceIds=[self.instance_id])["Reservations"]
+        return reservations[0]["Instances"][0]["State"]["Name"]
+
+    def job_item(self, job_id):
+        return self.client("dynamodb").get_item(TableName=self.jobs_table, Key={"job_id": {"S": job_id}}).get("Item")
+
+
+@pytest.fixture
+def stack(monkeypatch):
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1", "POWERTOOLS_SERVICE_NAME": "batchworker-test",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        for bucket in (f"{PREFIX}-input", f"{PREFIX}-output"):
+            s3.create_bucket(Bucket=bucket)
+        s3.put_bucket_versioning(Bucket=f"{PREFIX}-input", VersioningConfiguration={"Status": "Enabled"})
+        ddb = boto3.client("dynamodb", region_name="us-east-1")
+        ddb.create_table(
+            TableName=f"{PREFIX}-jobs", BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("job_id", "status", "created_at")],
+            KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
+            GlobalSecondaryIndexes=[{
+                "IndexName": "status-index",
+                "KeySchema": [{"AttributeName": "status", "KeyType": "HASH"},
+                              {"AttributeName": "created_at", "KeyType": "RANGE"}],
+                "Projection": {"ProjectionType": "ALL"},
+            }],
+        )
+        ddb.create_table(
+            TableName=f"{PREFIX}-instance-events", BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("instance_id", "at")],
+            KeySchema=[{"AttributeName": "instance_id", "KeyType": "HASH"}, {"AttributeName": "at", "KeyType": "RANGE"}],
+        )
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        instance_id = ec2.run_instances(
+            ImageId=ami, MinCount=1, MaxCount=1, InstanceType="g4dn.xlarge",
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "batchworker:pool", "Value": PREFIX}]}],
+        )["Instances"][0]["InstanceId"]
+        ec2.stop_instances(InstanceIds=[instance_id])
+        env = {
+            "BATCHWORKER_INPUT_BUCKET": f"{PREFIX}-input",
+            "BATCHWORKER_OUTPUT_BUCKET": f"{PREFIX}-output",
+            "BATCHWORKER_JOBS_TABLE": f"{PREFIX}-jobs",
+            "BATCHWORKER_INSTANCE_EVENTS_TABLE": f"{PREFIX}-instance-events",
+            "BATCHWORKER_POOL_TAG": PREFIX,
+            "BATCHWORKER_WORKER_FUNCTION": f"{PREFIX}-worker",
+            "BATCHWORKER_MODEL_URI": f"s3://{PREFIX}-artifacts/models/digits-cnn.pt",
+            "BATCHWORKER_PARAMETER_PREFIX": f"/{PREFIX}",
+            "BATCHWORKER_JOB_COMMAND": "/opt/batchworker/venv/bin/batchworker-job launch",
+            "BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS": "5",
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        yield Stack(env=env, instance_id=instance_id)

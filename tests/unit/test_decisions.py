@@ -1,0 +1,40 @@
+"""should_stop: every condition that keeps an instance up, table-driven."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from batchworker.decisions import should_stop
+from batchworker.models import Instance, InstanceState, Job, JobStatus
+
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+ME, OTHER = "i-me", "i-other"
+
+
+def job(status, instance_id=ME, job_id="j-0000000000000001"):
+    return Job(job_id, status, "in", "key", instance_id=instance_id)
+
+
+@pytest.mark.parametrize(
+    ("state", "jobs", "grace", "finished_ago", "expected_stop", "reason_part"),
+    [
+        (InstanceState.RUNNING, [], 0, None, True, "no queued or running job"),
+        (InstanceState.STOPPED, [], 0, None, False, "stopped"),
+        (InstanceState.PENDING, [], 0, None, False, "pending"),
+        (InstanceState.STOPPING, [], 0, None, False, "stopping"),
+        (InstanceState.RUNNING, [job(JobStatus.RUNNING)], 0, None, False, "running on it"),
+        (InstanceState.RUNNING, [job(JobStatus.DISPATCHED)], 0, None, False, "dispatched on it"),
+        (InstanceState.RUNNING, [job(JobStatus.QUEUED)], 0, None, False, "queued"),
+        (InstanceState.RUNNING, [job(JobStatus.QUEUED, instance_id=None)], 0, None, False, "queued"),
+        (InstanceState.RUNNING, [job(JobStatus.QUEUED, instance_id=OTHER)], 0, None, True, "no queued"),
+        (InstanceState.RUNNING, [job(JobStatus.RUNNING, instance_id=OTHER)], 0, None, True, "no queued"),
+        (InstanceState.RUNNING, [], 120, 30, False, "grace"),
+        (InstanceState.RUNNING, [], 120, 300, True, "no queued"),
+        (InstanceState.RUNNING, [], 0, 1, True, "no queued"),
+    ],
+)
+def test_should_stop(state, jobs, grace, finished_ago, expected_stop, reason_part):
+    finished_at = NOW - timedelta(seconds=finished_ago) if finished_ago is not None else None
+    decision = should_stop(NOW, Instance(ME, state), jobs, grace, finished_at)
+    assert decision.stop is expected_stop
+    assert reason_part in decision.reason

@@ -1,0 +1,49 @@
+"""Job identity and settings."""
+
+import pytest
+
+from batchworker.config import Settings
+from batchworker.errors import ConfigurationError
+from batchworker.manifests import JOB_ID_PATTERN
+from batchworker.models import job_id_for
+
+REQUIRED = {
+    "BATCHWORKER_INPUT_BUCKET": "in",
+    "BATCHWORKER_OUTPUT_BUCKET": "out",
+    "BATCHWORKER_JOBS_TABLE": "jobs",
+    "BATCHWORKER_INSTANCE_EVENTS_TABLE": "events",
+    "BATCHWORKER_POOL_TAG": "bw",
+    "BATCHWORKER_WORKER_FUNCTION": "bw-worker",
+    "BATCHWORKER_MODEL_URI": "s3://a/m.pt",
+    "BATCHWORKER_PARAMETER_PREFIX": "/bw",
+    "BATCHWORKER_JOB_COMMAND": "/opt/x launch",
+}
+
+
+def test_job_id_is_stable_per_object_version_and_path_safe():
+    a = job_id_for("in", "a b/$(x).png", "v1")
+    assert a == job_id_for("in", "a b/$(x).png", "v1")
+    assert a != job_id_for("in", "a b/$(x).png", "v2")
+    assert a != job_id_for("other", "a b/$(x).png", "v1")
+    assert job_id_for("in", "k", '"etag"') == job_id_for("in", "k", "etag")
+    assert JOB_ID_PATTERN.match(a)
+
+
+def test_settings_read_every_field_and_convert_numbers():
+    settings = Settings.from_env({**REQUIRED, "BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS": "42"})
+    assert settings.input_bucket == "in"
+    assert settings.instance_ready_timeout_seconds == 42.0
+    assert settings.ssh_private_key_parameter == "/bw/ssh/private-key"
+    assert settings.instance_parameter("i-1") == "/bw/instances/i-1/ssh-endpoint"
+
+
+@pytest.mark.parametrize("missing", sorted(REQUIRED))
+def test_missing_setting_is_named(missing):
+    env = {k: v for k, v in REQUIRED.items() if k != missing}
+    with pytest.raises(ConfigurationError, match=missing):
+        Settings.from_env(env)
+
+
+def test_bad_number_is_named():
+    with pytest.raises(ConfigurationError, match="READY_TIMEOUT"):
+        Settings.from_env({**REQUIRED, "BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS": "soon"})

@@ -1,0 +1,43 @@
+"""Errors the job reports, and the exit codes that tell the caller whether to retry."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of `batchworker-job run` (docs/architecture.md)."""
+
+    SUCCEEDED = 0
+    FAILED = 2  # permanent: bad spec, bad input, bad model; retrying will not help
+    TRANSIENT = 75  # EX_TEMPFAIL: S3 or network trouble; the same job may succeed later
+
+
+class JobError(Exception):
+    """Base class. The message goes into the manifest as is: say what is wrong and what to do."""
+
+    transient = False
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.TRANSIENT if self.transient else ExitCode.FAILED
+
+
+class SpecError(JobError):
+    """The job spec is malformed."""
+
+
+class InputError(JobError):
+    """The input file cannot be used (unknown type, corrupt, empty, wrong shape, over a limit)."""
+
+
+class ModelError(JobError):
+    """The model cannot be loaded or does not behave like a classifier of the declared input shape."""
+
+
+class StorageError(JobError):
+    """S3 trouble. Missing objects and denied access are permanent; everything else is transient."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient

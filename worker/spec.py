@@ -1,0 +1,127 @@
+"""The job spec: parse and validate the JSON the dispatcher sends (docs/architecture.md, "Job spec")."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from worker.errors import SpecError
+
+MAX_SPEC_BYTES = 64 * 1024
+MAX_KEY_BYTES = 1024  # S3's own limit on key length (UTF-8 bytes)
+JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{16}$")
+BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    input_bucket: str
+    input_key: str
+    input_version_id: str | None
+    output_bucket: str
+    output_prefix: str
+    model_uri: str
+    instance_id: str | None
+
+    @property
+    def model_bucket(self) -> str:
+        return parse_s3_uri(self.model_uri)[0]
+
+    @property
+    def model_key(self) -> str:
+        return parse_s3_uri(self.model_uri)[1]
+
+    def output_key(self, name: str) -> str:
+        return self.output_prefix + name
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form (the same shape parse_spec accepts)."""
+        return {
+            "job_id": self.job_id,
+            "input": {"bucket": self.input_bucket, "key": self.input_key, "version_id": self.input_version_id},
+            "output": {"bucket": self.output_bucket, "prefix": self.output_prefix},
+            "model_uri": self.model_uri,
+            "instance_id": self.instance_id,
+        }
+
+
+def is_valid_job_id(value: object) -> bool:
+    return isinstance(value, str) and JOB_ID_PATTERN.fullmatch(value) is not None
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split s3://bucket/key; raise SpecError if it is not one."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise SpecError(f"model_uri must look like s3://bucket/key, got {uri!r:.200}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not BUCKET_PATTERN.fullmatch(bucket) or not key or len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise SpecError(f"model_uri must look like s3://bucket/key, got {uri!r:.200}")
+    return bucket, key
+
+
+def parse_spec(data: bytes | str) -> JobSpec:
+    """Parse the spec JSON (at most MAX_SPEC_BYTES) and validate every field the job uses."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"job spec is larger than {MAX_SPEC_BYTES} bytes")
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"job spec is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError("job spec must be a JSON object")
+
+    job_id = raw.get("job_id")
+    if not is_valid_job_id(job_id):
+        raise SpecError(f"job_id must match {JOB_ID_PATTERN.pattern}, got {job_id!r:.100}")
+    inp = _require_object(raw, "input")
+    out = _require_object(raw, "output")
+    input_bucket = _require_bucket(inp, "input.bucket")
+    input_key = inp.get("key")
+    if not isinstance(input_key, str) or not input_key:
+        raise SpecError("input.key must be a non-empty string")
+    if len(input_key.encode("utf-8")) > MAX_KEY_BYTES:
+        raise SpecError(f"input.key is longer than {MAX_KEY_BYTES} bytes")
+    version_id = inp.get("version_id")
+    if version_id is not None and (not isinstance(version_id, str) or not 0 < len(version_id) <= 1024):
+        raise SpecError("input.version_id must be null or a non-empty string")
+    output_bucket = _require_bucket(out, "output.bucket")
+    prefix = out.get("prefix")
+    if not isinstance(prefix, str) or not prefix or len(prefix.encode("utf-8")) > MAX_KEY_BYTES - 64:
+        raise SpecError(f"output.prefix must be a non-empty string of at most {MAX_KEY_BYTES - 64} bytes")
+    model_uri = raw.get("model_uri")
+    parse_s3_uri(model_uri)
+    instance_id = raw.get("instance_id")
+    if instance_id is not None and (
+        not isinstance(instance_id, str) or not INSTANCE_ID_PATTERN.fullmatch(instance_id)
+    ):
+        raise SpecError(f"instance_id must be null or an instance id like i-0123..., got {instance_id!r:.100}")
+    return JobSpec(
+        job_id=job_id,
+        input_bucket=input_bucket,
+        input_key=input_key,
+        input_version_id=version_id,
+        output_bucket=output_bucket,
+        output_prefix=prefix,
+        model_uri=model_uri,
+        instance_id=instance_id,
+    )
+
+
+def _require_object(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name)
+    if not isinstance(value, dict):
+        raise SpecError(f"{name} must be a JSON object")
+    return value
+
+
+def _require_bucket(raw: dict[str, Any], name: str) -> str:
+    value = raw.get(name.split(".")[-1])
+    if not isinstance(value, str) or not BUCKET_PATTERN.fullmatch(value):
+        raise SpecError(f"{name} must be an S3 bucket name, got {value!r:.100}")
+    return value
