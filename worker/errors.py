@@ -35,9 +35,21 @@ class ModelError(JobError):
     """The model cannot be loaded or does not behave like a classifier of the declared input shape."""
 
 
+class Interrupted(JobError):
+    """The job got SIGTERM (instance stopping, operator); the same job may succeed when resubmitted."""
+
+    transient = True
+
+
 class StorageError(JobError):
     """S3 trouble. Missing objects and denied access are permanent; everything else is transient."""
 
     def __init__(self, message: str, *, transient: bool) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """User-supplied text (keys, entry names) made safe for one-line messages: no control chars, bounded."""
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."

@@ -69,9 +69,10 @@ class _SshServer(asyncssh.SSHServer):
         self._host.connections.discard(self._conn)
 
     def begin_auth(self, username: str) -> bool:
+        assert self._conn is not None
         if not self._host.is_accepting():  # powered off between accept and login
-            assert self._conn is not None
             self._conn.close()
+            return True
         logger.info("login attempt for user %r from %s", username, self._conn.get_extra_info("peername"))
         return True
 
@@ -144,7 +145,10 @@ class InstanceHost:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         await self._poll_once()
-        tasks = [asyncio.create_task(self._watch_instance()), asyncio.create_task(self._accept(listener, options))]
+        tasks = [
+            asyncio.create_task(self._watch_instance()),
+            asyncio.create_task(self._accept(listener, options)),
+        ]
         self._write_ready_file(endpoint, name)
         logger.info("instance %s: SSH on %s:%d, endpoint published to %s", self.instance_id, LISTEN_HOST,
                     self.port, name)
@@ -190,11 +194,13 @@ class InstanceHost:
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
-    async def _run_connection(self, sock: socket.socket, options: asyncssh.SSHServerConnectionOptions) -> None:
+    async def _run_connection(
+        self, sock: socket.socket, options: asyncssh.SSHServerConnectionOptions
+    ) -> None:
         try:
             await asyncssh.run_server(sock, options=options)
         except (OSError, asyncssh.Error, asyncio.TimeoutError) as exc:
-            logger.info("SSH connection failed before login: %r", exc)
+            logger.debug("SSH connection ended before login (a probe, or a client giving up): %r", exc)
 
     async def _watch_instance(self) -> None:
         while True:
@@ -236,13 +242,19 @@ class InstanceHost:
         connections = list(self.connections)
         for conn in connections:
             conn.abort()
-        logger.warning("instance %s power off (%s): killed %d process group(s) and pids %s, dropped %d "
-                       "connection(s)", self.instance_id, reason, groups, marked, len(connections))
+        level = logging.WARNING if groups or marked or connections else logging.INFO
+        logger.log(level, "instance %s power off (%s): killed %d process group(s) and pids %s, dropped %d "
+                   "connection(s)", self.instance_id, reason, groups, marked, len(connections))
 
     def _environment(self, username: str) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({INSTANCE_ID_VARIABLE: self.instance_id, "HOME": str(self.state_dir / "home"),
-                    "BATCHWORKER_JOB_ROOT": str(self.state_dir / "jobs"), "USER": username, "LOGNAME": username})
+        env.update({
+            INSTANCE_ID_VARIABLE: self.instance_id,
+            "HOME": str(self.state_dir / "home"),
+            "BATCHWORKER_JOB_ROOT": str(self.state_dir / "jobs"),
+            "USER": username,
+            "LOGNAME": username,
+        })
         return env
 
     async def _run_process(self, process: asyncssh.SSHServerProcess) -> None:

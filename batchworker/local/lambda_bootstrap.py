@@ -50,12 +50,16 @@ def load_handler(spec: str) -> tuple[Any, dict[str, Any] | None]:
     """Import `module.function` the way the python3.11 runtime does; return (handler, None) or (None, error)."""
     module_name, _, function_name = spec.rpartition(".")
     if not module_name or not function_name:
-        return None, _error("Runtime.MalformedHandlerName", f"Bad handler '{spec}': not enough values to unpack")
+        return None, _error(
+            "Runtime.MalformedHandlerName", f"Bad handler '{spec}': not enough values to unpack"
+        )
     try:
         module = importlib.import_module(module_name.replace("/", "."))
     except Exception as exc:  # noqa: BLE001 - any import failure is the function's init error
         traceback.print_exc()
-        return None, _error("Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}", exc)
+        return None, _error(
+            "Runtime.ImportModuleError", f"Unable to import module '{module_name}': {exc}", exc
+        )
     handler = getattr(module, function_name, None)
     if handler is None:
         return None, _error(
@@ -70,11 +74,16 @@ def _invoke(handler: Any, request: dict[str, Any]) -> dict[str, Any]:
     sys.stderr.write(f"START RequestId: {request_id} Version: $LATEST\n")
     try:
         event = json.loads(request["payload"])
-        result = handler(event, LambdaContext(request_id, request["deadline_ms"], request["invoked_function_arn"]))
+        result = handler(
+            event, LambdaContext(request_id, request["deadline_ms"], request["invoked_function_arn"])
+        )
         try:
             response: dict[str, Any] = {"ok": True, "payload": json.dumps(result)}
         except (TypeError, ValueError) as exc:
-            response = {"ok": False, "error": _error("Runtime.MarshalError", f"Unable to marshal response: {exc}")}
+            response = {
+                "ok": False,
+                "error": _error("Runtime.MarshalError", f"Unable to marshal response: {exc}"),
+            }
     except Exception as exc:  # noqa: BLE001 - an unhandled handler error is reported, as Lambda does
         error = _error(type(exc).__name__, str(exc), exc)
         error["requestId"] = request_id
@@ -82,7 +91,9 @@ def _invoke(handler: Any, request: dict[str, Any]) -> dict[str, Any]:
         response = {"ok": False, "error": error}
     duration_ms = (time.monotonic() - started) * 1000
     sys.stdout.flush()
-    sys.stderr.write(f"END RequestId: {request_id}\nREPORT RequestId: {request_id}\tDuration: {duration_ms:.2f} ms\n")
+    sys.stderr.write(
+        f"END RequestId: {request_id}\nREPORT RequestId: {request_id}\tDuration: {duration_ms:.2f} ms\n"
+    )
     sys.stderr.flush()
     return response
 

@@ -44,15 +44,17 @@ def _make_handler(backend: InvokeBackend) -> type[BaseHTTPRequestHandler]:
     class InvokeHandler(BaseHTTPRequestHandler):
         server_version = "batchworker-local-lambda"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: object) -> None:
             logger.debug("invoke api: " + format, *args)
 
-        def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+        def do_POST(self) -> None:  # stdlib naming
             request_id = str(uuid.uuid4())
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             match = _INVOKE_PATH.match(urlsplit(self.path).path)
             if match is None:
-                self._error(404, "UnknownOperationException", f"No local route for POST {self.path}", request_id)
+                self._error(
+                    404, "UnknownOperationException", f"No local route for POST {self.path}", request_id
+                )
                 return
             name = function_name_of(unquote(match["function"]))
             if not backend.has_function(name):
@@ -68,7 +70,12 @@ def _make_handler(backend: InvokeBackend) -> type[BaseHTTPRequestHandler]:
             try:
                 json.loads(payload)
             except ValueError:
-                self._error(400, "InvalidRequestContentException", "Could not parse request body into json", request_id)
+                self._error(
+                    400,
+                    "InvalidRequestContentException",
+                    "Could not parse request body into json",
+                    request_id,
+                )
                 return
             if invocation_type == "DryRun":
                 self._respond(204, b"", request_id)
@@ -78,7 +85,12 @@ def _make_handler(backend: InvokeBackend) -> type[BaseHTTPRequestHandler]:
             elif invocation_type == "RequestResponse":
                 self._invoke_sync(name, payload, request_id)
             else:
-                self._error(400, "InvalidParameterValueException", f"bad invocation type {invocation_type}", request_id)
+                self._error(
+                    400,
+                    "InvalidParameterValueException",
+                    f"bad invocation type {invocation_type}",
+                    request_id,
+                )
 
         def _invoke_sync(self, name: str, payload: str, request_id: str) -> None:
             try:
@@ -87,7 +99,9 @@ def _make_handler(backend: InvokeBackend) -> type[BaseHTTPRequestHandler]:
                 self._error(503, "ServiceException", str(exc), request_id)
                 return
             if result.is_error:
-                self._respond(200, result.error_body().encode(), request_id, {"X-Amz-Function-Error": "Unhandled"})
+                self._respond(
+                    200, result.error_body().encode(), request_id, {"X-Amz-Function-Error": "Unhandled"}
+                )
             else:
                 self._respond(200, (result.payload or "null").encode(), request_id)
 
@@ -95,7 +109,9 @@ def _make_handler(backend: InvokeBackend) -> type[BaseHTTPRequestHandler]:
             body = json.dumps({"Type": "User", "Message": message, "message": message}).encode()
             self._respond(status, body, request_id, {"X-Amzn-ErrorType": error_type})
 
-        def _respond(self, status: int, body: bytes, request_id: str, headers: dict[str, str] | None = None) -> None:
+        def _respond(
+            self, status: int, body: bytes, request_id: str, headers: dict[str, str] | None = None
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -116,7 +132,9 @@ class InvokeApiServer:
     def __init__(self, backend: InvokeBackend, host: str = "127.0.0.1", port: int = 0) -> None:
         self._server = ThreadingHTTPServer((host, port), _make_handler(backend))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="lambda-invoke-api", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="lambda-invoke-api", daemon=True
+        )
 
     @property
     def url(self) -> str:

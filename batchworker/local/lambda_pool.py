@@ -39,7 +39,6 @@ class FunctionSpec:
     timeout_seconds: int
     memory_mb: int
     environment: dict[str, str] = field(default_factory=dict)
-    dead_letter_arn: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,9 @@ class HandlerProcess:
         if ready is None:
             self.init_error = self._died_or_timed_out("", "init")
         elif not ready.get("ready"):
-            self.init_error = InvocationResult("", error_type=ready["errorType"], error_message=ready["errorMessage"])
+            self.init_error = InvocationResult(
+                "", error_type=ready["errorType"], error_message=ready["errorMessage"]
+            )
             self.kill()
 
     @property
@@ -115,7 +116,9 @@ class HandlerProcess:
         if response["ok"]:
             return InvocationResult(request_id, payload=response["payload"])
         error = response["error"]
-        return InvocationResult(request_id, error_type=error["errorType"], error_message=error["errorMessage"])
+        return InvocationResult(
+            request_id, error_type=error["errorType"], error_message=error["errorMessage"]
+        )
 
     def terminate(self) -> None:
         """SIGKILL the process group; safe from any thread (the owner then sees the pipe close)."""
@@ -186,7 +189,9 @@ class FunctionPool:
             if process.init_error is not None:
                 self._discard(process)
                 return InvocationResult(
-                    request_id, error_type=process.init_error.error_type, error_message=process.init_error.error_message
+                    request_id,
+                    error_type=process.init_error.error_type,
+                    error_message=process.init_error.error_message,
                 )
             result = process.invoke(payload, request_id)
             if process.is_alive():
@@ -194,7 +199,9 @@ class FunctionPool:
             else:
                 self._discard(process)
         if result.is_error:
-            logger.info("%s %s failed: %s %s", self.spec.name, request_id, result.error_type, result.error_message)
+            logger.info(
+                "%s %s failed: %s %s", self.spec.name, request_id, result.error_type, result.error_message
+            )
             if result.error_type in ("Sandbox.Timedout", "Runtime.ExitError"):
                 self._append_log(f"{result.error_message}\n")
         return result
@@ -223,14 +230,18 @@ class FunctionPool:
                     return process
                 process.kill()
             if self._closed:
-                raise PoolClosed(f"the local Lambda runtime is stopping: {self.spec.name} takes no invocations")
+                raise PoolClosed(
+                    f"the local Lambda runtime is stopping: {self.spec.name} takes no invocations"
+                )
         process = HandlerProcess(self.spec, self._env, self._log_path)
         with self._lock:
             self._busy.add(process)
             if self._closed:
                 self._busy.discard(process)
                 process.kill()
-                raise PoolClosed(f"the local Lambda runtime is stopping: {self.spec.name} takes no invocations")
+                raise PoolClosed(
+                    f"the local Lambda runtime is stopping: {self.spec.name} takes no invocations"
+                )
         return process
 
     def _checkin(self, process: HandlerProcess) -> None:

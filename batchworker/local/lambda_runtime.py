@@ -1,7 +1,7 @@
 """The local Lambda runtime: runs the functions deployed to moto from the build zips, like `sam local`.
 
 It reads functions, SQS event source mappings and `rate(...)` schedules from moto, runs each handler in
-warm subprocesses, serves the Invoke API for boto3 and polls the mapped queues.
+warm subprocesses, serves the Invoke API for boto3 and polls the mapped queues. The CLI
 `python -m batchworker.local.lambda_runtime --code-dir build/lambdas --state-dir DIR` wraps LocalLambdaRuntime.
 """
 
@@ -18,9 +18,10 @@ import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import boto3
+from botocore.exceptions import ClientError
 
 from batchworker.errors import BatchworkerError, ConfigurationError
 from batchworker.local.lambda_invoke_api import InvokeApiServer
@@ -75,7 +76,9 @@ class LocalLambdaRuntime:
         self.state_dir = Path(state_dir).resolve()
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         if not self.endpoint_url:
-            raise ConfigurationError("AWS_ENDPOINT_URL is not set: point it at the moto server of the local cloud")
+            raise ConfigurationError(
+                "AWS_ENDPOINT_URL is not set: point it at the moto server of the local cloud"
+            )
         if schedule_speedup <= 0:
             raise ConfigurationError(f"schedule_speedup must be positive, not {schedule_speedup}")
         self._session = session or boto3.session.Session(region_name=region)
@@ -93,6 +96,7 @@ class LocalLambdaRuntime:
         self._async_threads: set[threading.Thread] = set()
         self._async_lock = threading.Lock()
         self._api: InvokeApiServer | None = None
+        self._sqs: Any = None  # one client for every poller: creating clients is not thread-safe
         self.pollers: list[SqsPoller] = []
         self.schedulers: list[Scheduler] = []
 
@@ -112,10 +116,11 @@ class LocalLambdaRuntime:
     def ready_file(self) -> Path:
         return self.state_dir / READY_FILE
 
-    def start(self) -> LocalLambdaRuntime:
+    def start(self) -> Self:
         """Discover, extract, serve and poll; the ready file is written last. Cleans up when it fails."""
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         self._api = InvokeApiServer(self, port=self._port)
+        self._sqs = self._client("sqs")
         try:
             for spec in self._discover_functions():
                 env = self._function_environment(spec)
@@ -128,7 +133,9 @@ class LocalLambdaRuntime:
         except BaseException:
             self.stop()
             raise
-        logger.info("local Lambda runtime ready at %s with %s", self.invoke_url, ", ".join(self.functions) or "none")
+        logger.info(
+            "local Lambda runtime ready at %s with %s", self.invoke_url, ", ".join(self.functions) or "none"
+        )
         return self
 
     def stop(self) -> None:
@@ -145,7 +152,7 @@ class LocalLambdaRuntime:
             thread.join(2.0)
         self.ready_file.unlink(missing_ok=True)
 
-    def __enter__(self) -> LocalLambdaRuntime:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -161,7 +168,9 @@ class LocalLambdaRuntime:
     def invoke_async(self, name: str, payload: str) -> None:
         """Queue an `Event` invocation: run in the background, retried on error as Lambda does."""
         self._pool(name)
-        thread = threading.Thread(target=self._run_async, args=(name, payload), name=f"async-{name}", daemon=True)
+        thread = threading.Thread(
+            target=self._run_async, args=(name, payload), name=f"async-{name}", daemon=True
+        )
         with self._async_lock:
             self._async_threads.add(thread)
         thread.start()
@@ -194,7 +203,6 @@ class LocalLambdaRuntime:
                         timeout_seconds=int(config.get("Timeout") or 3),
                         memory_mb=int(config.get("MemorySize") or 128),
                         environment=dict((config.get("Environment") or {}).get("Variables") or {}),
-                        dead_letter_arn=(config.get("DeadLetterConfig") or {}).get("TargetArn"),
                     )
                 )
         return specs
@@ -203,7 +211,9 @@ class LocalLambdaRuntime:
         """What Lambda sets, plus the local endpoints; the host's environment does not leak in."""
         credentials = self._session.get_credentials()
         if credentials is None:
-            raise ConfigurationError("no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (fake is fine)")
+            raise ConfigurationError(
+                "no AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (fake is fine)"
+            )
         frozen = credentials.get_frozen_credentials()
         python_path = [str(spec.code_dir), *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {
@@ -233,7 +243,7 @@ class LocalLambdaRuntime:
         return env
 
     def _start_pollers(self) -> None:
-        lambda_client, sqs = self._client("lambda"), self._client("sqs")
+        lambda_client = self._client("lambda")
         for page in lambda_client.get_paginator("list_event_source_mappings").paginate():
             for raw in page["EventSourceMappings"]:
                 if not raw["EventSourceArn"].startswith("arn:aws:sqs:"):
@@ -241,10 +251,15 @@ class LocalLambdaRuntime:
                     continue
                 mapping = SqsMapping.from_api(raw)
                 if mapping.function_name not in self._pools:
-                    logger.warning("mapping %s targets %s, which is not run locally", mapping.uuid, mapping.function_name)
+                    logger.warning(
+                        "mapping %s targets %s, which is not run locally", mapping.uuid, mapping.function_name
+                    )
                     continue
                 pool = self._pools[mapping.function_name]
-                self.pollers.append(SqsPoller(mapping, sqs, pool.invoke, self._stop))
+                try:
+                    self.pollers.append(SqsPoller(mapping, self._sqs, pool.invoke, self._stop))
+                except ClientError as exc:
+                    logger.warning("mapping %s is not polled: %s", mapping.uuid, exc)
         for poller in self.pollers:
             poller.start()
         self._threads += self.pollers
@@ -252,7 +267,9 @@ class LocalLambdaRuntime:
     def _start_schedulers(self) -> None:
         for target in discover_scheduled_targets(self._client("events")):
             if target.function_name in self._pools:
-                self.schedulers.append(Scheduler(target, self._schedule_speedup, self.invoke_async, self._stop))
+                self.schedulers.append(
+                    Scheduler(target, self._schedule_speedup, self.invoke_async, self._stop)
+                )
         for scheduler in self.schedulers:
             scheduler.start()
         self._threads += self.schedulers
@@ -263,11 +280,19 @@ class LocalLambdaRuntime:
             "pid": os.getpid(),
             "functions": self.functions,
             "event_source_mappings": [
-                {"uuid": p.mapping.uuid, "queue_arn": p.mapping.queue_arn, "function": p.mapping.function_name}
+                {
+                    "uuid": p.mapping.uuid,
+                    "queue_arn": p.mapping.queue_arn,
+                    "function": p.mapping.function_name,
+                }
                 for p in self.pollers
             ],
             "schedules": [
-                {"rule": s.target.rule_name, "function": s.target.function_name, "period_seconds": s.target.period_seconds}
+                {
+                    "rule": s.target.rule_name,
+                    "function": s.target.function_name,
+                    "period_seconds": s.target.period_seconds,
+                }
                 for s in self.schedulers
             ],
         }
@@ -281,9 +306,12 @@ class LocalLambdaRuntime:
         try:
             return self._pools[name]
         except KeyError:
-            raise FunctionNotFound(f"function {name} is not deployed or has no zip in {self.code_dir}") from None
+            raise FunctionNotFound(
+                f"function {name} is not deployed or has no zip in {self.code_dir}"
+            ) from None
 
     def _run_async(self, name: str, payload: str) -> None:
+        """One async event: up to 1 + len(retry delays) attempts; then dropped (moto keeps no DeadLetterConfig)."""
         pool = self._pools[name]
         try:
             for attempt, delay in enumerate([*self._async_retry_delays, None], start=1):
@@ -291,32 +319,18 @@ class LocalLambdaRuntime:
                 if not result.is_error:
                     return
                 logger.warning("async %s attempt %d failed: %s", name, attempt, result.error_type)
-                if delay is None or self._stop.wait(delay):
-                    break
-            self._dead_letter(pool.spec, payload, result)
+                if delay is None:
+                    logger.error(
+                        "async %s dropped after %d attempts: %s", name, attempt, result.error_message
+                    )
+                    return
+                if self._stop.wait(delay):
+                    raise PoolClosed("stopping")
         except PoolClosed:
             logger.warning("async invocation of %s dropped: the runtime is stopping", name)
         finally:
             with self._async_lock:
                 self._async_threads.discard(threading.current_thread())
-
-    def _dead_letter(self, spec: FunctionSpec, payload: str, result: InvocationResult) -> None:
-        """An async event that failed every attempt goes to the function's SQS dead-letter queue, if any."""
-        if not spec.dead_letter_arn or self._stop.is_set():
-            logger.error("async %s failed every attempt and is dropped: %s", spec.name, result.error_message)
-            return
-        if not spec.dead_letter_arn.startswith("arn:aws:sqs:"):
-            logger.error("async %s failed; dead-letter target %s is not SQS", spec.name, spec.dead_letter_arn)
-            return
-        sqs = self._client("sqs")
-        account, queue = spec.dead_letter_arn.split(":")[4:6]
-        url = sqs.get_queue_url(QueueName=queue, QueueOwnerAWSAccountId=account)["QueueUrl"]
-        attributes = {
-            "RequestID": {"DataType": "String", "StringValue": result.request_id},
-            "ErrorCode": {"DataType": "Number", "StringValue": "200"},
-            "ErrorMessage": {"DataType": "String", "StringValue": (result.error_message or "")[:1000]},
-        }
-        sqs.send_message(QueueUrl=url, MessageBody=payload, MessageAttributes=attributes)
 
     def _async_snapshot(self) -> list[threading.Thread]:
         with self._async_lock:
@@ -329,12 +343,20 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Run the Lambda functions deployed to the moto server at AWS_ENDPOINT_URL.",
     )
     parser.add_argument("--code-dir", required=True, type=Path, help="folder of <name>.zip build outputs")
-    parser.add_argument("--state-dir", required=True, type=Path, help="extracted code, logs and the ready file")
-    parser.add_argument("--port", type=int, default=0, help="Invoke API port on 127.0.0.1 (0: a free one)")
-    parser.add_argument("--schedule-speedup", type=float, default=1.0, help="run rate() schedules N times faster")
-    parser.add_argument("--max-concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY, help="processes per function")
     parser.add_argument(
-        "--async-retry-delay-seconds", type=float, default=DEFAULT_ASYNC_RETRY_DELAYS_SECONDS[0],
+        "--state-dir", required=True, type=Path, help="extracted code, logs and the ready file"
+    )
+    parser.add_argument("--port", type=int, default=0, help="Invoke API port on 127.0.0.1 (0: a free one)")
+    parser.add_argument(
+        "--schedule-speedup", type=float, default=1.0, help="run rate() schedules N times faster"
+    )
+    parser.add_argument(
+        "--max-concurrency", type=int, default=DEFAULT_MAX_CONCURRENCY, help="processes per function"
+    )
+    parser.add_argument(
+        "--async-retry-delay-seconds",
+        type=float,
+        default=DEFAULT_ASYNC_RETRY_DELAYS_SECONDS[0],
         help="delay before the first retry of a failed async invoke (the second waits twice as long)",
     )
     parser.add_argument("--log-level", default="INFO")
@@ -343,7 +365,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())

@@ -66,13 +66,17 @@ def discover_scheduled_targets(events: Any) -> list[ScheduledTarget]:
                 continue
             period = parse_rate_seconds(expression)
             if period is None:
-                logger.warning("rule %s: schedule %r is not run locally (only rate(...))", rule["Name"], expression)
+                logger.warning(
+                    "rule %s: schedule %r is not run locally (only rate(...))", rule["Name"], expression
+                )
                 continue
             for target in events.list_targets_by_rule(Rule=rule["Name"])["Targets"]:
                 if ":lambda:" not in target["Arn"]:
                     continue
                 if "InputPath" in target or "InputTransformer" in target:
-                    logger.warning("rule %s: InputPath/InputTransformer are not applied locally", rule["Name"])
+                    logger.warning(
+                        "rule %s: InputPath/InputTransformer are not applied locally", rule["Name"]
+                    )
                 targets.append(
                     ScheduledTarget(
                         rule_name=rule["Name"],
@@ -89,16 +93,20 @@ class Scheduler(threading.Thread):
     """Fires one scheduled target every period/speedup seconds (the first time one period after start)."""
 
     def __init__(
-        self, target: ScheduledTarget, speedup: float, invoke_async: Callable[[str, str], None], stop: threading.Event
+        self,
+        target: ScheduledTarget,
+        speedup: float,
+        invoke_async: Callable[[str, str], None],
+        stop: threading.Event,
     ) -> None:
         super().__init__(name=f"schedule-{target.rule_name}-{target.function_name}", daemon=True)
         self.target = target
         self._interval_seconds = target.period_seconds / speedup
         self._invoke_async = invoke_async
-        self._stop = stop
+        self._stopping = stop
 
     def run(self) -> None:
-        while not self._stop.wait(self._interval_seconds):
+        while not self._stopping.wait(self._interval_seconds):
             event = self.target.constant_input or json.dumps(
                 scheduled_event(self.target.rule_arn, datetime.now(UTC))
             )

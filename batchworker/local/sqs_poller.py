@@ -38,7 +38,8 @@ class SqsMapping:
             function_name=mapping["FunctionArn"].split(":")[6],
             batch_size=int(mapping.get("BatchSize") or 10),
             batching_window_seconds=float(mapping.get("MaximumBatchingWindowInSeconds") or 0),
-            report_batch_item_failures="ReportBatchItemFailures" in (mapping.get("FunctionResponseTypes") or []),
+            report_batch_item_failures="ReportBatchItemFailures"
+            in (mapping.get("FunctionResponseTypes") or []),
         )
 
 
@@ -129,24 +130,25 @@ class SqsPoller(threading.Thread):
         self.mapping = mapping
         self._sqs = sqs
         self._invoke = invoke
-        self._stop = stop
+        self._stopping = stop
         account, name = mapping.queue_arn.split(":")[4:6]
         self._queue_url = sqs.get_queue_url(QueueName=name, QueueOwnerAWSAccountId=account)["QueueUrl"]
-        self.batches_invoked = 0
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 messages = self._receive_batch()
                 if messages:
                     self._process(messages)
             except PoolClosed:
                 return
-            except Exception:  # noqa: BLE001 - a poller survives moto hiccups, as Lambda's pollers do
-                if self._stop.is_set():
+            except Exception:  # a poller survives moto hiccups, as Lambda's pollers do
+                if self._stopping.is_set():
                     return
-                logger.exception("polling %s for %s failed; retrying", self._queue_url, self.mapping.function_name)
-                self._stop.wait(1.0)
+                logger.exception(
+                    "polling %s for %s failed; retrying", self._queue_url, self.mapping.function_name
+                )
+                self._stopping.wait(1.0)
 
     def _receive(self, max_messages: int, wait_seconds: int) -> list[dict[str, Any]]:
         response = self._sqs.receive_message(
@@ -166,23 +168,25 @@ class SqsPoller(threading.Thread):
         if not messages or self.mapping.batching_window_seconds <= 0:
             return messages
         window_ends = time.monotonic() + self.mapping.batching_window_seconds
-        while len(messages) < batch_size and not self._stop.is_set():
+        while len(messages) < batch_size and not self._stopping.is_set():
             remaining = window_ends - time.monotonic()
             if remaining <= 0:
                 break
             wait = min(WAIT_TIME_SECONDS, max(0, int(remaining)))
             messages += self._receive(min(batch_size - len(messages), MAX_RECEIVE_BATCH), wait)
             if wait == 0:
-                self._stop.wait(min(remaining, 0.2))
+                self._stopping.wait(min(remaining, 0.2))
         return messages
 
     def _process(self, messages: list[dict[str, Any]]) -> None:
         event = build_sqs_event(messages, self.mapping.queue_arn)
         result = self._invoke(json.dumps(event))
-        self.batches_invoked += 1
         to_delete = select_deletions(messages, result, self.mapping.report_batch_item_failures)
         logger.debug(
-            "%s: %d received, %d to delete%s", self.mapping.function_name, len(messages), len(to_delete),
+            "%s: %d received, %d to delete%s",
+            self.mapping.function_name,
+            len(messages),
+            len(to_delete),
             f" ({result.error_type})" if result.is_error else "",
         )
         for start in range(0, len(to_delete), MAX_RECEIVE_BATCH):

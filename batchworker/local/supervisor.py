@@ -115,7 +115,8 @@ class Supervisor:
 
     def terraform_variables(self) -> dict:
         ec2 = boto3.client("ec2")
-        ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        images = ec2.describe_images(Filters=[{"Name": "name", "Values": ["Deep Learning AMI*"]}])["Images"]
+        ami = images[0]["ImageId"]
         return {
             "aws_endpoint_url": os.environ["AWS_ENDPOINT_URL"],
             "region": LOCAL_REGION,

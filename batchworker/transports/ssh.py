@@ -19,6 +19,8 @@ from typing import Any
 import paramiko
 from botocore.exceptions import ClientError
 
+from batchworker.errors import BatchworkerError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_LIMIT_BYTES = 64 * 1024
@@ -33,7 +35,7 @@ _SUPPORTED_KEY_TYPES = (
 )
 
 
-class TransportError(Exception):
+class TransportError(BatchworkerError):
     """Base of the SSH transport errors; `retryable` says whether trying again later can help."""
 
     retryable = False
@@ -85,7 +87,7 @@ class SshEndpoint:
         if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
             raise InvalidEndpoint(f"ssh-endpoint parameter needs an integer 'port' in 1..65535, got {port!r}")
         if not isinstance(host_key, str):
-            raise InvalidEndpoint("ssh-endpoint parameter needs a string 'host_key' (OpenSSH public key line)")
+            raise InvalidEndpoint("ssh-endpoint parameter needs a string 'host_key' (an OpenSSH public key)")
         endpoint = cls(host=host.strip(), port=port, host_key=" ".join(host_key.split()[:2]))
         endpoint.public_key()  # validates the key line
         return endpoint
@@ -155,7 +157,8 @@ def load_private_key(ssm_client: Any, parameter_name: str) -> paramiko.PKey:
         except (paramiko.SSHException, ValueError) as exc:
             errors.append(f"{key_class.__name__}: {exc}")
     raise PrivateKeyError(
-        f"SSM parameter {parameter_name} holds no usable unencrypted OpenSSH private key ({'; '.join(errors)})"
+        f"SSM parameter {parameter_name} holds no usable unencrypted OpenSSH private key "
+        f"({'; '.join(errors)})"
     )
 
 
@@ -282,11 +285,11 @@ def _exchange(
                 f"command on {endpoint.host}:{endpoint.port} did not finish within {timeout:g} s; "
                 "it may still be running there"
             )
-        if stdin_open and pending and channel.send_ready():
-            try:
+        try:
+            while stdin_open and pending and channel.send_ready():
                 pending = pending[channel.send(pending[:_CHUNK_BYTES]) :]
-            except (OSError, paramiko.SSHException):
-                pending = memoryview(b"")  # the server closed the channel: nobody reads stdin any more
+        except (OSError, paramiko.SSHException):
+            pending = memoryview(b"")  # the server closed the channel: nobody reads stdin any more
         if stdin_open and not pending:
             try:
                 channel.shutdown_write()

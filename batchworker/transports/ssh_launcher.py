@@ -11,7 +11,7 @@ from batchworker.config import Settings
 from batchworker.errors import DispatchError, InstanceReadyTimeout
 from batchworker.transports.ssh import (
     HostKeyMismatch,
-    TransportUnavailable,
+    TransportError,
     fetch_endpoint,
     load_private_key,
     probe,
@@ -45,7 +45,10 @@ class SshLauncher:
 
     def launch(self, instance_id: str, spec: dict, deadline: float) -> dict:
         if self._pkey is None:
-            self._pkey = load_private_key(self.ssm, self.settings.ssh_private_key_parameter)
+            try:
+                self._pkey = load_private_key(self.ssm, self.settings.ssh_private_key_parameter)
+            except TransportError as exc:
+                raise DispatchError(f"cannot load the SSH login key: {exc}") from exc
         payload = json.dumps(spec).encode()
         last_problem = "no SSH endpoint published yet"
         while True:
@@ -65,7 +68,9 @@ class SshLauncher:
                         f"instance {instance_id} presented a host key other than the one it published; "
                         "refusing to connect (no command was run)"
                     ) from exc
-                except TransportUnavailable as exc:
+                except TransportError as exc:
+                    if not exc.retryable:
+                        raise DispatchError(f"could not start the job on instance {instance_id}: {exc}") from exc
                     last_problem = f"SSH not ready: {exc}"
                 else:
                     if result.exit_status != 0:

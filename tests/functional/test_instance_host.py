@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import asyncssh
 import boto3
+import paramiko
 import pytest
 from moto.server import ThreadedMotoServer
 
 from batchworker.transports.ssh import (
+    AuthenticationFailed,
     CommandTimeout,
     HostKeyMismatch,
     SshEndpoint,
@@ -212,6 +215,19 @@ def test_wrong_host_key_raises_and_runs_nothing(cloud: Cloud, host: Host, tmp_pa
     assert marker.exists()
 
 
+def test_unknown_client_key_is_refused(cloud: Cloud, host: Host, tmp_path: Path) -> None:
+    start_and_wait(cloud, host)
+    stranger = paramiko.Ed25519Key.from_private_key(
+        io.StringIO(asyncssh.generate_private_key("ssh-ed25519").export_private_key().decode())
+    )
+    marker = tmp_path / "marker"
+
+    with pytest.raises(AuthenticationFailed):
+        run_with_stdin(host.endpoint, "ubuntu", stranger, f"touch {marker}", b"", 10)
+
+    assert not marker.exists()
+
+
 def test_large_stdout_and_stderr_do_not_deadlock(cloud: Cloud, host: Host) -> None:
     start_and_wait(cloud, host)
 
@@ -262,6 +278,10 @@ def test_sigterm_stops_host_and_its_processes(cloud: Cloud, host: Host) -> None:
     assert not is_alive(detached_pid)
     assert not (host.state_dir / "ready.json").exists()
     assert not probe(host.endpoint, 0.5)
+    key_file = host.state_dir / "ssh_host_ed25519_key"
+    assert key_file.stat().st_mode & 0o077 == 0
+    published = asyncssh.read_private_key(str(key_file)).export_public_key().decode()
+    assert host.endpoint.host_key.split()[1] in published
 
 
 def _run_catching(host: Host, cloud: Cloud, command: str) -> object:

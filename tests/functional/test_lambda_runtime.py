@@ -12,6 +12,7 @@ import textwrap
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ CLI_REGION = "eu-west-1"  # moto keeps regions apart: the CLI test's runtime see
 CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 EVENTS = Path(__file__).parents[1] / "events"
 
-ECHO_APP = '''
+ECHO_APP = """
 import json, os, time
 
 def handler(event, context):
@@ -51,10 +52,10 @@ def handler(event, context):
         "env": {k: os.environ.get(k) for k in ("AWS_LAMBDA_FUNCTION_NAME", "AWS_LAMBDA_FUNCTION_TIMEOUT",
                                               "LAMBDA_TASK_ROOT", "GREETING", "AWS_REGION")},
     }
-'''
+"""
 
 # An SQS handler in house style: Powertools logger with the Lambda context, partial batch response.
-BATCH_APP = '''
+BATCH_APP = """
 import json, os, time
 from aws_lambda_powertools import Logger
 
@@ -74,10 +75,10 @@ def handler(event, context):
                 failures.append({"itemIdentifier": record["messageId"]})
     logger.info("processed", extra={"records": len(event["Records"])})
     return {"batchItemFailures": failures}
-'''
+"""
 
 # Invokes echo with InvocationType=Event through plain boto3: only AWS_ENDPOINT_URL_LAMBDA routes it here.
-FANOUT_APP = '''
+FANOUT_APP = """
 import json, boto3
 
 lambda_client = boto3.client("lambda")
@@ -86,7 +87,7 @@ def handler(event, context):
     response = lambda_client.invoke(FunctionName="test-echo", InvocationType="Event",
                                     Payload=json.dumps(event).encode())
     return {"status": response["StatusCode"]}
-'''
+"""
 
 
 def make_zip(files: dict[str, str]) -> bytes:
@@ -157,38 +158,68 @@ def cloud(moto_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     deploy_function(clients, code_dir, "test-echo", ECHO_APP, timeout=2, env={"GREETING": "hi"})
     deploy_function(clients, code_dir, "test-batch", BATCH_APP, env={"MARKER_FILE": str(markers)})
     deploy_function(clients, code_dir, "test-fanout", FANOUT_APP)
+    deploy_function(
+        clients, code_dir, "test-tick", ECHO_APP
+    )  # the schedule's own target keeps echo's pids stable
     clients["lambda"].create_function(  # deployed, but no zip in the code dir: not run locally
-        FunctionName="test-nozip", Runtime="python3.11", Handler="app.handler", Code={"ZipFile": make_zip({})},
+        FunctionName="test-nozip",
+        Runtime="python3.11",
+        Handler="app.handler",
+        Code={"ZipFile": make_zip({})},
         Role=clients["iam"].get_role(RoleName="lambda-test")["Role"]["Arn"],
     )
     sqs = clients["sqs"]
     dlq_url = sqs.create_queue(QueueName="jobs-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 2})
-    queue_url = sqs.create_queue(QueueName="jobs", Attributes={"VisibilityTimeout": "1", "RedrivePolicy": redrive})[
-        "QueueUrl"
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
     ]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 2})
+    queue_url = sqs.create_queue(
+        QueueName="jobs", Attributes={"VisibilityTimeout": "1", "RedrivePolicy": redrive}
+    )["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     clients["lambda"].create_event_source_mapping(
-        EventSourceArn=queue_arn, FunctionName="test-batch", Enabled=False, BatchSize=10,
-        MaximumBatchingWindowInSeconds=0, FunctionResponseTypes=["ReportBatchItemFailures"],
+        EventSourceArn=queue_arn,
+        FunctionName="test-batch",
+        Enabled=False,
+        BatchSize=10,
+        MaximumBatchingWindowInSeconds=0,
+        FunctionResponseTypes=["ReportBatchItemFailures"],
     )
     schedule_markers = tmp / "schedule-markers.jsonl"
     clients["events"].put_rule(Name="tick", ScheduleExpression="rate(1 minute)")
     clients["events"].put_targets(
         Rule="tick",
-        Targets=[{"Id": "echo", "Arn": "arn:aws:lambda:us-east-1:123456789012:function:test-echo",
-                  "Input": json.dumps({"marker": str(schedule_markers)})}],
+        Targets=[
+            {
+                "Id": "tick",
+                "Arn": "arn:aws:lambda:us-east-1:123456789012:function:test-tick",
+                "Input": json.dumps({"marker": str(schedule_markers)}),
+            }
+        ],
     )
     runtime = LocalLambdaRuntime(
-        code_dir, state_dir, endpoint_url=moto_url, schedule_speedup=120.0, async_retry_delays_seconds=(0.2, 0.4),
+        code_dir,
+        state_dir,
+        endpoint_url=moto_url,
+        schedule_speedup=120.0,
+        async_retry_delays_seconds=(0.2, 0.4),
         session=boto3.session.Session(region_name=REGION, **CREDENTIALS),  # handlers get these credentials
     )
     runtime.start()
     lambda_client = boto3.client("lambda", endpoint_url=runtime.invoke_url, region_name=REGION, **CREDENTIALS)
     yield {
-        "runtime": runtime, "clients": clients, "lambda": lambda_client, "tmp": tmp, "state_dir": state_dir,
-        "queue_url": queue_url, "dlq_url": dlq_url, "markers": markers, "schedule_markers": schedule_markers,
+        "runtime": runtime,
+        "clients": clients,
+        "lambda": lambda_client,
+        "tmp": tmp,
+        "state_dir": state_dir,
+        "queue_url": queue_url,
+        "dlq_url": dlq_url,
+        "markers": markers,
+        "schedule_markers": schedule_markers,
     }
     pids = runtime.handler_pids()
     runtime.stop()
@@ -205,9 +236,9 @@ def test_ready_file_lists_functions_that_have_a_zip(cloud: dict[str, Any]) -> No
 
     assert ready["invoke_url"] == cloud["runtime"].invoke_url
     assert ready["pid"] == os.getpid()
-    assert ready["functions"] == ["test-batch", "test-echo", "test-fanout"]
+    assert ready["functions"] == ["test-batch", "test-echo", "test-fanout", "test-tick"]
     assert [m["function"] for m in ready["event_source_mappings"]] == ["test-batch"]
-    assert ready["schedules"] == [{"rule": "tick", "function": "test-echo", "period_seconds": 60}]
+    assert ready["schedules"] == [{"rule": "tick", "function": "test-tick", "period_seconds": 60}]
 
 
 def test_request_response_returns_the_result_with_lambda_environment(cloud: dict[str, Any]) -> None:
@@ -222,8 +253,11 @@ def test_request_response_returns_the_result_with_lambda_environment(cloud: dict
     code_dir = cloud["state_dir"] / "code" / "test-echo"
     assert body["module_file"] == str(code_dir / "app.py")
     assert body["env"] == {
-        "AWS_LAMBDA_FUNCTION_NAME": "test-echo", "AWS_LAMBDA_FUNCTION_TIMEOUT": "2",
-        "LAMBDA_TASK_ROOT": str(code_dir), "GREETING": "hi", "AWS_REGION": REGION,
+        "AWS_LAMBDA_FUNCTION_NAME": "test-echo",
+        "AWS_LAMBDA_FUNCTION_TIMEOUT": "2",
+        "LAMBDA_TASK_ROOT": str(code_dir),
+        "GREETING": "hi",
+        "AWS_REGION": REGION,
     }
     log = (cloud["state_dir"] / "logs" / "test-echo.log").read_text()
     assert 'echo got {"hello": "world"}' in log
@@ -245,12 +279,26 @@ def test_handler_error_is_reported_like_lambda(cloud: dict[str, Any]) -> None:
     assert body["errorMessage"] == "asked to fail"
 
 
-def test_unknown_function_and_dry_run(cloud: dict[str, Any]) -> None:
+def test_unknown_function_bad_payload_and_dry_run(cloud: dict[str, Any]) -> None:
     lambda_client = cloud["lambda"]
     with pytest.raises(lambda_client.exceptions.ResourceNotFoundException):
         lambda_client.invoke(FunctionName="test-nozip", Payload=b"{}")
+    with pytest.raises(lambda_client.exceptions.InvalidRequestContentException):
+        lambda_client.invoke(FunctionName="test-echo", Payload=b"{not json")
 
     assert lambda_client.invoke(FunctionName="test-echo", InvocationType="DryRun")["StatusCode"] == 204
+
+
+def test_concurrent_invocations_run_in_parallel_processes(cloud: dict[str, Any]) -> None:
+    started = time.monotonic()
+
+    with ThreadPoolExecutor(max_workers=3) as executor:
+        results = list(
+            executor.map(lambda _: invoke_json(cloud["lambda"], "test-echo", {"sleep": 0.6})[1], range(3))
+        )
+
+    assert time.monotonic() - started < 1.5
+    assert len({r["pid"] for r in results}) == 3
 
 
 def test_timeout_kills_the_process_and_the_next_invocation_gets_a_fresh_one(cloud: dict[str, Any]) -> None:
@@ -281,7 +329,9 @@ def test_failed_async_invoke_is_retried_twice(cloud: dict[str, Any]) -> None:
     marker = cloud["tmp"] / "retry-marker.jsonl"
 
     response = cloud["lambda"].invoke(
-        FunctionName="test-echo", InvocationType="Event", Payload=json.dumps({"marker": str(marker), "fail": True})
+        FunctionName="test-echo",
+        InvocationType="Event",
+        Payload=json.dumps({"marker": str(marker), "fail": True}),
     )
 
     assert response["StatusCode"] == 202
@@ -304,7 +354,9 @@ def test_sqs_good_messages_are_deleted_bad_ones_retried_then_dead_lettered(cloud
     first = min(m["at"] for m in read_lines(cloud["markers"]))
     print(f"SendMessage -> handler start: {first - sent_at:.3f}s (includes the cold start)")
     dead = wait_for(
-        lambda: sqs.receive_message(QueueUrl=cloud["dlq_url"], WaitTimeSeconds=1).get("Messages"), 15, "the DLQ"
+        lambda: sqs.receive_message(QueueUrl=cloud["dlq_url"], WaitTimeSeconds=1).get("Messages"),
+        15,
+        "the DLQ",
     )
     assert [m["Body"] for m in dead] == ["bad-1"]
     assert bodies(2) == ["bad-1"]  # redelivered once after the visibility timeout, then moved on receive 3
@@ -337,19 +389,34 @@ def test_cli_serves_until_sigterm_and_leaves_no_process(moto_url: str, tmp_path:
     code_dir, state_dir = tmp_path / "build", tmp_path / "state"
     code_dir.mkdir()
     deploy_function(clients, code_dir, "cli-echo", ECHO_APP)
-    env = {**os.environ, "AWS_ENDPOINT_URL": moto_url, "AWS_DEFAULT_REGION": CLI_REGION,
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": moto_url,
+        "AWS_DEFAULT_REGION": CLI_REGION,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
     process = subprocess.Popen(
-        [sys.executable, "-m", "batchworker.local.lambda_runtime", "--code-dir", str(code_dir),
-         "--state-dir", str(state_dir)],
-        env=env, cwd=Path(__file__).parents[2],
+        [
+            sys.executable,
+            "-m",
+            "batchworker.local.lambda_runtime",
+            "--code-dir",
+            str(code_dir),
+            "--state-dir",
+            str(state_dir),
+        ],
+        env=env,
+        cwd=Path(__file__).parents[2],
     )
     try:
         ready_file = state_dir / "lambda-runtime.json"
         wait_for(ready_file.exists, 15, "the ready file")
         ready = json.loads(ready_file.read_text())
         assert ready["pid"] == process.pid and ready["functions"] == ["cli-echo"]
-        lambda_client = boto3.client("lambda", endpoint_url=ready["invoke_url"], region_name=CLI_REGION, **CREDENTIALS)
+        lambda_client = boto3.client(
+            "lambda", endpoint_url=ready["invoke_url"], region_name=CLI_REGION, **CREDENTIALS
+        )
         _, body = invoke_json(lambda_client, "cli-echo", {"x": 1})
         assert body["event"] == {"x": 1}
 
@@ -396,7 +463,9 @@ def test_sample_sqs_event_has_the_shape_the_poller_builds() -> None:
         (InvocationResult("r", payload='"not an object"'), []),
     ],
 )
-def test_select_deletions_follows_lambda_partial_batch_rules(result: InvocationResult, deleted: list[str]) -> None:
+def test_select_deletions_follows_lambda_partial_batch_rules(
+    result: InvocationResult, deleted: list[str]
+) -> None:
     messages = [{"MessageId": "a"}, {"MessageId": "b"}]
 
     assert [m["MessageId"] for m in select_deletions(messages, result, True)] == deleted

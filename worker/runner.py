@@ -1,0 +1,191 @@
+"""One job, start to finish: download input and model, predict, upload outputs, always upload the manifest.
+
+The exit code says whether a failure is worth retrying (worker.errors.ExitCode). Output order under
+output.prefix: predictions.csv, job.log, then manifest.json last.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.errors import ExitCode, JobError, StorageError
+from worker.inputs import MAX_INPUT_BYTES, decode_input, display_name, input_extension
+from worker.joblog import flush_handlers, job_logging
+from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest
+from worker.predictions import PREDICTIONS_NAME, write_predictions
+from worker.spec import JobSpec
+from worker.storage import Storage
+
+JOB_ROOT_ENV = "BATCHWORKER_JOB_ROOT"
+INSTANCE_ID_ENV = "BATCHWORKER_INSTANCE_ID"
+DEFAULT_JOB_ROOT = "~/batchworker-jobs"
+LOG_NAME = "job.log"
+MODEL_CACHE_DIR = ".model-cache"
+
+
+def job_root_from_env() -> Path:
+    return Path(os.environ.get(JOB_ROOT_ENV) or DEFAULT_JOB_ROOT).expanduser()
+
+
+def job_dir_for(job_root: Path, job_id: str) -> Path:
+    """<job_root>/<job_id>; job_id is validated (^j-[0-9a-f]{16}$) before it gets here."""
+    return job_root / job_id
+
+
+@dataclass
+class _Outcome:
+    status: JobStatus = JobStatus.FAILED
+    exit_code: ExitCode = ExitCode.FAILED
+    error: str | None = None
+    items: int = 0
+    outputs: list[str] = field(default_factory=list)
+    input_version_id: str | None = None
+
+
+def run_job(spec: JobSpec, job_root: Path, storage: Storage | None = None) -> ExitCode:
+    """Run the job in <job_root>/<job_id>/ and return its exit code; the manifest is uploaded if S3 allows."""
+    job_dir = job_dir_for(job_root, spec.job_id)
+    job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with job_logging(spec.job_id, job_dir / LOG_NAME) as logger:
+        return _Job(spec, job_root, job_dir, storage, logger).run()
+
+
+class _Job:
+    def __init__(
+        self, spec: JobSpec, job_root: Path, job_dir: Path, storage: Storage | None, logger: logging.Logger
+    ) -> None:
+        self.spec = spec
+        self.job_root = job_root
+        self.job_dir = job_dir
+        self.storage = storage
+        self.log = logger
+        self.timings = Timings()
+        self.outcome = _Outcome(input_version_id=spec.input_version_id)
+        self.device = "unknown"
+        self.instance_id = spec.instance_id or os.environ.get(INSTANCE_ID_ENV) or None
+
+    def run(self) -> ExitCode:
+        self.log.info(
+            "job started",
+            extra={
+                "input_bucket": self.spec.input_bucket,
+                "input_key": self.spec.input_key,
+                "model_uri": self.spec.model_uri,
+                "instance_id": self.instance_id,
+            },
+        )
+        try:
+            self._predict_and_upload()
+            self.outcome.status, self.outcome.exit_code = JobStatus.SUCCEEDED, ExitCode.SUCCEEDED
+        except JobError as exc:
+            self.outcome.error, self.outcome.exit_code = str(exc), exc.exit_code
+            self.log.error("job failed", extra={"error": str(exc), "transient": exc.transient})
+        except Exception as exc:  # a bug or an environment problem: still say so in a manifest
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                self.outcome.error = "the instance ran out of disk space; retry later or use a smaller input"
+                self.outcome.exit_code = ExitCode.TRANSIENT
+            else:
+                self.outcome.error = (
+                    f"internal error in the job ({type(exc).__name__}); see {self.spec.output_key(LOG_NAME)} "
+                    "for details and report it if it persists"
+                )
+                self.outcome.exit_code = ExitCode.FAILED
+            self.log.exception("job failed with an unexpected error")
+        return self._finish()
+
+    def _predict_and_upload(self) -> None:
+        from worker.model import fetch_model, load_model, predict, select_device  # torch is slow to import
+
+        spec = self.spec
+        self.device = select_device().type
+        ext = input_extension(spec.input_key)  # before downloading anything: unsupported types fail fast
+        name = display_name(spec.input_key)
+        if self.storage is None:
+            self.storage = Storage()
+        with self.timings.measure("download_s"):
+            info = self.storage.download(
+                spec.input_bucket,
+                spec.input_key,
+                self.job_dir / f"input{ext}",  # fixed name; only the whitelisted extension comes from the key
+                version_id=spec.input_version_id,
+                max_bytes=MAX_INPUT_BYTES,
+            )
+        self.outcome.input_version_id = spec.input_version_id or info.version_id
+        self.log.info("input downloaded", extra={"bytes": info.size_bytes, "version_id": info.version_id})
+        with self.timings.measure("model_load_s"):
+            path = fetch_model(spec.model_uri, self.job_root / MODEL_CACHE_DIR, self.storage)
+            model = load_model(path, spec.model_uri, self.storage)
+        self.log.info(
+            "model loaded",
+            extra={
+                "device": str(model.device),
+                "input_shape": list(model.model_input.shape),
+                "input_source": model.input_source,
+            },
+        )
+        with self.timings.measure("inference_s"):  # decoding included: it depends on the model's input shape
+            decoded = decode_input(self.job_dir / f"input{ext}", ext, name, model.model_input)
+            probs = predict(model, decoded.pixels)
+        self.log.info("inference done", extra={"items": len(decoded.items), "classes": int(probs.shape[1])})
+        predictions_path = self.job_dir / PREDICTIONS_NAME
+        write_predictions(predictions_path, decoded.items, probs)
+        with self.timings.measure("upload_s"):
+            key = spec.output_key(PREDICTIONS_NAME)
+            self.storage.upload_file(predictions_path, spec.output_bucket, key, "text/csv")
+        self.outcome.outputs.append(key)
+        self.outcome.items = len(decoded.items)
+
+    def _finish(self) -> ExitCode:
+        spec, outcome = self.spec, self.outcome
+        self.log.info(
+            "uploading job.log and manifest",
+            extra={"status": outcome.status.value, "exit_code": int(outcome.exit_code)},
+        )
+        flush_handlers()
+        if self.storage is None:
+            try:
+                self.storage = Storage()
+            except StorageError as exc:
+                self.log.error("cannot create an S3 client", extra={"error": str(exc)})
+        if self.storage is not None:
+            try:
+                with self.timings.measure("upload_s"):
+                    key = spec.output_key(LOG_NAME)
+                    log_path = self.job_dir / LOG_NAME
+                    self.storage.upload_file(log_path, spec.output_bucket, key, "application/x-ndjson")
+                outcome.outputs.append(key)
+            except StorageError as exc:
+                self.log.warning("job.log upload failed", extra={"error": str(exc)})
+        self.timings.finish()
+        manifest = build_manifest(
+            spec,
+            status=outcome.status,
+            outputs=outcome.outputs,
+            error=outcome.error,
+            timings=self.timings,
+            items=outcome.items,
+            device=self.device,
+            input_version_id=outcome.input_version_id,
+            instance_id=self.instance_id,
+        )
+        _write_local_json(self.job_dir / MANIFEST_NAME, manifest)
+        if self.storage is None:
+            return ExitCode.TRANSIENT
+        try:
+            self.storage.put_json(spec.output_bucket, spec.output_key(MANIFEST_NAME), manifest)
+        except StorageError as exc:
+            self.log.error("manifest upload failed", extra={"error": str(exc), "transient": exc.transient})
+            return ExitCode.TRANSIENT
+        self.log.info("job finished", extra={"status": outcome.status.value, "exit_code": int(outcome.exit_code)})
+        return outcome.exit_code
+
+
+def _write_local_json(path: Path, document: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
