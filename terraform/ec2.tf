@@ -24,6 +24,13 @@ data "aws_ami" "gpu" {
   }
 }
 
+locals {
+  root_volume_size_gb = one([
+    for mapping in data.aws_ami.gpu.block_device_mappings : tonumber(mapping.ebs.volume_size)
+    if mapping.device_name == data.aws_ami.gpu.root_device_name
+  ])
+}
+
 data "aws_subnet" "selected" {
   count = var.subnet_id == null ? 0 : 1
 
@@ -82,11 +89,12 @@ resource "aws_launch_template" "gpu" {
     http_put_response_hop_limit = 1
   }
 
-  # Root volume keeps the AMI's size (the DLAMI needs its own), encrypted.
+  # Root volume: the AMI's own size (stated explicitly: moto requires a size), encrypted.
   block_device_mappings {
     device_name = data.aws_ami.gpu.root_device_name
 
     ebs {
+      volume_size           = local.root_volume_size_gb
       encrypted             = true
       volume_type           = "gp3"
       delete_on_termination = true
@@ -107,6 +115,13 @@ resource "aws_instance" "gpu" {
   tags = {
     Name                 = "${var.name_prefix}-gpu-${count.index}"
     (local.pool_tag_key) = var.name_prefix
+  }
+
+  # User data comes from the launch template. The provider re-hashes the stored hash of
+  # inherited user data and plans a perpetual (stop-the-instance) update:
+  # hashicorp/terraform-provider-aws#30825.
+  lifecycle {
+    ignore_changes = [user_data]
   }
 }
 

@@ -16,6 +16,12 @@ resource "aws_sqs_queue" "jobs" {
   message_retention_seconds  = 345600
   receive_wait_time_seconds  = 20
   sqs_managed_sse_enabled    = true
+
+  # Managed by aws_sqs_queue_redrive_policy below. Reading it back here gives a perpetual
+  # whitespace diff against moto (which returns JSON with spaces).
+  lifecycle {
+    ignore_changes = [redrive_policy]
+  }
 }
 
 resource "aws_sqs_queue_redrive_policy" "jobs" {
@@ -38,6 +44,12 @@ resource "aws_sqs_queue" "done" {
   message_retention_seconds  = 345600
   receive_wait_time_seconds  = 20
   sqs_managed_sse_enabled    = true
+
+  # Managed by aws_sqs_queue_redrive_policy below. Reading it back here gives a perpetual
+  # whitespace diff against moto (which returns JSON with spaces).
+  lifecycle {
+    ignore_changes = [redrive_policy]
+  }
 }
 
 resource "aws_sqs_queue_redrive_policy" "done" {
@@ -81,6 +93,9 @@ data "aws_iam_policy_document" "jobs_queue" {
 resource "aws_sqs_queue_policy" "jobs" {
   queue_url = aws_sqs_queue.jobs.id
   policy    = data.aws_iam_policy_document.jobs_queue.json
+
+  # Both write SetQueueAttributes on the same queue; run them one after the other.
+  depends_on = [aws_sqs_queue_redrive_policy.jobs]
 }
 
 data "aws_iam_policy_document" "done_queue" {
@@ -112,4 +127,7 @@ data "aws_iam_policy_document" "done_queue" {
 resource "aws_sqs_queue_policy" "done" {
   queue_url = aws_sqs_queue.done.id
   policy    = data.aws_iam_policy_document.done_queue.json
+
+  # Both write SetQueueAttributes on the same queue; run them one after the other.
+  depends_on = [aws_sqs_queue_redrive_policy.done]
 }

@@ -21,12 +21,23 @@ processor = BatchProcessor(event_type=EventType.SQS)
 jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
 lambda_client = boto3.client("lambda")
+s3 = boto3.client("s3")
 
 
 def invoke_worker(payload: dict) -> None:
     lambda_client.invoke(
         FunctionName=settings.worker_function, InvocationType="Event", Payload=json.dumps(payload).encode()
     )
+
+
+def current_version(bucket: str, key: str) -> str | None:
+    """The object's version when the event lacks it (moto's events never carry versionId; S3's do)."""
+    if bucket != settings.input_bucket:
+        return None
+    try:
+        return s3.head_object(Bucket=bucket, Key=key).get("VersionId")
+    except s3.exceptions.ClientError:
+        return None
 
 
 def record_handler(record: SQSRecord) -> None:
@@ -41,7 +52,7 @@ def record_handler(record: SQSRecord) -> None:
             key=unquote_plus(obj.key),  # S3 (and moto) URL-encode keys in events
             size_bytes=obj.size,
             etag=obj.etag or None,
-            version_id=obj.version_id or None,
+            version_id=obj.version_id or current_version(s3_record.s3.bucket.name, unquote_plus(obj.key)),
         )
         try:
             job_id = accept_upload(upload, settings, jobs, pool, invoke_worker)

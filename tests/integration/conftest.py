@@ -1,0 +1,100 @@
+"""One local cloud for the integration tests: moto server over HTTP, terraform apply, Lambda runtime, SSH hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+
+from batchworker.local import processes
+from batchworker.local.state import read_state
+
+CLI = str(Path(sys.executable).parent / "batchworker")
+
+
+@dataclass
+class LocalCloud:
+    env: dict[str, str]
+    local_dir: Path
+
+    def client(self, service: str):
+        return boto3.client(
+            service, endpoint_url=self.env["AWS_ENDPOINT_URL"], region_name=self.env["AWS_DEFAULT_REGION"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    @property
+    def input_bucket(self) -> str:
+        return self.env["BATCHWORKER_INPUT_BUCKET"]
+
+    @property
+    def output_bucket(self) -> str:
+        return self.env["BATCHWORKER_OUTPUT_BUCKET"]
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **self.env, "BATCHWORKER_LOCAL_DIR": str(self.local_dir)})
+
+    def instance_states(self) -> list[str]:
+        reservations = self.client("ec2").describe_instances(
+            Filters=[{"Name": "tag:batchworker:pool", "Values": [self.env["BATCHWORKER_POOL_TAG"]]}]
+        )["Reservations"]
+        return sorted(i["State"]["Name"] for r in reservations for i in r["Instances"])
+
+    def wait_for_manifest(self, job_id: str, timeout: float = 180) -> dict:
+        s3 = self.client("s3")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                body = s3.get_object(Bucket=self.output_bucket, Key=f"jobs/{job_id}/manifest.json")["Body"].read()
+                return json.loads(body)
+            except s3.exceptions.NoSuchKey:
+                time.sleep(0.5)
+        raise AssertionError(f"no manifest for {job_id} within {timeout}s; status: {self.cli('status', job_id).stdout}")
+
+    def wait_until(self, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.3)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+    def job(self, job_id: str) -> dict | None:
+        item = self.client("dynamodb").get_item(
+            TableName=self.env["BATCHWORKER_JOBS_TABLE"], Key={"job_id": {"S": job_id}}, ConsistentRead=True
+        ).get("Item")
+        return {k: next(iter(v.values())) for k, v in item.items()} if item else None
+
+    def host_logs(self) -> str:
+        logs = sorted((self.local_dir / "logs").glob("*.log")) + sorted((self.local_dir / "lambda-runtime" / "logs").glob("*.log"))
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs)
+
+
+@pytest.fixture(scope="session")
+def local_cloud(tmp_path_factory) -> LocalCloud:
+    local_dir = tmp_path_factory.mktemp("local-cloud")
+    env = {**os.environ, "BATCHWORKER_LOCAL_DIR": str(local_dir)}
+    up = subprocess.run([CLI, "local", "up", "--boot-delay-seconds", "1"], capture_output=True, text=True,
+                        timeout=600, env=env)
+    assert up.returncode == 0, f"local up failed:\n{up.stdout}\n{up.stderr}"
+    exported = subprocess.run([CLI, "local", "env"], capture_output=True, text=True, timeout=60, env=env, check=True)
+    values = {}
+    for line in exported.stdout.splitlines():
+        name, _, value = line.removeprefix("export ").partition("=")
+        values[name] = shlex.split(value)[0]
+    cloud_id = read_state(local_dir)["cloud_id"]
+    try:
+        yield LocalCloud(values, local_dir)
+    finally:
+        subprocess.run([CLI, "local", "down"], capture_output=True, text=True, timeout=120, env=env)
+        assert processes.processes_marked(cloud_id) == [], "local down left processes behind"
