@@ -112,9 +112,19 @@ resource "aws_instance" "gpu" {
     version = aws_launch_template.gpu.latest_version
   }
 
+  # Also in the launch template; repeated here because moto ignores the template's
+  # profile and metadata options (it would report IMDSv1 and no profile locally).
+  iam_instance_profile = aws_iam_instance_profile.gpu.name
+
+  metadata_options {
+    http_endpoint               = "enabled"
+    http_tokens                 = "required"
+    http_put_response_hop_limit = 1
+  }
+
   tags = {
-    Name                 = "${var.name_prefix}-gpu-${count.index}"
-    (local.pool_tag_key) = var.name_prefix
+    Name               = "${var.name_prefix}-gpu-${count.index}"
+    "batchworker:pool" = var.name_prefix
   }
 
   # User data comes from the launch template. The provider re-hashes the stored hash of

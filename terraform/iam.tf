@@ -48,7 +48,7 @@ data "aws_iam_policy_document" "trigger" {
   # trigger: consume S3 upload events from the jobs queue (event source mapping).
   statement {
     sid       = "ConsumeJobsQueue"
-    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ChangeMessageVisibility"]
+    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
     resources = [aws_sqs_queue.jobs.arn]
   }
 
@@ -81,7 +81,7 @@ data "aws_iam_policy_document" "trigger" {
 
     condition {
       test     = "StringEquals"
-      variable = "ec2:ResourceTag/${local.pool_tag_key}"
+      variable = "ec2:ResourceTag/batchworker:pool"
       values   = [var.name_prefix]
     }
   }
@@ -131,7 +131,7 @@ data "aws_iam_policy_document" "worker" {
 
     condition {
       test     = "StringEquals"
-      variable = "ec2:ResourceTag/${local.pool_tag_key}"
+      variable = "ec2:ResourceTag/batchworker:pool"
       values   = [var.name_prefix]
     }
   }
@@ -178,7 +178,7 @@ data "aws_iam_policy_document" "stop" {
   # stop: consume manifest.json events from the done queue (event source mapping).
   statement {
     sid       = "ConsumeDoneQueue"
-    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes", "sqs:ChangeMessageVisibility"]
+    actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
     resources = [aws_sqs_queue.done.arn]
   }
 
@@ -218,7 +218,7 @@ data "aws_iam_policy_document" "stop" {
 
     condition {
       test     = "StringEquals"
-      variable = "ec2:ResourceTag/${local.pool_tag_key}"
+      variable = "ec2:ResourceTag/batchworker:pool"
       values   = [var.name_prefix]
     }
   }

@@ -7,7 +7,6 @@ locals {
   account_id = data.aws_caller_identity.current.account_id
   partition  = data.aws_partition.current.partition
 
-  pool_tag_key     = "batchworker:pool"
   parameter_prefix = "/${var.name_prefix}"
 
   model_source_path = coalesce(var.model_source_path, "${path.module}/../build/model/digits-cnn.pt")

@@ -78,7 +78,7 @@ class Supervisor:
         terraform = LocalTerraform(self.local_dir / "terraform", self.terraform_variables())
         terraform.forget_state()  # a fresh moto server holds none of the old state's resources
         terraform.init()
-        terraform.apply()
+        (self.local_dir / "logs" / "terraform-apply.log").write_text(terraform.apply())
         outputs = terraform.outputs()
         self.phase("terraform applied", outputs=outputs)
 
@@ -162,6 +162,8 @@ def main() -> int:
     parser.add_argument("--schedule-speedup", type=float, default=1.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("werkzeug", "botocore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     cloud_id = os.environ[processes.CLOUD_MARKER]
     previous = read_state(args.local_dir) or {}
     logger.info("starting (previous status %s)", previous.get("status"))

@@ -1,0 +1,137 @@
+"""The whole loop over the local cloud: HTTP to moto, Lambda handlers in the local runtime, SSH, a torch job."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from batchworker.local import processes
+from batchworker.models import job_id_for
+
+pytestmark = pytest.mark.integration
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+
+def put(cloud, key: str, body: bytes) -> str:
+    response = cloud.client("s3").put_object(Bucket=cloud.input_bucket, Key=key, Body=body)
+    return job_id_for(cloud.input_bucket, key, response.get("VersionId") or response.get("ETag"))
+
+
+def compute_job(seconds: float) -> bytes:
+    return json.dumps({"workload": "compute", "seconds": seconds}).encode()
+
+
+def wait_all_stopped(cloud, timeout: float = 60) -> None:
+    cloud.wait_until(lambda: set(cloud.instance_states()) == {"stopped"}, timeout, "every instance stopped")
+
+
+def test_hostile_key_is_data_and_the_instance_stops(local_cloud, tmp_path):
+    # GIVEN a key full of shell text, spaces, '+', '%', unicode and a leading '-'
+    key = "-odd dir/$(touch PWNED) ;`touch PWNED2` 'q' \"d\" +%20 ünï.png"
+    job_id = put(local_cloud, key, (SAMPLES / "digit-3.png").read_bytes())
+    # WHEN the pipeline runs it
+    manifest = local_cloud.wait_for_manifest(job_id)
+    # THEN the job succeeded on the exact key, nothing in the key ran, and the instance stopped
+    assert manifest["status"] == "succeeded", manifest
+    assert manifest["input"]["key"] == key
+    assert manifest["job_id"] == job_id
+    text = local_cloud.client("s3").get_object(Bucket=local_cloud.output_bucket, Key=f"jobs/{job_id}/predictions.csv")[
+        "Body"].read().decode()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [row["label"] for row in rows] == ["3"]
+    assert not list(local_cloud.local_dir.rglob("PWNED*"))
+    assert not list(Path.cwd().rglob("PWNED*"))
+    wait_all_stopped(local_cloud)
+    job = local_cloud.job(job_id)
+    assert job["status"] == "SUCCEEDED"
+
+
+def test_cli_submit_wait_downloads_results(local_cloud, tmp_path):
+    result = local_cloud.cli("submit", str(SAMPLES / "digits.csv"), str(SAMPLES / "digits.zip"),
+                             "--wait", "--out", str(tmp_path), "--timeout", "240")
+    assert result.returncode == 0, result.stderr
+    predictions = sorted(tmp_path.glob("*/predictions.csv"))
+    assert len(predictions) == 2
+    labels = json.loads((SAMPLES / "labels.json").read_text())
+    for path in predictions:
+        manifest = json.loads((path.parent / "manifest.json").read_text())
+        name = manifest["input"]["key"]
+        got = [int(row["label"]) for row in csv.DictReader(path.open())]
+        assert got == labels[name]
+    status = json.loads(local_cloud.cli("status", "--json").stdout)
+    assert {"instances", "jobs"} <= set(status)
+    wait_all_stopped(local_cloud)
+
+
+def test_bad_input_fails_with_a_clear_manifest_and_stops(local_cloud):
+    job_id = put(local_cloud, "broken.csv", b"1,2,3\n")
+    manifest = local_cloud.wait_for_manifest(job_id)
+    assert manifest["status"] == "failed"
+    assert "64" in manifest["error"]
+    wait_all_stopped(local_cloud)
+    assert local_cloud.job(job_id)["status"] == "FAILED"
+    logs = local_cloud.cli("logs", job_id)
+    assert logs.returncode == 0 and "64" in logs.stderr + logs.stdout
+
+
+def test_overlapping_uploads_both_finish_then_the_instance_stops(local_cloud):
+    wait_all_stopped(local_cloud)
+    instance_id = local_cloud.client("ec2").describe_instances(
+        Filters=[{"Name": "tag:batchworker:pool", "Values": [local_cloud.env["BATCHWORKER_POOL_TAG"]]}]
+    )["Reservations"][0]["Instances"][0]["InstanceId"]
+    before = _history(local_cloud, instance_id)
+    # GIVEN a long job and a short one uploaded while the long one runs
+    long_job = put(local_cloud, "overlap/long.json", compute_job(8))
+    local_cloud.wait_until(lambda: (local_cloud.job(long_job) or {}).get("status") == "RUNNING", 90, "long job running")
+    short_job = put(local_cloud, "overlap/short.json", compute_job(1))
+    # WHEN the short one finishes first THEN the instance keeps running for the long one
+    assert local_cloud.wait_for_manifest(short_job)["status"] == "succeeded"
+    assert local_cloud.job(long_job)["status"] == "RUNNING"
+    assert local_cloud.instance_states() == ["running"]
+    # AND when the long one finishes, both succeeded and the instance stops exactly once
+    assert local_cloud.wait_for_manifest(long_job)["status"] == "succeeded"
+    wait_all_stopped(local_cloud)
+    changes = [e for e in _history(local_cloud, instance_id) if e not in before]
+    assert [e["state"]["S"] for e in changes] == ["start", "stop"]
+
+
+def test_stopping_the_instance_kills_the_running_job(local_cloud):
+    wait_all_stopped(local_cloud)
+    job_id = put(local_cloud, "stopme.json", compute_job(120))
+    local_cloud.wait_until(lambda: (local_cloud.job(job_id) or {}).get("status") == "RUNNING", 90, "job running")
+    local_cloud.wait_until(lambda: _job_processes(local_cloud), 30, "the job's process on the instance")
+    # WHEN the instance is stopped under the job (an operator, a spot interruption)
+    instance_id = local_cloud.job(job_id)["instance_id"]
+    local_cloud.client("ec2").stop_instances(InstanceIds=[instance_id])
+    # THEN the job's process dies with the instance, as on EC2, and no manifest appears
+    local_cloud.wait_until(lambda: not _job_processes(local_cloud), 30, "the job's process to die")
+    time.sleep(2)
+    s3 = local_cloud.client("s3")
+    listed = s3.list_objects_v2(Bucket=local_cloud.output_bucket, Prefix=f"jobs/{job_id}/").get("Contents", [])
+    assert not [o for o in listed if o["Key"].endswith("manifest.json")]
+    assert local_cloud.instance_states() == ["stopped"]
+
+
+def _job_processes(cloud) -> list[int]:
+    state = json.loads((cloud.local_dir / "state.json").read_text())
+    pids = []
+    for pid in processes.processes_marked(state["cloud_id"]):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"run" in cmdline and any(part.endswith(b"spec.json") for part in cmdline):
+            pids.append(pid)
+    return pids
+
+
+def _history(cloud, instance_id: str) -> list[dict]:
+    return cloud.client("dynamodb").query(
+        TableName=cloud.env["BATCHWORKER_INSTANCE_EVENTS_TABLE"], KeyConditionExpression="instance_id = :i",
+        ExpressionAttributeValues={":i": {"S": instance_id}},
+    )["Items"]
