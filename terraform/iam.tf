@@ -86,6 +86,13 @@ data "aws_iam_policy_document" "trigger" {
     }
   }
 
+  # trigger: read an upload's version id when the event lacks it (HeadObject needs s3:GetObject).
+  statement {
+    sid       = "HeadInputObjects"
+    actions   = ["s3:GetObject", "s3:GetObjectVersion"]
+    resources = ["${aws_s3_bucket.this["input"].arn}/*"]
+  }
+
   # trigger: hand the job to the worker (dispatcher) function asynchronously.
   statement {
     sid       = "InvokeWorker"
