@@ -125,6 +125,8 @@ class Supervisor:
             "tls_only_bucket_policy": False,
             # moto's own SQS event source mappings try to run functions in Docker; the local runtime polls.
             "event_source_mappings_enabled": False,
+            # The local instance hosts speak SSH; moto's SSM Run Command records commands but runs nothing.
+            "transport": "ssh",
             "job_command": f"{VENV_BIN / 'batchworker-job'} launch",
             "lambda_build_dir": str(LAMBDA_BUILD_DIR),
             "model_source_path": str(MODEL_PATH),

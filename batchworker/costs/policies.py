@@ -1,0 +1,91 @@
+"""The start/stop policies the cost simulator compares: what starts an instance, what stops it, where a job runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from batchworker.costs.traces import WORKDAY_END_SECONDS, WORKDAY_START_SECONDS
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One policy, as the simulator runs it.
+
+    - `pool_size`: instances in the pool.
+    - `concurrency_per_instance`: jobs an instance runs at once (None: no limit); concurrent jobs share
+      its GPU evenly, so a second job never makes the first one faster.
+    - `idle_grace_seconds`: an instance with nothing running and nothing queued stays up this long for
+      work arriving right after; with `adaptive_grace` this is the upper bound of a learned grace.
+    - `stop_on_any_output`: a finishing job stops its instance, cutting off the jobs still running on it.
+    - `on_hours`: (start, end) seconds of day of a fixed schedule; None: started on demand.
+    """
+
+    name: str
+    description: str
+    pool_size: int = 1
+    concurrency_per_instance: int | None = 1
+    idle_grace_seconds: float = 0.0
+    adaptive_grace: bool = False
+    stop_on_any_output: bool = False
+    on_hours: tuple[float, float] | None = None
+
+
+def always_on_9_17(concurrency_per_instance: int = 1) -> Policy:
+    return Policy(
+        "always-on-9-17",
+        "one instance on 09:00-17:00 every day; work left at 17:00 that arrived before it is finished first "
+        "(billed), work arriving outside waits for 09:00",
+        concurrency_per_instance=concurrency_per_instance,
+        on_hours=(WORKDAY_START_SECONDS, WORKDAY_END_SECONDS),
+    )
+
+
+def original() -> Policy:
+    return Policy(
+        "original",
+        "start the instance per upload if stopped, run every job at once, stop on ANY job output: "
+        "jobs still running are cut off, re-queued from scratch and restart the instance",
+        concurrency_per_instance=None,
+        stop_on_any_output=True,
+    )
+
+
+def batchworker(idle_grace_seconds: float = 120.0, pool_size: int = 1, concurrency_per_instance: int = 1) -> Policy:
+    return Policy(
+        "batchworker",
+        f"this system: a burst shares one start, jobs queue on {pool_size} instance(s) "
+        f"x {concurrency_per_instance} slot(s), idle grace {idle_grace_seconds:g} s",
+        pool_size=pool_size,
+        concurrency_per_instance=concurrency_per_instance,
+        idle_grace_seconds=idle_grace_seconds,
+    )
+
+
+def batchworker_adaptive(
+    idle_grace_seconds: float = 120.0, pool_size: int = 1, concurrency_per_instance: int = 1
+) -> Policy:
+    return Policy(
+        "batchworker-adaptive",
+        f"proposal, not shipped: batchworker with the idle grace learned from recent gaps "
+        f"(at most {idle_grace_seconds:g} s)",
+        pool_size=pool_size,
+        concurrency_per_instance=concurrency_per_instance,
+        idle_grace_seconds=idle_grace_seconds,
+        adaptive_grace=True,
+    )
+
+
+def choose_grace_seconds(recent_gaps_seconds: list[float], cap_seconds: float, reboot_seconds: float) -> float:
+    """The grace that would have cost least over the recent idle gaps (ski rental with an empirical distribution).
+
+    A gap is the time from the pool going idle to the next arrival. Waiting `g` costs the gap itself when it
+    is at most `g` (the instance was still up), else `g` plus a reboot. No history yet: `cap_seconds`.
+    """
+    if not recent_gaps_seconds:
+        return cap_seconds
+    candidates = sorted({0.0, cap_seconds, *(gap for gap in recent_gaps_seconds if gap <= cap_seconds)})
+
+    def cost(grace: float) -> float:
+        return sum(gap if gap <= grace else grace + reboot_seconds for gap in recent_gaps_seconds)
+
+    return min(candidates, key=lambda grace: (cost(grace), grace))
