@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from batchworker.errors import ConfigurationError
 
 ENV_PREFIX = "BATCHWORKER_"
+TRANSPORTS = ("ssm", "ssh")
+# SSM Run Command caps a command's execution timeout at 48 hours.
+SSM_MAX_EXECUTION_TIMEOUT_SECONDS = 172_800
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,14 @@ class Settings:
     ssh_user: str = "ubuntu"
     instance_ready_timeout_seconds: float = 600.0
     dispatch_command_timeout_seconds: float = 60.0
+    # How the worker function starts a job on the instance: "ssm" (Run Command) or "ssh".
+    transport: str = "ssm"
+    # The run-job document (`<prefix>-run-job`); the worker function requires it when transport is "ssm".
+    ssm_document: str | None = None
+    # Where Run Command writes the command's output (inline output is cut at 24,000 characters).
+    ssm_output_bucket: str | None = None
+    ssm_output_prefix: str = "ssm-output/"
+    max_job_runtime_seconds: float = 3600.0
     extra: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -52,7 +63,24 @@ class Settings:
                     raise ConfigurationError(f"environment variable {name} is not set")
                 continue
             values[f.name] = _convert(name, raw, f.type)
-        return cls(**values)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Rules across fields; raises ConfigurationError naming the environment variable to fix."""
+        if self.transport not in TRANSPORTS:
+            raise ConfigurationError(
+                f"{ENV_PREFIX}TRANSPORT must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}"
+            )
+        if self.max_job_runtime_seconds <= 0:
+            raise ConfigurationError(f"{ENV_PREFIX}MAX_JOB_RUNTIME_SECONDS must be > 0")
+        # ssm_document is checked where it is used (SsmLauncher), so trigger and stop do not need it.
+        if self.transport == "ssm" and self.max_job_runtime_seconds > SSM_MAX_EXECUTION_TIMEOUT_SECONDS:
+            raise ConfigurationError(
+                f"{ENV_PREFIX}MAX_JOB_RUNTIME_SECONDS must be <= {SSM_MAX_EXECUTION_TIMEOUT_SECONDS} "
+                "(the SSM Run Command limit) when the transport is ssm"
+            )
 
 
 def _convert(name: str, raw: str, type_name: object) -> object:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from batchworker.errors import ConfigurationError
-from batchworker.models import parse_time
+from batchworker.models import Job, JobStatus, parse_time
 
 # On-demand Linux prices in us-east-1, dollars per instance-hour.
 # Source: https://aws.amazon.com/ec2/pricing/on-demand/ (g4dn.xlarge: 1 NVIDIA T4 16 GB, 4 vCPU;
@@ -247,6 +247,22 @@ def price_of(instance_type: str) -> float:
             f"no price for instance type {instance_type!r}: use one of {', '.join(sorted(PRICES))} "
             "or give the hourly price (--hourly-price-dollars)"
         ) from None
+
+
+def job_intervals(jobs: Iterable[Job]) -> list[JobInterval]:
+    """Busy intervals from the job table: `created_at`..`updated_at` of each finished job with an instance.
+
+    An approximation: the table keeps no RUNNING timestamp, so the interval starts when the job was queued
+    and includes its wait for the instance to boot; `updated_at` of a SUCCEEDED/FAILED job is when the
+    stop function recorded the manifest, a little after the job ended. Busy seconds are therefore an upper
+    bound (clipping to the running intervals removes the part before the instance started).
+    """
+    found = []
+    for job in jobs:
+        if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED) and job.instance_id and job.created_at:
+            start, end = _as_time(job.created_at), _as_time(job.updated_at or job.created_at)
+            found.append(JobInterval(job.job_id, job.instance_id, start, max(start, end)))
+    return found
 
 
 def _busy_by_instance(jobs: Iterable[JobInterval], intervals: Iterable[RunningInterval]) -> dict[str, float]:

@@ -40,12 +40,18 @@ def always_on_9_17(concurrency_per_instance: int = 1) -> Policy:
     )
 
 
-def original() -> Policy:
+def original(concurrency_per_instance: int | None = 4) -> Policy:
+    """Every upload's job runs at once on the one instance, up to what its GPU holds.
+
+    The pattern ran one command per upload and had no queue; 4 jobs at a time on a 16 GB GPU is an
+    assumption (a CUDA context and a model each), generous to it: with no limit the bursty trace never
+    drains, since every output cuts off all the others and they start over together.
+    """
     return Policy(
         "original",
-        "start the instance per upload if stopped, run every job at once, stop on ANY job output: "
-        "jobs still running are cut off, re-queued from scratch and restart the instance",
-        concurrency_per_instance=None,
+        f"start the instance per upload if stopped, run jobs at once (up to {concurrency_per_instance}), "
+        "stop on ANY job output: jobs still running are cut off, re-queued from scratch and restart it",
+        concurrency_per_instance=concurrency_per_instance,
         stop_on_any_output=True,
     )
 

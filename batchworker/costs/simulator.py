@@ -78,7 +78,7 @@ class PolicyResult:
     wasted_seconds: float
     limit_seconds: float
     starts: int
-    cut_off_jobs: int
+    cut_offs: int
     p50_latency_seconds: float
     p95_latency_seconds: float
     max_latency_seconds: float
@@ -286,12 +286,14 @@ class _Simulation:
         if self.policy.on_hours:
             for day in range(self.trace.days):
                 self._schedule_day(day)
+        jobs, instances, timers = self.jobs, self.instances, self.timers
         while True:
-            upcoming = self.jobs[self.next_arrival].arrival if self.next_arrival < len(self.jobs) else math.inf
-            if self.timers:
-                upcoming = min(upcoming, self.timers[0][0])
-            for instance in self.instances:
-                upcoming = min(upcoming, self._next_event(instance))
+            upcoming = jobs[self.next_arrival].arrival if self.next_arrival < len(jobs) else math.inf
+            if timers and timers[0][0] < upcoming:
+                upcoming = timers[0][0]
+            for instance in instances:
+                if instance.state is not _State.STOPPED:
+                    upcoming = min(upcoming, self._next_event(instance))
             if upcoming == math.inf:
                 break
             self._advance(upcoming)
@@ -309,7 +311,7 @@ class _Simulation:
             wasted_seconds=self.wasted,
             limit_seconds=limit_seconds,
             starts=self.starts,
-            cut_off_jobs=sum(1 for job in self.jobs if job.cuts),
+            cut_offs=sum(job.cuts for job in self.jobs),
             p50_latency_seconds=_percentile(latencies, 0.50),
             p95_latency_seconds=_percentile(latencies, 0.95),
             max_latency_seconds=latencies[-1] if latencies else 0.0,
@@ -344,24 +346,30 @@ class _Simulation:
 
     def _step(self) -> None:
         t = self.t
+        horizon = t + EPSILON_SECONDS
         for instance in self.instances:
-            if instance.state is _State.READY and instance.running:
-                self._finish_jobs(instance)
-            if instance.state is _State.BOOTING and instance.ready_at <= t + EPSILON_SECONDS:
-                instance.state = _State.READY
-            elif instance.state is _State.STOPPING and instance.stopped_at <= t + EPSILON_SECONDS:
+            state = instance.state
+            if state is _State.READY:
+                if instance.running:
+                    self._finish_jobs(instance)
+            elif state is _State.BOOTING:
+                if instance.ready_at <= horizon:
+                    instance.state = _State.READY
+            elif state is _State.STOPPING and instance.stopped_at <= horizon:
                 instance.state = _State.STOPPED
-        while self.timers and self.timers[0][0] <= t + EPSILON_SECONDS:
+        while self.timers and self.timers[0][0] <= horizon:
             _, _, kind, day = heapq.heappop(self.timers)
             self._on_timer(kind, day)
-        while self.next_arrival < len(self.jobs) and self.jobs[self.next_arrival].arrival <= t + EPSILON_SECONDS:
-            self.queue.append(self.jobs[self.next_arrival])
+        jobs = self.jobs
+        while self.next_arrival < len(jobs) and jobs[self.next_arrival].arrival <= horizon:
+            self.queue.append(jobs[self.next_arrival])
             self.next_arrival += 1
             if self.pool_idle_since is not None:
                 self.recent_gaps.append(t - self.pool_idle_since)
                 self.pool_idle_since = None
-        self._dispatch()
-        self._start_more()
+        if self.queue:
+            self._dispatch()
+            self._start_more()
         self._stop_idle()
 
     # -- jobs
@@ -391,20 +399,25 @@ class _Simulation:
         return not instance.closing or job.arrival < instance.window_end
 
     def _dispatch(self) -> None:
-        while self.queue:
-            job = self.queue[0]
-            candidates = [instance for instance in self.instances if self._accepts(instance, job)]
-            if not candidates:
+        queue = self.queue
+        while queue:
+            job = queue[0]
+            least_loaded = None
+            for instance in self.instances:
+                if self._accepts(instance, job) and (
+                    least_loaded is None or len(instance.running) < len(least_loaded.running)
+                ):
+                    least_loaded = instance
+            if least_loaded is None:
                 return
-            least_loaded = min(candidates, key=lambda instance: (len(instance.running), instance.index))
-            least_loaded.running.append(self.queue.popleft())
+            least_loaded.running.append(queue.popleft())
             least_loaded.idle_since = None
 
     # -- instances
 
     def _start_more(self) -> None:
         """On demand: start a stopped instance while the queue is deeper than the capacity that is up."""
-        if self.policy.on_hours:
+        if not self.queue or self.policy.on_hours:
             return
         up = sum(1 for instance in self.instances if instance.state in (_State.BOOTING, _State.READY))
         while self.queue:
@@ -445,7 +458,12 @@ class _Simulation:
                 instance.grace_seconds = self._grace_seconds()
             if t >= instance.idle_since + instance.grace_seconds - EPSILON_SECONDS:
                 self._stop(instance)
-        if self.pool_idle_since is None and not self.queue and not any(i.running for i in self.instances):
+        if (
+            self.policy.adaptive_grace
+            and self.pool_idle_since is None
+            and not self.queue
+            and not any(instance.running for instance in self.instances)
+        ):
             self.pool_idle_since = t
 
     def _grace_seconds(self) -> float:

@@ -1,4 +1,7 @@
-"""Lambda `worker` (the dispatcher, not the GPU instance): wait for the instance, start the job over SSH, return."""
+"""Lambda `worker` (the dispatcher, not the GPU instance): wait for the instance, start the job, return.
+
+The job starts through SSM Run Command or SSH (`BATCHWORKER_TRANSPORT`); see batchworker.transports.
+"""
 
 import re
 
@@ -10,7 +13,7 @@ from batchworker.control import dispatch_job
 from batchworker.errors import PermanentError
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
-from batchworker.transports.ssh_launcher import SshLauncher
+from batchworker.transports import make_launcher
 
 JOB_ID = re.compile(r"^j-[0-9a-f]{16}$")
 
@@ -18,7 +21,7 @@ settings = Settings.from_env()
 logger = Logger()
 jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
-launcher = SshLauncher(settings, boto3.client("ssm"))
+launcher = make_launcher(settings, boto3.client("ssm"))
 s3 = boto3.client("s3")
 
 

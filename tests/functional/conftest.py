@@ -84,6 +84,8 @@ def stack(monkeypatch):
             "BATCHWORKER_PARAMETER_PREFIX": f"/{PREFIX}",
             "BATCHWORKER_JOB_COMMAND": "/opt/batchworker/venv/bin/batchworker-job launch",
             "BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS": "5",
+            # As in the local cloud; tests/functional/test_ssm_transport.py switches to ssm.
+            "BATCHWORKER_TRANSPORT": "ssh",
         }
         for name, value in env.items():
             monkeypatch.setenv(name, value)
