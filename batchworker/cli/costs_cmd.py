@@ -1,4 +1,4 @@
-"""`batchworker simulate` (what each start/stop policy would cost, no AWS) and `batchworker report` (what it cost)."""
+"""`batchworker simulate` (what each policy would cost, no AWS) and `batchworker report` (what it cost)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from batchworker.cli.client import FIELDS, resolve
+from batchworker.cli.views import stores
 from batchworker.costs.billing import PRICES, CostReport, build_cost_report, job_intervals
 from batchworker.costs.simulator import CloudModel, simulate_all
 from batchworker.models import utc_now
@@ -26,11 +27,21 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the traces and boot times (default: 0)")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     p.add_argument("--png", type=Path, metavar="FILE", help="draw billed vs busy per policy and trace")
-    p.add_argument("--idle-grace-seconds", type=_non_negative_float, default=120.0,
-                   help="this system's idle grace (default: 120)")
-    p.add_argument("--pool-size", type=_positive_int, default=1, help="instances in this system's pool (default: 1)")
-    p.add_argument("--concurrency-per-instance", type=_positive_int, default=1,
-                   help="jobs at once per instance for this system and always-on (default: 1)")
+    p.add_argument(
+        "--idle-grace-seconds",
+        type=_non_negative_float,
+        default=120.0,
+        help="this system's idle grace (default: 120)",
+    )
+    p.add_argument(
+        "--pool-size", type=_positive_int, default=1, help="instances in this system's pool (default: 1)"
+    )
+    p.add_argument(
+        "--concurrency-per-instance",
+        type=_positive_int,
+        default=1,
+        help="jobs at once per instance for this system and always-on (default: 1)",
+    )
     p.add_argument("--instance-type", choices=sorted(PRICES), default=DEFAULT_INSTANCE_TYPE)
     p.set_defaults(command=cmd_simulate)
 
@@ -38,8 +49,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--png", type=Path, metavar="FILE", help="draw a timeline of instances and jobs")
     p.add_argument("--instance-type", help="price as this type (default: the pool's own type)")
-    p.add_argument("--hourly-price-dollars", type=_non_negative_float,
-                   help="price per instance-hour (default: the on-demand us-east-1 price of the type)")
+    p.add_argument(
+        "--hourly-price-dollars",
+        type=_non_negative_float,
+        help="price per instance-hour (default: the on-demand us-east-1 price of the type)",
+    )
     p.set_defaults(command=cmd_report)
 
 
@@ -55,7 +69,7 @@ def cmd_simulate(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        out.print(simulation_table(result), width=max(out.width, 132))
+        wide_console().print(simulation_table(result))
         for line in headline_lines(result):
             out.print(line)
     if args.png:
@@ -67,8 +81,6 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from batchworker.cli.views import stores
-
     deployment = resolve({name: getattr(args, name, None) for name in FIELDS})
     job_store, pool = stores(deployment)
     instances = pool.list()
@@ -81,7 +93,7 @@ def cmd_report(args) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        render_report(report, out)
+        render_report(report, wide_console())
     if args.png:
         from batchworker.costs.plots import plot_timeline
 
@@ -95,25 +107,44 @@ def simulation_rows(result: dict) -> list[list[str]]:
     rows = []
     for name, trace in result["traces"].items():
         for policy, m in trace["policies"].items():
-            rows.append([
-                name, policy, f"{m['billed_seconds']:,}", f"{m['busy_seconds']:,.0f}", f"{m['billed_over_busy']:.2f}",
-                f"{m['limit_seconds']:,.0f}", f"{m['billed_over_limit']:.3f}", duration_text(m["p95_latency_seconds"]),
-                f"{m['dollars_per_day']:.2f}",
-            ])
+            rows.append(
+                [
+                    name,
+                    policy,
+                    f"{m['billed_seconds']:,}",
+                    f"{m['busy_seconds']:,.0f}",
+                    f"{m['billed_over_busy']:.2f}",
+                    f"{m['limit_seconds']:,.0f}",
+                    f"{m['billed_over_limit']:.3f}",
+                    duration_text(m["p95_latency_seconds"]),
+                    f"{m['dollars_per_day']:.2f}",
+                ]
+            )
     return rows
 
 
-SIMULATION_COLUMNS = ("trace", "policy", "billed s", "busy s", "billed/busy", "limit s", "billed/limit",
-                      "p95 latency", "$/day")
+SIMULATION_COLUMNS = (
+    "trace",
+    "policy",
+    "billed s",
+    "busy s",
+    "billed/busy",
+    "limit s",
+    "billed/limit",
+    "p95 latency",
+    "$/day",
+)
 
 
 def simulation_table(result: dict) -> Table:
     p = result["parameters"]
-    table = Table(title=(
-        f"{p['days']} days, seed {p['seed']}, {p['instance_type']} ${p['hourly_price_dollars']}/h, "
-        f"boot {p['boot_seconds_range'][0]:g}-{p['boot_seconds_range'][1]:g} s, idle grace "
-        f"{p['idle_grace_seconds']:g} s, pool {p['pool_size']}"
-    ))
+    table = Table(
+        title=(
+            f"{p['days']} days, seed {p['seed']}, {p['instance_type']} ${p['hourly_price_dollars']}/h, "
+            f"boot {p['boot_seconds_range'][0]:g}-{p['boot_seconds_range'][1]:g} s, idle grace "
+            f"{p['idle_grace_seconds']:g} s, pool {p['pool_size']}"
+        )
+    )
     for column in SIMULATION_COLUMNS:
         table.add_column(column, justify="left" if column in ("trace", "policy") else "right")
     previous = None
@@ -134,29 +165,39 @@ def headline_lines(result: dict) -> list[str]:
     lines = []
     if "sim_seed_billed_over_limit" in h:
         verdict = "met" if h["sim_seed_met"] else "MISSED"
-        lines.append(f"sim_seed_billed_over_limit = {h['sim_seed_billed_over_limit']:.3f}  "
-                     f"(goal <= {h['sim_seed_goal']}: {verdict})")
+        lines.append(
+            f"sim_seed_billed_over_limit = {h['sim_seed_billed_over_limit']:.3f}  "
+            f"(goal <= {h['sim_seed_goal']}: {verdict})"
+        )
     if "sim_bursty_billed_over_busy" in h:
         verdict = "met" if h["sim_bursty_met"] else "MISSED"
-        lines.append(f"sim_bursty_billed_over_busy = {h['sim_bursty_billed_over_busy']:.3f}  "
-                     f"(goal <= {h['sim_bursty_goal']} and < original's "
-                     f"{h['sim_bursty_original_billed_over_busy']:.3f}: {verdict})")
+        lines.append(
+            f"sim_bursty_billed_over_busy = {h['sim_bursty_billed_over_busy']:.3f}  "
+            f"(goal <= {h['sim_bursty_goal']} and < original's "
+            f"{h['sim_bursty_original_billed_over_busy']:.3f}: {verdict})"
+        )
     return lines
 
 
 def render_report(report: CostReport, console: Console) -> None:
     table = Table(title=f"instances ({report.instance_type}, ${report.hourly_price_dollars}/h)")
     for column in ("instance", "starts", "running s", "billed s", "busy s", "utilization", "state"):
-        table.add_column(column, justify="left" if column in ("instance", "state") else "right")
+        table.add_column(column, justify="left" if column in ("instance", "state") else "right", no_wrap=True)
     for usage in report.instances:
         table.add_row(
-            usage.instance_id, str(usage.starts), f"{usage.running_seconds:,.0f}", f"{usage.billed_seconds:,}",
-            f"{usage.busy_seconds:,.0f}", f"{usage.busy_seconds / usage.billed_seconds:.0%}"
-            if usage.billed_seconds else "-", "running" if usage.still_running else "stopped",
+            usage.instance_id,
+            str(usage.starts),
+            f"{usage.running_seconds:,.0f}",
+            f"{usage.billed_seconds:,}",
+            f"{usage.busy_seconds:,.0f}",
+            f"{usage.busy_seconds / usage.billed_seconds:.0%}" if usage.billed_seconds else "-",
+            "running" if usage.still_running else "stopped",
         )
-    console.print(table, width=max(console.width, 100))
+    console.print(table)
     console.print(f"billed instance-seconds  {report.billed_seconds:,} (per second, 60 s minimum per start)")
-    console.print(f"busy seconds             {report.busy_seconds:,.0f} (jobs queued..finished, see docs/simulator.md)")
+    console.print(
+        f"busy seconds             {report.busy_seconds:,.0f} (jobs queued..finished, see docs/simulator.md)"
+    )
     console.print(f"utilization              {report.utilization:.1%}")
     console.print(f"cost                     ${report.cost_dollars:,.2f}")
     console.print(
@@ -164,6 +205,11 @@ def render_report(report: CostReport, console: Console) -> None:
         f"({report.always_on_billed_seconds:,} s)"
     )
     console.print(f"saving                   ${report.saving_dollars:,.2f} ({report.saving_fraction:.0%})")
+
+
+def wide_console() -> Console:
+    """The terminal as it is; when stdout is a file or a pipe, wide enough for a table row on one line."""
+    return out if out.is_terminal else Console(width=140)
 
 
 def duration_text(seconds: float) -> str:

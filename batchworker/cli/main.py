@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from batchworker.cli import transfer
+from batchworker.cli import costs_cmd, transfer
 from batchworker.cli.client import FIELDS, resolve
 from batchworker.cli.follow import follow
 from batchworker.cli.views import render, take_snapshot
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="print a job's log")
     p.add_argument("job")
     p.set_defaults(command=cmd_logs)
+
+    costs_cmd.add_parsers(sub)
 
     local = sub.add_parser("local", help="the local cloud (moto + terraform + local Lambda runtime + SSH hosts)")
     local_sub = local.add_subparsers(required=True, metavar="ACTION")

@@ -1,1 +1,1 @@
-"""What the GPU costs: billing arithmetic over recorded history (`billing`) and a what-if simulator (`simulator`)."""
+"""What the GPU costs: billing over recorded history (`billing`) and a what-if simulator (`simulator`)."""

@@ -23,7 +23,7 @@ PRICES: dict[str, float] = {
 }
 # EBS gp3 storage in us-east-1, dollars per GB-month. Source: https://aws.amazon.com/ebs/pricing/.
 # A volume bills in every instance state, running or stopped (EC2 User Guide, "Instance state changes":
-# the billing column covers instance usage only; EBS volumes incur charges regardless of the instance's state).
+# the billing column covers instance usage only; EBS volumes are charged whatever the instance's state).
 EBS_GP3_DOLLARS_PER_GB_MONTH = 0.08
 # AWS prices a month as 730 hours (the convention of the AWS Pricing Calculator).
 HOURS_PER_MONTH = 730.0
@@ -116,7 +116,7 @@ class CostReport:
 
 
 def instance_intervals(events: Iterable[Mapping], now: datetime) -> list[RunningInterval]:
-    """Pair each `start` with the next `stop` of the same instance; a run without a stop is billed up to `now`.
+    """Pair each `start` with the next `stop` of its instance; a run without a stop is billed up to `now`.
 
     Events are `{instance_id, at, state: "start"|"stop"}`, in any order. A `start` while already running
     (a repeated request) and a `stop` while not running (a repeated stop, or history that begins with a
@@ -142,10 +142,12 @@ def instance_intervals(events: Iterable[Mapping], now: datetime) -> list[Running
 
 def billed_seconds_for_run(running_seconds: float, minimum_seconds: int = MINIMUM_BILLED_SECONDS) -> int:
     """Per-second billing of one run: whole seconds, rounded up, and never less than the minimum."""
-    return max(minimum_seconds, math.ceil(running_seconds - 1e-9))
+    return max(minimum_seconds, math.ceil(round(running_seconds, 3)))  # the tables keep milliseconds
 
 
-def billed_seconds(intervals: Iterable[RunningInterval], minimum_seconds: int = MINIMUM_BILLED_SECONDS) -> int:
+def billed_seconds(
+    intervals: Iterable[RunningInterval], minimum_seconds: int = MINIMUM_BILLED_SECONDS
+) -> int:
     return sum(billed_seconds_for_run(interval.running_seconds, minimum_seconds) for interval in intervals)
 
 
@@ -179,7 +181,7 @@ def days_covered(start: datetime, end: datetime) -> int:
 
 
 def always_on_billed_seconds(days: int, seconds_per_day: int = ALWAYS_ON_SECONDS_PER_DAY) -> int:
-    """One instance on 09:00-17:00 on each of `days` days: a single run a day, so the minimum never applies."""
+    """One instance on 09:00-17:00 on each of `days` days: one run a day, so the minimum never applies."""
     return days * seconds_per_day
 
 

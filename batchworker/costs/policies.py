@@ -1,4 +1,4 @@
-"""The start/stop policies the cost simulator compares: what starts an instance, what stops it, where a job runs."""
+"""The policies the cost simulator compares: what starts an instance, what stops it, where a job runs."""
 
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ def original(concurrency_per_instance: int | None = 4) -> Policy:
     )
 
 
-def batchworker(idle_grace_seconds: float = 120.0, pool_size: int = 1, concurrency_per_instance: int = 1) -> Policy:
+def batchworker(
+    idle_grace_seconds: float = 120.0, pool_size: int = 1, concurrency_per_instance: int = 1
+) -> Policy:
     return Policy(
         "batchworker",
         f"this system: a burst shares one start, jobs queue on {pool_size} instance(s) "
@@ -81,8 +83,10 @@ def batchworker_adaptive(
     )
 
 
-def choose_grace_seconds(recent_gaps_seconds: list[float], cap_seconds: float, reboot_seconds: float) -> float:
-    """The grace that would have cost least over the recent idle gaps (ski rental with an empirical distribution).
+def choose_grace_seconds(
+    recent_gaps_seconds: list[float], cap_seconds: float, reboot_seconds: float
+) -> float:
+    """The grace that would have cost least over the recent idle gaps (ski rental, empirical distribution).
 
     A gap is the time from the pool going idle to the next arrival. Waiting `g` costs the gap itself when it
     is at most `g` (the instance was still up), else `g` plus a reboot. No history yet: `cap_seconds`.

@@ -93,7 +93,10 @@ class PolicyResult:
         object.__setattr__(self, "billed_over_limit", _ratio(self.billed_seconds, self.limit_seconds))
 
     def to_json(self) -> dict:
-        return {name: round(value, 4) if isinstance(value, float) else value for name, value in asdict(self).items()}
+        return {
+            name: round(value, 4) if isinstance(value, float) else value
+            for name, value in asdict(self).items()
+        }
 
 
 def physical_limit_seconds(trace: Trace, model: CloudModel, seed: int) -> float:
@@ -105,15 +108,18 @@ def physical_limit_seconds(trace: Trace, model: CloudModel, seed: int) -> float:
       (the boot that instance 0 draws at that moment, see `CloudModel.boot_seconds`);
     - is work-conserving while up (never idle while a job waits) and runs one job at a time;
     - pays each run as `max(minimum, length)`.
-    It is the busy time, one boot per maximal cluster of work that cannot share a warm instance (a gap
-    between clusters is longer than the boot it saves), and the short gaps inside a cluster. The choice is
-    solved exactly by dynamic programming over (free-at, cost) states, pruning a state when another is no
-    dearer by more than their free-at difference (cost-to-go changes by at most that much). It knows the
-    future (when to stop) but cannot start before work arrives, since a real trigger cannot: so it is the
-    bound for reactive single-instance policies such as `batchworker` with a pool of 1 (any idle grace), and
-    a reference for the others (a pool pays a boot per extra instance; the original pattern redoes work).
-    Stopping time, rounding to whole seconds and the per-second rounding of each run are ignored (they only
-    add). A policy that deliberately holds jobs back (hours of latency) could bill less; none here does.
+    It is the busy time, plus one boot per maximal cluster of work that cannot share a warm instance (the
+    gap before the cluster is longer than the boot it would save, counting the delay a reboot adds), plus
+    the short gaps inside a cluster. The stay-or-stop choice is solved by dynamic programming over
+    (free-at, cost) states, dropping a state when another costs no more than it plus their free-at
+    difference (being that much earlier or later changes the cost-to-go by at most that much); at most 64
+    states are kept (the shipped traces need 4), beyond which the result is no longer exact.
+    It knows the future (when to stop) but cannot start before work arrives, as a real trigger cannot: so
+    it bounds reactive single-instance policies such as `batchworker` with a pool of 1 and any idle grace,
+    and is a reference for the others (a pool pays a boot per extra instance; the original pattern redoes
+    work). The stopping time and the rounding of runs to whole seconds are left out (they only add).
+    A policy that holds jobs back can bill less at the price of latency: `always-on-9-17` does with night
+    work on the poisson trace (its jobs wait for 09:00).
     """
     minimum = model.minimum_billed_seconds
     # A state: (free_at, run_start, closed_cost) = the instance is up and free from free_at, its current run
@@ -134,7 +140,9 @@ def physical_limit_seconds(trace: Trace, model: CloudModel, seed: int) -> float:
             successors.append((arrival + duration, run_start, closed))  # stay up through the gap
             if boot is None:
                 boot = model.boot_seconds(seed, 0, arrival)
-            successors.append((arrival + boot + duration, arrival, closed + max(minimum, free_at - run_start)))
+            successors.append(
+                (arrival + boot + duration, arrival, closed + max(minimum, free_at - run_start))
+            )
         states = _prune(successors, minimum)
     if not states:
         return 0.0
@@ -142,8 +150,10 @@ def physical_limit_seconds(trace: Trace, model: CloudModel, seed: int) -> float:
 
 
 def _prune(states: list[tuple[float, float, float]], minimum: float, keep: int = 64):
-    scored = sorted((closed + max(minimum, free_at - run_start), free_at, run_start, closed)
-                    for free_at, run_start, closed in states)
+    scored = sorted(
+        (closed + max(minimum, free_at - run_start), free_at, run_start, closed)
+        for free_at, run_start, closed in states
+    )
     kept: list[tuple[float, float, float, float]] = []
     for cost, free_at, run_start, closed in scored:
         if any(other_cost + abs(free_at - other_free) <= cost for other_cost, other_free, _, _ in kept):
@@ -154,7 +164,9 @@ def _prune(states: list[tuple[float, float, float]], minimum: float, keep: int =
     return [(free_at, run_start, closed) for _, free_at, run_start, closed in kept]
 
 
-def run_policy(trace: Trace, policy: Policy, model: CloudModel, seed: int, limit_seconds: float | None = None):
+def run_policy(
+    trace: Trace, policy: Policy, model: CloudModel, seed: int, limit_seconds: float | None = None
+) -> PolicyResult:
     """Replay `trace` under `policy`; `limit_seconds` is computed when not given."""
     if limit_seconds is None:
         limit_seconds = physical_limit_seconds(trace, model, seed)
@@ -186,7 +198,10 @@ def simulate_all(
             "pool_size": pool_size,
             "concurrency_per_instance": concurrency_per_instance,
             "hourly_price_dollars": PRICES[model.instance_type],
-            **{name: list(value) if isinstance(value, tuple) else value for name, value in asdict(model).items()},
+            **{
+                name: list(value) if isinstance(value, tuple) else value
+                for name, value in asdict(model).items()
+            },
         },
         "policies": {policy.name: policy.description for policy in compared},
         "traces": {},
@@ -237,7 +252,7 @@ class _State(Enum):
 
 
 class _Job:
-    __slots__ = ("arrival", "duration", "remaining", "done_at", "cuts")
+    __slots__ = ("arrival", "cuts", "done_at", "duration", "remaining")
 
     def __init__(self, arrival: float, duration: float):
         self.arrival = arrival
@@ -248,8 +263,18 @@ class _Job:
 
 
 class _Instance:
-    __slots__ = ("index", "state", "ready_at", "stopped_at", "run_started_at", "running", "idle_since",
-                 "grace_seconds", "window_end", "closing")
+    __slots__ = (
+        "closing",
+        "grace_seconds",
+        "idle_since",
+        "index",
+        "ready_at",
+        "run_started_at",
+        "running",
+        "state",
+        "stopped_at",
+        "window_end",
+    )
 
     def __init__(self, index: int):
         self.index = index
@@ -422,7 +447,9 @@ class _Simulation:
         up = sum(1 for instance in self.instances if instance.state in (_State.BOOTING, _State.READY))
         while self.queue:
             wanted = up == 0 if self.capacity == math.inf else len(self.queue) > self.capacity * up
-            stopped = next((instance for instance in self.instances if instance.state is _State.STOPPED), None)
+            stopped = next(
+                (instance for instance in self.instances if instance.state is _State.STOPPED), None
+            )
             if not wanted or stopped is None:
                 return
             self._start(stopped)
@@ -438,7 +465,9 @@ class _Simulation:
         self.starts += 1
 
     def _stop(self, instance: _Instance) -> None:
-        self.billed += billed_seconds_for_run(self.t - instance.run_started_at, self.model.minimum_billed_seconds)
+        self.billed += billed_seconds_for_run(
+            self.t - instance.run_started_at, self.model.minimum_billed_seconds
+        )
         instance.state = _State.STOPPING
         instance.stopped_at = self.t + self.model.stopping_seconds
         instance.idle_since = None
@@ -468,7 +497,9 @@ class _Simulation:
 
     def _grace_seconds(self) -> float:
         if self.policy.adaptive_grace:
-            return choose_grace_seconds(list(self.recent_gaps), self.policy.idle_grace_seconds, self.mean_boot_seconds)
+            return choose_grace_seconds(
+                list(self.recent_gaps), self.policy.idle_grace_seconds, self.mean_boot_seconds
+            )
         return self.policy.idle_grace_seconds
 
     # -- the always-on schedule
@@ -490,7 +521,10 @@ class _Simulation:
                 # After the trace: come in only to finish what is left, then stop.
                 instance.window_end, instance.closing = self.t, True
             else:
-                instance.window_end, instance.closing = self.t + (self.policy.on_hours[1] - self.policy.on_hours[0]), False
+                instance.window_end, instance.closing = (
+                    self.t + (self.policy.on_hours[1] - self.policy.on_hours[0]),
+                    False,
+                )
         elif kind == "close":
             if instance.state is _State.READY:
                 instance.closing = True

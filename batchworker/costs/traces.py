@@ -39,11 +39,16 @@ def seed_trace(days: int, rng: random.Random) -> Trace:
     """
     slot_seconds = (WORKDAY_END_SECONDS - WORKDAY_START_SECONDS) / 4
     jobs = [
-        TraceJob(day * DAY_SECONDS + WORKDAY_START_SECONDS + slot * slot_seconds + rng.uniform(0, slot_seconds), 1200.0)
+        TraceJob(
+            day * DAY_SECONDS + WORKDAY_START_SECONDS + slot * slot_seconds + rng.uniform(0, slot_seconds),
+            1200.0,
+        )
         for day in range(days)
         for slot in range(4)
     ]
-    return Trace("seed", days, "4 jobs/day x 20 min, one at a uniform time in each 2 h slot of 09-17", _sorted(jobs))
+    return Trace(
+        "seed", days, "4 jobs/day x 20 min, one at a uniform time in each 2 h slot of 09-17", _sorted(jobs)
+    )
 
 
 def bursty_trace(
@@ -68,7 +73,9 @@ def bursty_trace(
                 WORKDAY_START_SECONDS, WORKDAY_END_SECONDS - burst_spread_seconds
             )
             for _ in range(uploads_per_burst):
-                jobs.append(TraceJob(burst_start + rng.uniform(0, burst_spread_seconds), rng.uniform(low, high)))
+                jobs.append(
+                    TraceJob(burst_start + rng.uniform(0, burst_spread_seconds), rng.uniform(low, high))
+                )
     description = (
         f"{bursts_per_day} bursts/day (uniform in 09-17) x {uploads_per_burst} uploads within "
         f"{burst_spread_seconds:.0f} s, {low:.0f}-{high:.0f} s each"
@@ -92,7 +99,9 @@ def poisson_trace(
     while t < days * DAY_SECONDS:
         jobs.append(TraceJob(t, rng.expovariate(1.0 / mean_duration_seconds)))
         t += rng.expovariate(arrivals_per_hour / 3600.0)
-    description = f"Poisson {arrivals_per_hour:g}/h around the clock, exponential {mean_duration_seconds:g} s mean"
+    description = (
+        f"Poisson {arrivals_per_hour:g}/h around the clock, exponential {mean_duration_seconds:g} s mean"
+    )
     return Trace("poisson", days, description, _sorted(jobs))
 
 
