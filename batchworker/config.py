@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from batchworker.errors import ConfigurationError
 
@@ -39,7 +39,17 @@ class Settings:
     ssm_output_bucket: str | None = None
     ssm_output_prefix: str = "ssm-output/"
     max_job_runtime_seconds: float = 3600.0
-    extra: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # A warm instance waits this long for more work before it stops (the reaper enforces it).
+    idle_grace_seconds: float = 0.0
+    # A running job renews its lease in the job table; a lease older than this means the job is lost.
+    job_lease_seconds: float = 90.0
+    # Dispatch attempts before a job that never started is failed.
+    max_attempts: int = 3
+
+    @property
+    def stuck_after_seconds(self) -> float:
+        """A job still queued or dispatched after this long is dispatched again (the reaper)."""
+        return self.instance_ready_timeout_seconds + 120.0
 
     @property
     def ssh_private_key_parameter(self) -> str:
@@ -53,8 +63,6 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in dataclasses.fields(cls):
-            if f.name == "extra":
-                continue
             name = ENV_PREFIX + f.name.upper()
             raw = environ.get(name)
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -84,9 +92,10 @@ class Settings:
 
 
 def _convert(name: str, raw: str, type_name: object) -> object:
-    if type_name in ("float", float):
+    if type_name in ("float", float, "int", int):
+        number = int if type_name in ("int", int) else float
         try:
-            value = float(raw)
+            value = number(raw)
         except ValueError as exc:
             raise ConfigurationError(f"{name} must be a number, got {raw!r}") from exc
         if value < 0:

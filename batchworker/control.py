@@ -14,6 +14,7 @@ from batchworker.decisions import StopDecision, should_stop
 from batchworker.errors import BatchworkerError, PermanentError, RejectedEvent
 from batchworker.instances import InstancePool
 from batchworker.jobs import JobStore
+from batchworker.ledger import InstanceLedger
 from batchworker.manifests import failed_manifest, write_manifest
 from batchworker.models import ACTIVE_STATUSES, Job, JobStatus, job_id_for, output_prefix, utc_now
 
@@ -44,6 +45,7 @@ def accept_upload(
     settings: Settings,
     jobs: JobStore,
     pool: InstancePool,
+    ledger: InstanceLedger,
     invoke_worker: Callable[[dict], None],
 ) -> str | None:
     """Record the job, make sure an instance is coming up, hand the job to the worker function.
@@ -70,6 +72,8 @@ def accept_upload(
         # Still QUEUED: an earlier delivery may have died before invoking the worker. Invoking again
         # is safe, the worker claims the job with a conditional write.
     instance = pool.request_start(reason=f"job {job.job_id} queued")
+    # Bump the instance's generation first: a stop decided before this point can no longer be claimed.
+    ledger.note_assignment(instance.instance_id)
     jobs.assign_instance(job.job_id, instance.instance_id)
     invoke_worker({"job_id": job.job_id})
     logger.info("job %s queued for instance %s", job.job_id, instance.instance_id)
@@ -109,7 +113,9 @@ def dispatch_job(
     except BatchworkerError as exc:
         fail_job(job, str(exc), instance_id, settings, jobs, s3_client)
         return JobStatus.FAILED
-    jobs.transition(job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED])
+    jobs.transition(
+        job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED], lease_seconds=settings.job_lease_seconds
+    )
     return JobStatus.RUNNING
 
 
@@ -135,6 +141,7 @@ def finish_job(
     settings: Settings,
     jobs: JobStore,
     pool: InstancePool,
+    ledger: InstanceLedger,
     now: datetime | None = None,
 ) -> StopDecision | None:
     """Record the job's final status, then stop its instance if nothing else needs it."""
@@ -147,9 +154,28 @@ def finish_job(
     instance_id = (job.instance_id if job else None) or manifest.get("instance_id")
     if not instance_id:
         return None
+    ledger.note_activity(instance_id, now)
+    return stop_if_idle(instance_id, f"job {job_id} finished", settings, jobs, pool, ledger, now)
+
+
+def stop_if_idle(
+    instance_id: str,
+    cause: str,
+    settings: Settings,
+    jobs: JobStore,
+    pool: InstancePool,
+    ledger: InstanceLedger,
+    now: datetime | None = None,
+) -> StopDecision:
+    """Stop the instance when `should_stop` says so and this caller wins the stop claim."""
+    entry = ledger.read(instance_id)  # read before the jobs: an assignment after this voids the claim
     instance = pool.get(instance_id)
-    decision = should_stop(now or utc_now(), instance, jobs.active())
-    logger.info("instance %s after job %s: %s (%s)", instance_id, job_id, "stop" if decision.stop else "keep", decision.reason)
+    decision = should_stop(
+        now or utc_now(), instance, jobs.active(), settings.idle_grace_seconds, entry.last_activity_at
+    )
+    if decision.stop and not ledger.claim_stop(instance_id, entry.generation):
+        decision = StopDecision(False, "a job was placed on it meanwhile, or another stop was claimed")
+    logger.info("instance %s after %s: %s (%s)", instance_id, cause, "stop" if decision.stop else "keep", decision.reason)
     if decision.stop:
-        pool.stop(instance_id, reason=f"job {job_id} finished; {decision.reason}")
+        pool.stop(instance_id, reason=f"{cause}; {decision.reason}")
     return decision

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 
-from batchworker.models import Instance, InstanceState, Job, JobStatus
+from batchworker.models import Instance, InstanceState, Job, JobStatus, parse_time
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,60 @@ def should_stop(
             return StopDecision(False, f"idle for {idle_seconds:.0f}s of a {idle_grace_seconds:.0f}s grace period")
     return StopDecision(True, "no queued or running job")
 
+
+
+class JobAction(str, Enum):
+    KEEP = "keep"
+    REDISPATCH = "redispatch"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class JobVerdict:
+    action: JobAction
+    reason: str
+
+
+def judge_job(
+    now: datetime,
+    job: Job,
+    max_job_runtime_seconds: float,
+    stuck_after_seconds: float,
+    max_attempts: int,
+) -> JobVerdict:
+    """What the reaper does with an active job.
+
+    - running past `max_job_runtime_seconds`: fail it (the cap protects the bill from a hung job);
+    - running with a lease that expired: fail it (its instance was stopped or lost, or the job died);
+    - queued or dispatched for longer than `stuck_after_seconds`: dispatch it again, or fail it once
+      it has had `max_attempts` dispatches;
+    - anything else: keep.
+    """
+    if job.status is JobStatus.RUNNING:
+        if job.running_since:
+            running_seconds = (now - parse_time(job.running_since)).total_seconds()
+            if running_seconds > max_job_runtime_seconds:
+                return JobVerdict(
+                    JobAction.FAIL,
+                    f"the job ran {running_seconds:.0f}s, past the {max_job_runtime_seconds:.0f}s maximum "
+                    "runtime; split the input or raise max_job_runtime_seconds",
+                )
+        if job.lease_expires_at and now > parse_time(job.lease_expires_at):
+            return JobVerdict(
+                JobAction.FAIL,
+                "the job stopped reporting progress (its instance was stopped or lost, or the job process died); "
+                "upload the file again to retry",
+            )
+        return JobVerdict(JobAction.KEEP, "running")
+    if job.status in (JobStatus.QUEUED, JobStatus.DISPATCHED):
+        waited_seconds = (now - parse_time(job.updated_at or job.created_at)).total_seconds()
+        if waited_seconds <= stuck_after_seconds:
+            return JobVerdict(JobAction.KEEP, f"{job.status.value.lower()} for {waited_seconds:.0f}s")
+        if job.attempts >= max_attempts:
+            return JobVerdict(
+                JobAction.FAIL,
+                f"the job could not be started after {job.attempts} attempts; check `batchworker status` "
+                "for the instance and the worker function's logs",
+            )
+        return JobVerdict(JobAction.REDISPATCH, f"{job.status.value.lower()} for {waited_seconds:.0f}s")
+    return JobVerdict(JobAction.KEEP, job.status.value.lower())

@@ -41,8 +41,10 @@ class InstanceHistory:
         paginator = self.client.get_paginator("query")
         for page in paginator.paginate(
             TableName=self.table_name,
-            KeyConditionExpression="instance_id = :i",
-            ExpressionAttributeValues={":i": {"S": instance_id}},
+            # The ledger record shares the table under a sort key that sorts after every timestamp.
+            KeyConditionExpression="instance_id = :i AND #at < :ledger",
+            ExpressionAttributeNames={"#at": "at"},
+            ExpressionAttributeValues={":i": {"S": instance_id}, ":ledger": {"S": "~"}},
         ):
             items.extend(page.get("Items", []))
         return [

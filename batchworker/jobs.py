@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import boto3
 from botocore.exceptions import ClientError
@@ -73,12 +73,19 @@ class JobStore:
         error: str | None = None,
         manifest_key: str | None = None,
         count_attempt: bool = False,
+        lease_seconds: float | None = None,
         now: datetime | None = None,
     ) -> bool:
         """Move a job to `to` if its status is one of `allowed_from`; False when it was not."""
+        moment = now or utc_now()
         names = {"#s": "status"}
-        values = {":to": {"S": to.value}, ":u": {"S": isoformat(now or utc_now())}}
+        values = {":to": {"S": to.value}, ":u": {"S": isoformat(moment)}}
         sets = ["#s = :to", "updated_at = :u"]
+        if to is JobStatus.RUNNING:
+            sets.append("running_since = if_not_exists(running_since, :u)")
+        if lease_seconds is not None:
+            sets.append("lease_expires_at = :lease")
+            values[":lease"] = {"S": isoformat(moment + timedelta(seconds=lease_seconds))}
         if instance_id:
             sets.append("instance_id = :i")
             values[":i"] = {"S": instance_id}
@@ -160,6 +167,8 @@ def _to_job(item: dict) -> Job:
         error=s("last_error"),
         manifest_key=s("manifest_key"),
         attempts=n("attempts") or 0,
+        running_since=s("running_since"),
+        lease_expires_at=s("lease_expires_at"),
     )
 
 

@@ -64,6 +64,8 @@ class Job:
     error: str | None = None
     manifest_key: str | None = None
     attempts: int = 0
+    running_since: str | None = None
+    lease_expires_at: str | None = None
 
     @property
     def output_prefix(self) -> str:

@@ -13,6 +13,7 @@ from batchworker.control import finish_job
 from batchworker.errors import RejectedEvent
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
+from batchworker.ledger import InstanceLedger
 from batchworker.manifests import read_manifest
 
 settings = Settings.from_env()
@@ -20,6 +21,7 @@ logger = Logger()
 processor = BatchProcessor(event_type=EventType.SQS)
 jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
+ledger = InstanceLedger(settings.instance_events_table)
 s3 = boto3.client("s3")
 
 
@@ -40,7 +42,7 @@ def record_handler(record: SQSRecord) -> None:
             logger.warning("not a job manifest; ignored", extra={"reason": str(exc)})
             continue
         logger.append_keys(job_id=manifest["job_id"])
-        decision = finish_job(manifest, key, settings, jobs, pool)
+        decision = finish_job(manifest, key, settings, jobs, pool, ledger)
         logger.info(
             "job finished",
             extra={"status": manifest["status"], "stop": decision.stop if decision else None},

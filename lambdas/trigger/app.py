@@ -14,12 +14,14 @@ from batchworker.control import Upload, accept_upload
 from batchworker.errors import RejectedEvent
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
+from batchworker.ledger import InstanceLedger
 
 settings = Settings.from_env()
 logger = Logger()
 processor = BatchProcessor(event_type=EventType.SQS)
 jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
+ledger = InstanceLedger(settings.instance_events_table)
 lambda_client = boto3.client("lambda")
 s3 = boto3.client("s3")
 
@@ -55,7 +57,7 @@ def record_handler(record: SQSRecord) -> None:
             version_id=obj.version_id or current_version(s3_record.s3.bucket.name, unquote_plus(obj.key)),
         )
         try:
-            job_id = accept_upload(upload, settings, jobs, pool, invoke_worker)
+            job_id = accept_upload(upload, settings, jobs, pool, ledger, invoke_worker)
         except RejectedEvent as exc:
             # Retrying cannot make this event valid; log it and let the rest of the batch go on.
             logger.warning("rejected event", extra={"reason": str(exc), "bucket": upload.bucket})

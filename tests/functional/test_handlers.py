@@ -4,6 +4,7 @@ import json
 
 import boto3
 
+from batchworker.instances import InstanceHistory
 from batchworker.models import job_id_for
 from tests.functional.handler_support import LambdaContext, RecordingLambdaClient, load_handler, s3_event, sqs_event
 
@@ -28,11 +29,8 @@ def test_trigger_records_job_starts_instance_and_invokes_worker(stack):
     assert len(recorder.calls) == 1
     assert recorder.calls[0]["InvocationType"] == "Event"
     assert json.loads(recorder.calls[0]["Payload"]) == {"job_id": job_id}
-    events = stack.client("dynamodb").query(
-        TableName=stack.events_table, KeyConditionExpression="instance_id = :i",
-        ExpressionAttributeValues={":i": {"S": stack.instance_id}},
-    )["Items"]
-    assert [e["state"]["S"] for e in events] == ["start"]
+    events = InstanceHistory(stack.events_table).events(stack.instance_id)
+    assert [e["state"] for e in events] == ["start"]
 
 
 def test_trigger_duplicate_delivery_makes_one_job(stack):

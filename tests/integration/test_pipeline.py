@@ -131,7 +131,7 @@ def _job_processes(cloud) -> list[int]:
 
 
 def _history(cloud, instance_id: str) -> list[dict]:
-    return cloud.client("dynamodb").query(
+    return [item for item in cloud.client("dynamodb").query(
         TableName=cloud.env["BATCHWORKER_INSTANCE_EVENTS_TABLE"], KeyConditionExpression="instance_id = :i",
         ExpressionAttributeValues={":i": {"S": instance_id}},
-    )["Items"]
+    )["Items"] if "state" in item]

@@ -1,0 +1,62 @@
+"""The watchdog pass: fail lost or overlong jobs, re-dispatch stuck ones, stop idle instances."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from batchworker.config import Settings
+from batchworker.control import fail_job, stop_if_idle
+from batchworker.decisions import JobAction, judge_job
+from batchworker.instances import InstancePool
+from batchworker.jobs import JobStore
+from batchworker.ledger import InstanceLedger
+from batchworker.models import InstanceState, JobStatus, utc_now
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReapReport:
+    failed: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+
+
+def reap(
+    settings: Settings,
+    jobs: JobStore,
+    pool: InstancePool,
+    ledger: InstanceLedger,
+    s3_client,
+    invoke_worker: Callable[[dict], None],
+    now: datetime | None = None,
+) -> ReapReport:
+    now = now or utc_now()
+    report = ReapReport()
+    for job in jobs.active():
+        verdict = judge_job(
+            now, job, settings.max_job_runtime_seconds, settings.stuck_after_seconds, settings.max_attempts
+        )
+        if verdict.action is JobAction.FAIL:
+            # The failed manifest reaches the stop function, which stops the instance if nothing else runs.
+            fail_job(job, verdict.reason, job.instance_id, settings, jobs, s3_client)
+            report.failed.append(job.job_id)
+        elif verdict.action is JobAction.REDISPATCH:
+            if jobs.transition(job.job_id, JobStatus.QUEUED, allowed_from=[JobStatus.QUEUED, JobStatus.DISPATCHED]):
+                logger.warning("re-dispatching job %s: %s", job.job_id, verdict.reason)
+                invoke_worker({"job_id": job.job_id})
+                report.redispatched.append(job.job_id)
+    for instance in pool.list():
+        if instance.state is not InstanceState.RUNNING:
+            continue
+        if ledger.read(instance.instance_id).is_stop_claimed:
+            # Running although its stop was claimed: started by hand, or the stop call was lost. Adopt it
+            # with a new generation so that this pass (or the next) can stop it.
+            ledger.note_assignment(instance.instance_id, now)
+        decision = stop_if_idle(instance.instance_id, "reaper pass", settings, jobs, pool, ledger, now)
+        if decision.stop:
+            report.stopped.append(instance.instance_id)
+    return report

@@ -1,0 +1,34 @@
+"""Lambda `reaper` (EventBridge schedule): whatever else breaks, no GPU keeps running with nothing to do."""
+
+import json
+
+import boto3
+from aws_lambda_powertools import Logger
+
+from batchworker.config import Settings
+from batchworker.instances import InstanceHistory, InstancePool
+from batchworker.jobs import JobStore
+from batchworker.ledger import InstanceLedger
+from batchworker.reaper import reap
+
+settings = Settings.from_env()
+logger = Logger()
+jobs = JobStore(settings.jobs_table)
+pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
+ledger = InstanceLedger(settings.instance_events_table)
+lambda_client = boto3.client("lambda")
+s3 = boto3.client("s3")
+
+
+def invoke_worker(payload: dict) -> None:
+    lambda_client.invoke(
+        FunctionName=settings.worker_function, InvocationType="Event", Payload=json.dumps(payload).encode()
+    )
+
+
+@logger.inject_lambda_context
+def handler(event, context):
+    report = reap(settings, jobs, pool, ledger, s3, invoke_worker)
+    logger.info("reaper pass", extra={"failed": report.failed, "redispatched": report.redispatched,
+                                      "stopped": report.stopped})
+    return {"failed": report.failed, "redispatched": report.redispatched, "stopped": report.stopped}

@@ -1,0 +1,111 @@
+"""Race-free stop and the watchdog pass, against in-process moto."""
+
+import json
+from datetime import timedelta
+
+import boto3
+
+from batchworker.config import Settings
+from batchworker.control import Upload, accept_upload, stop_if_idle
+from batchworker.instances import InstanceHistory, InstancePool
+from batchworker.jobs import JobStore
+from batchworker.ledger import InstanceLedger
+from batchworker.models import JobStatus, utc_now
+from batchworker.reaper import reap
+
+
+def parts(stack, **overrides):
+    settings = Settings.from_env({**stack.env, "BATCHWORKER_TRANSPORT": "ssh", **overrides})
+    jobs = JobStore(settings.jobs_table)
+    pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
+    ledger = InstanceLedger(settings.instance_events_table)
+    return settings, jobs, pool, ledger
+
+
+def queue(stack, settings, jobs, pool, ledger, key, invoked=None):
+    calls = invoked if invoked is not None else []
+    return accept_upload(Upload(stack.input_bucket, key, 1, "etag", "v1"), settings, jobs, pool, ledger, calls.append)
+
+
+def test_two_stops_racing_claim_one_stop(stack):
+    settings, jobs, pool, ledger = parts(stack)
+    job_id = queue(stack, settings, jobs, pool, ledger, "a.png")
+    jobs.transition(job_id, JobStatus.SUCCEEDED, allowed_from=[JobStatus.QUEUED])
+    # GIVEN two stop functions that both read the ledger before either claims
+    seen = [ledger.read(stack.instance_id), ledger.read(stack.instance_id)]
+    # THEN exactly one claim wins
+    assert [ledger.claim_stop(stack.instance_id, e.generation) for e in seen] == [True, False]
+
+
+def test_an_upload_between_decision_and_claim_voids_the_stop(stack):
+    settings, jobs, pool, ledger = parts(stack)
+    first = queue(stack, settings, jobs, pool, ledger, "a.png")
+    jobs.transition(first, JobStatus.SUCCEEDED, allowed_from=[JobStatus.QUEUED])
+    entry = ledger.read(stack.instance_id)  # the stop function has read the generation and found no job
+    queue(stack, settings, jobs, pool, ledger, "b.png")  # WHEN an upload is placed on the instance meanwhile
+    assert ledger.claim_stop(stack.instance_id, entry.generation) is False  # THEN the stop is void
+    decision = stop_if_idle(stack.instance_id, "test", settings, jobs, pool, ledger)
+    assert decision.stop is False and "queued" in decision.reason
+    assert stack.instance_state() == "running"
+
+
+def test_reaper_fails_a_job_whose_lease_expired_and_writes_its_manifest(stack):
+    settings, jobs, pool, ledger = parts(stack)
+    job_id = queue(stack, settings, jobs, pool, ledger, "lost.png")
+    jobs.transition(job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED])
+    jobs.transition(job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED], lease_seconds=30)
+    report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append, now=utc_now() + timedelta(seconds=60))
+    assert report.failed == [job_id]
+    assert jobs.get(job_id).status is JobStatus.FAILED
+    manifest = json.loads(boto3.client("s3").get_object(
+        Bucket=stack.output_bucket, Key=f"jobs/{job_id}/manifest.json")["Body"].read())
+    assert manifest["status"] == "failed" and "stopped reporting progress" in manifest["error"]
+
+
+def test_reaper_fails_a_job_past_its_maximum_runtime(stack):
+    settings, jobs, pool, ledger = parts(stack, BATCHWORKER_MAX_JOB_RUNTIME_SECONDS="100")
+    job_id = queue(stack, settings, jobs, pool, ledger, "long.png")
+    jobs.transition(job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED])
+    jobs.transition(job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED], lease_seconds=1000)
+    report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append, now=utc_now() + timedelta(seconds=150))
+    assert report.failed == [job_id]
+    assert "maximum runtime" in jobs.get(job_id).error
+
+
+def test_reaper_redispatches_stuck_jobs_then_gives_up(stack):
+    settings, jobs, pool, ledger = parts(stack, BATCHWORKER_MAX_ATTEMPTS="2")
+    job_id = queue(stack, settings, jobs, pool, ledger, "stuck.png")
+    jobs.transition(job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED], count_attempt=True)
+    later = utc_now() + timedelta(seconds=settings.stuck_after_seconds + 5)
+    invoked = []
+    report = reap(settings, jobs, pool, ledger, boto3.client("s3"), invoked.append, now=later)
+    assert report.redispatched == [job_id] and invoked == [{"job_id": job_id}]
+    assert jobs.get(job_id).status is JobStatus.QUEUED
+    jobs.transition(job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED], count_attempt=True)
+    much_later = utc_now() + timedelta(seconds=2 * settings.stuck_after_seconds + 10)
+    report = reap(settings, jobs, pool, ledger, boto3.client("s3"), invoked.append, now=much_later)
+    assert report.failed == [job_id]
+    assert "2 attempts" in jobs.get(job_id).error
+
+
+def test_reaper_stops_an_idle_instance_only_after_the_grace_period(stack):
+    settings, jobs, pool, ledger = parts(stack, BATCHWORKER_IDLE_GRACE_SECONDS="120")
+    job_id = queue(stack, settings, jobs, pool, ledger, "a.png")
+    jobs.transition(job_id, JobStatus.SUCCEEDED, allowed_from=[JobStatus.QUEUED])
+    ledger.note_activity(stack.instance_id)
+    assert reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append).stopped == []
+    assert stack.instance_state() == "running"
+    report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append, now=utc_now() + timedelta(seconds=121))
+    assert report.stopped == [stack.instance_id]
+    assert stack.instance_state() == "stopped"
+
+
+def test_reaper_stops_an_instance_started_by_hand(stack):
+    settings, jobs, pool, ledger = parts(stack)
+    job_id = queue(stack, settings, jobs, pool, ledger, "a.png")
+    jobs.transition(job_id, JobStatus.SUCCEEDED, allowed_from=[JobStatus.QUEUED])
+    assert stop_if_idle(stack.instance_id, "test", settings, jobs, pool, ledger).stop
+    boto3.client("ec2").start_instances(InstanceIds=[stack.instance_id])  # an operator starts it again
+    report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append)
+    assert report.stopped == [stack.instance_id]
+    assert stack.instance_state() == "stopped"
