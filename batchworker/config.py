@@ -43,6 +43,8 @@ class Settings:
     idle_grace_seconds: float = 0.0
     # A running job renews its lease in the job table; a lease older than this means the job is lost.
     job_lease_seconds: float = 90.0
+    # Jobs an instance runs at once; more wait on it for a slot (or start another instance of the pool).
+    max_jobs_per_instance: int = 4
     # Dispatch attempts before a job that never started is failed.
     max_attempts: int = 3
 

@@ -10,13 +10,21 @@ from datetime import datetime
 from typing import Protocol
 
 from batchworker.config import Settings
-from batchworker.decisions import StopDecision, should_stop
-from batchworker.errors import BatchworkerError, PermanentError, RejectedEvent
+from batchworker.decisions import StopDecision, place_job, should_stop
+from batchworker.errors import BatchworkerError, NoInstanceAvailable, PermanentError, RejectedEvent
 from batchworker.instances import InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
 from batchworker.manifests import failed_manifest, write_manifest
-from batchworker.models import ACTIVE_STATUSES, Job, JobStatus, job_id_for, output_prefix, utc_now
+from batchworker.models import (
+    ACTIVE_STATUSES,
+    POOL_TAG_KEY,
+    Job,
+    JobStatus,
+    job_id_for,
+    output_prefix,
+    utc_now,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +79,18 @@ def accept_upload(
             return None
         # Still QUEUED: an earlier delivery may have died before invoking the worker. Invoking again
         # is safe, the worker claims the job with a conditional write.
-    instance = pool.request_start(reason=f"job {job.job_id} queued")
+    placement = place_job(pool.list(), jobs.active(), settings.max_jobs_per_instance)
+    if placement is None:
+        raise NoInstanceAvailable(
+            f"no instance carries tag {POOL_TAG_KEY}={settings.pool_tag}; run `terraform apply` to create the pool"
+        )
     # Bump the instance's generation first: a stop decided before this point can no longer be claimed.
-    ledger.note_assignment(instance.instance_id)
-    jobs.assign_instance(job.job_id, instance.instance_id)
+    ledger.note_assignment(placement.instance_id)
+    jobs.assign_instance(job.job_id, placement.instance_id)
+    if placement.start:
+        pool.try_start(placement.instance_id, reason=f"job {job.job_id} queued; {placement.reason}")
     invoke_worker({"job_id": job.job_id})
-    logger.info("job %s queued for instance %s", job.job_id, instance.instance_id)
+    logger.info("job %s placed on %s (%s)", job.job_id, placement.instance_id, placement.reason)
     return job.job_id
 
 
@@ -101,7 +115,9 @@ def dispatch_job(
         logger.info("job %s is already %s; nothing to dispatch", job_id, job.status.value)
         return job.status
     deadline = clock() + settings.instance_ready_timeout_seconds
-    instance_id = job.instance_id or pool.request_start(reason=f"job {job_id} unplaced").instance_id
+    instance_id = job.instance_id
+    if instance_id is None:
+        raise PermanentError(f"job {job_id} was never placed on an instance")
     try:
         pool.ensure_running(instance_id, deadline, reason=f"job {job_id} waiting")
         if not jobs.transition(

@@ -103,3 +103,41 @@ def judge_job(
             )
         return JobVerdict(JobAction.REDISPATCH, f"{job.status.value.lower()} for {waited_seconds:.0f}s")
     return JobVerdict(JobAction.KEEP, job.status.value.lower())
+
+
+@dataclass(frozen=True)
+class Placement:
+    instance_id: str
+    start: bool
+    reason: str
+
+
+def place_job(instances: Iterable[Instance], active_jobs: Iterable[Job], max_jobs_per_instance: int) -> Placement | None:
+    """Where a new job goes, given the pool and the jobs already placed.
+
+    - an instance that is up (running or pending) with a free slot, least loaded first;
+    - else a stopped instance, to be started (the queue is deeper than the running capacity);
+    - else the least loaded instance that is up (the job waits for a slot there);
+    - else an instance that is stopping (the worker waits for it to stop and starts it again).
+    None when the pool is empty.
+    """
+    instances = list(instances)
+    load = {i.instance_id: 0 for i in instances}
+    for job in active_jobs:
+        if job.instance_id in load:
+            load[job.instance_id] += 1
+    up = sorted(
+        (i for i in instances if i.state.is_up),
+        key=lambda i: (load[i.instance_id], i.state is not InstanceState.RUNNING, i.instance_id),
+    )
+    if up and load[up[0].instance_id] < max_jobs_per_instance:
+        return Placement(up[0].instance_id, False, f"{load[up[0].instance_id]} job(s) already there")
+    stopped = sorted(i.instance_id for i in instances if i.state is InstanceState.STOPPED)
+    if stopped:
+        return Placement(stopped[0], True, "every running instance is full" if up else "no instance is up")
+    if up:
+        return Placement(up[0].instance_id, False, "every instance is full; the job waits for a slot")
+    stopping = sorted(i.instance_id for i in instances if i.state is InstanceState.STOPPING)
+    if stopping:
+        return Placement(stopping[0], False, "only stopping instances; it will be started again")
+    return None

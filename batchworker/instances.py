@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -14,6 +15,11 @@ from batchworker.errors import InstanceReadyTimeout, NoInstanceAvailable
 from batchworker.models import POOL_TAG_KEY, Instance, InstanceState, isoformat, utc_now
 
 logger = logging.getLogger(__name__)
+
+# Start refusals that pass: the instance is still stopping, AWS has no GPU capacity right now, throttling.
+TRANSIENT_START_ERRORS = frozenset(
+    {"IncorrectInstanceState", "InsufficientInstanceCapacity", "RequestLimitExceeded", "Throttling", "ThrottlingException"}
+)
 
 
 class InstanceHistory:
@@ -68,12 +74,14 @@ class InstancePool:
         client=None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[float], float] = lambda seconds: random.uniform(seconds / 2, seconds),
     ):
         self.pool_tag = pool_tag
         self.history = history
         self.client = client or boto3.client("ec2")
         self.sleep = sleep
         self.clock = clock
+        self.jitter = jitter
 
     def list(self) -> list[Instance]:
         instances = []
@@ -95,25 +103,16 @@ class InstancePool:
                 return instance
         raise NoInstanceAvailable(f"instance {instance_id} is not in pool {self.pool_tag!r} (terminated?)")
 
-    def request_start(self, reason: str) -> Instance:
-        """Make sure one instance is up or about to be; never blocks.
-
-        Prefers an instance that is already pending or running; otherwise starts a stopped one.
-        When the only instances are stopping, returns one of them: the worker function waits for
-        it to stop and starts it again (it has the time budget; the trigger does not).
-        """
-        instances = self.list()
-        if not instances:
-            raise NoInstanceAvailable(
-                f"no instance carries tag {POOL_TAG_KEY}={self.pool_tag}; run `terraform apply` to create the pool"
-            )
-        for wanted in (InstanceState.RUNNING, InstanceState.PENDING, InstanceState.STOPPED):
-            for instance in instances:
-                if instance.state is wanted:
-                    if wanted is InstanceState.STOPPED:
-                        self.start(instance.instance_id, reason)
-                    return instance
-        return instances[0]
+    def try_start(self, instance_id: str, reason: str) -> bool:
+        """Start without blocking; a transient refusal (no capacity, still stopping) is left to the worker."""
+        try:
+            self.start(instance_id, reason)
+        except ClientError as exc:
+            if _error_code(exc) not in TRANSIENT_START_ERRORS:
+                raise
+            logger.warning("start of %s refused for now (%s); the worker will retry", instance_id, _error_code(exc))
+            return False
+        return True
 
     def start(self, instance_id: str, reason: str) -> None:
         self.client.start_instances(InstanceIds=[instance_id])
@@ -128,20 +127,33 @@ class InstancePool:
             self.history.record(instance_id, "stop", reason)
 
     def ensure_running(self, instance_id: str, deadline: float, reason: str, poll_seconds: float = 1.0) -> Instance:
-        """Block until the instance is running, starting it (again) when it is stopped or was stopping."""
+        """Block until the instance is running, starting it (again) when it is stopped or was stopping.
+
+        Transient refusals (no capacity, still stopping, throttling) back off with jitter up to the deadline.
+        """
+        backoff, last_refusal = poll_seconds, ""
         while True:
             instance = self.get(instance_id)
             if instance.state is InstanceState.RUNNING:
                 return instance
+            wait = poll_seconds
             if instance.state is InstanceState.STOPPED:
                 try:
                     self.start(instance_id, reason)
+                    backoff = poll_seconds
                 except ClientError as exc:
-                    # Still stopping as far as EC2 is concerned: wait and try again.
-                    if exc.response.get("Error", {}).get("Code") != "IncorrectInstanceState":
+                    if _error_code(exc) not in TRANSIENT_START_ERRORS:
                         raise
+                    last_refusal = f"; last start refused with {_error_code(exc)}"
+                    backoff = min(backoff * 2, 60.0)
+                    wait = self.jitter(backoff)
             if self.clock() >= deadline:
                 raise InstanceReadyTimeout(
                     f"instance {instance_id} is still {instance.state.value}; it did not reach running in time"
+                    + last_refusal
                 )
-            self.sleep(poll_seconds)
+            self.sleep(min(wait, max(deadline - self.clock(), 0.0) + 0.01))
+
+
+def _error_code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code", "")

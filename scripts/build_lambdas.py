@@ -1,7 +1,9 @@
-"""Build the Lambda zips (trigger, worker, stop) reproducibly: same inputs, byte-identical zips.
+"""Build the Lambda zips (trigger, worker, stop) and the job package reproducibly: same inputs, same bytes.
 
 Each zip holds lambdas/<name>/app.py as app.py, the batchworker/ package (without the local
-cloud and the CLI) and, with --with-deps, the Lambda dependencies as Linux wheels for AWS.
+cloud and the CLI) and, with --with-deps, the Lambda dependencies as Linux wheels for AWS, installed
+from scripts/lambda-requirements.txt (pinned versions and hashes). The job package that the GPU
+instances install (scripts/build_job_package.py) goes to build/job unless --no-job-package.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import build_job_package
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ("trigger", "worker", "stop")
 PACKAGE = "batchworker"
 # Sub-packages the Lambdas never import.
 EXCLUDED_SUBPACKAGES = ("local", "cli")
-LAMBDA_DEPENDENCIES = ("aws-lambda-powertools", "paramiko")
+LAMBDA_REQUIREMENTS = Path(__file__).resolve().parent / "lambda-requirements.txt"
 PIP_PLATFORM_ARGS = (
     "--platform", "manylinux2014_x86_64",
     "--implementation", "cp",
@@ -57,11 +61,16 @@ def collect_dependency_files(deps_dir: Path) -> dict[str, Path]:
     }
 
 
-def install_dependencies(target: Path, packages: Sequence[str] = LAMBDA_DEPENDENCIES) -> None:
-    """pip-install the Lambda dependencies as Lambda-compatible (manylinux x86_64, CPython 3.11) wheels."""
+def install_dependencies(target: Path, requirements: Path = LAMBDA_REQUIREMENTS) -> None:
+    """pip-install the pinned Lambda dependencies as Lambda (manylinux x86_64, CPython 3.11) wheels.
+
+    --require-hashes and --no-deps: exactly the locked closure; --no-compile: no bytecode, whose
+    names depend on the build machine's Python; --no-cache-dir: nothing from an earlier build.
+    """
     command = [
-        sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-        *PIP_PLATFORM_ARGS, "--target", str(target), *packages,
+        sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-cache-dir",
+        *PIP_PLATFORM_ARGS, "--no-deps", "--require-hashes", "--no-compile",
+        "--target", str(target), "-r", str(requirements),
     ]  # fmt: skip
     subprocess.run(command, check=True)
 
@@ -115,16 +124,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--with-deps",
         action="store_true",
-        help="bundle aws-lambda-powertools and paramiko as Lambda (manylinux2014_x86_64, cp311) wheels",
+        help="bundle the locked dependencies (scripts/lambda-requirements.txt) as Lambda (manylinux2014_x86_64, "
+        "cp311) wheels: what AWS needs; the local cloud runs without",
     )
     parser.add_argument(
         "--repo-root", type=Path, default=REPO_ROOT, help="repository to package (default: this one)"
+    )
+    parser.add_argument(
+        "--job-package-out", type=Path, default=None, help="where the job package goes (default: <out>/../job)"
+    )
+    parser.add_argument(
+        "--no-job-package", action="store_true", help="build the Lambda zips only, not the instance's job package"
     )
     args = parser.parse_args(argv)
 
     try:
         paths = build_all(args.out, repo_root=args.repo_root, with_deps=args.with_deps)
-    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+        if not args.no_job_package:
+            paths.append(build_job_package.build(args.repo_root, args.job_package_out or args.out.parent / "job"))
+    except (FileNotFoundError, KeyError, subprocess.CalledProcessError) as exc:
         print(f"build_lambdas: {exc}", file=sys.stderr)
         return 1
     for path in paths:

@@ -25,10 +25,30 @@ data "aws_ami" "gpu" {
 }
 
 locals {
-  root_volume_size_gb = one([
+  ami_root_volume_size_gb = one([
     for mapping in data.aws_ami.gpu.block_device_mappings : tonumber(mapping.ebs.volume_size)
     if mapping.device_name == data.aws_ami.gpu.root_device_name
   ])
+  root_volume_size_gb = coalesce(var.root_volume_size_gb, local.ami_root_volume_size_gb)
+
+  # Type and key only: the comment never reaches the instance (or a shell).
+  ssh_public_key = var.ssh_public_key == null ? "" : join(" ", slice(split(" ", trimspace(var.ssh_public_key)), 0, 2))
+
+  user_data = var.user_data != null ? var.user_data : templatefile("${path.module}/templates/user_data.sh.tftpl", {
+    parameter_prefix    = local.parameter_prefix
+    region              = var.region
+    transport           = var.transport
+    job_user            = var.ssh_user
+    job_command         = var.job_command
+    job_root            = local.instance_job_root
+    job_package_pointer = local.job_package_pointer
+    ssh_public_key      = var.transport == "ssh" ? local.ssh_public_key : ""
+  })
+
+  # Tags of what the instances create (volumes, network interfaces): default_tags does not reach them.
+  instance_tags = merge(var.tags, {
+    "batchworker:pool" = var.name_prefix
+  })
 }
 
 data "aws_subnet" "selected" {
@@ -45,14 +65,15 @@ data "aws_vpc" "default" {
 
 resource "aws_security_group" "gpu" {
   name        = "${var.name_prefix}-gpu"
-  description = "batchworker GPU instances: SSH only from ssh_allowed_cidrs"
+  description = "batchworker GPU instances: SSH only with transport ssh, from the allowed CIDRs and worker SGs"
   vpc_id      = var.subnet_id == null ? data.aws_vpc.default[0].id : data.aws_subnet.selected[0].vpc_id
 
+  # SSH transport: port 22 from the configured CIDRs (never 0.0.0.0/0: the variable refuses it).
   dynamic "ingress" {
-    for_each = length(var.ssh_allowed_cidrs) > 0 ? [var.ssh_allowed_cidrs] : []
+    for_each = var.transport == "ssh" && length(var.ssh_allowed_cidrs) > 0 ? [var.ssh_allowed_cidrs] : []
 
     content {
-      description = "SSH (worker function, operators)"
+      description = "SSH from ssh_allowed_cidrs (worker function subnets, operators)"
       from_port   = 22
       to_port     = 22
       protocol    = "tcp"
@@ -60,11 +81,26 @@ resource "aws_security_group" "gpu" {
     }
   }
 
+  # SSH transport: port 22 from the worker function's security groups (worker in a VPC).
+  dynamic "ingress" {
+    for_each = var.transport == "ssh" && length(var.lambda_security_group_ids) > 0 ? [var.lambda_security_group_ids] : []
+
+    content {
+      description     = "SSH from the worker function"
+      from_port       = 22
+      to_port         = 22
+      protocol        = "tcp"
+      security_groups = ingress.value
+    }
+  }
+
+  # HTTPS only: S3, SSM (ssm, ssmmessages, ec2messages), package downloads. DNS, NTP and instance
+  # metadata use link-local addresses that security groups do not filter.
   egress {
-    description      = "S3, SSM and package downloads"
-    from_port        = 0
-    to_port          = 0
-    protocol         = "-1"
+    description      = "HTTPS to AWS APIs and package indexes"
+    from_port        = 443
+    to_port          = 443
+    protocol         = "tcp"
     cidr_blocks      = ["0.0.0.0/0"]
     ipv6_cidr_blocks = ["::/0"]
   }
@@ -77,7 +113,8 @@ resource "aws_launch_template" "gpu" {
   key_name                             = var.key_name
   vpc_security_group_ids               = [aws_security_group.gpu.id]
   instance_initiated_shutdown_behavior = "stop"
-  user_data                            = var.user_data == null ? null : base64encode(var.user_data)
+  ebs_optimized                        = true
+  user_data                            = base64encode(local.user_data)
 
   iam_instance_profile {
     arn = aws_iam_instance_profile.gpu.arn
@@ -89,7 +126,8 @@ resource "aws_launch_template" "gpu" {
     http_put_response_hop_limit = 1
   }
 
-  # Root volume: the AMI's own size (stated explicitly: moto requires a size), encrypted.
+  # Root volume: the AMI's own size unless root_volume_size_gb is set (stated explicitly: moto requires
+  # a size), encrypted with the account's default EBS key.
   block_device_mappings {
     device_name = data.aws_ami.gpu.root_device_name
 
@@ -100,12 +138,25 @@ resource "aws_launch_template" "gpu" {
       delete_on_termination = true
     }
   }
+
+  tag_specifications {
+    resource_type = "volume"
+    tags          = local.instance_tags
+  }
+
+  tag_specifications {
+    resource_type = "network-interface"
+    tags          = local.instance_tags
+  }
 }
 
 resource "aws_instance" "gpu" {
+  #checkov:skip=CKV_AWS_8:The root volume is encrypted through the launch template's block_device_mappings.
+  #checkov:skip=CKV_AWS_126:Detailed (1-minute) monitoring bills per instance; 5-minute metrics suffice for a batch box.
   count = var.instance_count
 
-  subnet_id = var.subnet_id
+  subnet_id     = var.subnet_id
+  ebs_optimized = true
 
   launch_template {
     id      = aws_launch_template.gpu.id

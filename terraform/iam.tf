@@ -1,3 +1,11 @@
+################################################################################
+# IAM: one role per Lambda function and one for the GPU instances, all through
+# aws_iam_policy_document. Every statement starts with a comment naming who needs it
+# ("trigger:", "worker:", "stop:", "instance (job):", "instance (user data):",
+# "instance (SSM agent):") and why. moto enforces none of this: tests/unit/test_terraform_static.py
+# checks the conditions that matter from the HCL.
+################################################################################
+
 locals {
   instance_arn_pattern = "arn:${local.partition}:ec2:${var.region}:${local.account_id}:instance/*"
   parameter_arn_prefix = "arn:${local.partition}:ssm:${var.region}:${local.account_id}:parameter${local.parameter_prefix}"
@@ -6,6 +14,11 @@ locals {
 
   jobs_table_arns            = [aws_dynamodb_table.jobs.arn, "${aws_dynamodb_table.jobs.arn}/index/*"]
   instance_events_table_arns = [aws_dynamodb_table.instance_events.arn]
+
+  use_ssh        = var.transport == "ssh"
+  use_ssm        = var.transport == "ssm"
+  worker_in_vpc  = length(var.lambda_subnet_ids) > 0
+  ssm_output_arn = "${aws_s3_bucket.this["output"].arn}/${local.ssm_output_prefix}*"
 
   lambda_policy_json = {
     trigger = data.aws_iam_policy_document.trigger.json
@@ -19,6 +32,7 @@ locals {
 ################################################################################
 
 data "aws_iam_policy_document" "lambda_assume" {
+  # Lambda service: assume the function roles.
   statement {
     actions = ["sts:AssumeRole"]
 
@@ -143,14 +157,75 @@ data "aws_iam_policy_document" "worker" {
     }
   }
 
-  # worker: read the instance's published SSH endpoint and host key, and the login key.
-  statement {
-    sid     = "ReadSshParameters"
-    actions = ["ssm:GetParameter"]
-    resources = [
-      "${local.parameter_arn_prefix}/instances/*",
-      "${local.parameter_arn_prefix}/ssh/private-key",
-    ]
+  # worker (ssm): run the batchworker run-job document, and no other document.
+  dynamic "statement" {
+    for_each = local.use_ssm ? ["SendRunJobDocument"] : []
+
+    content {
+      sid       = statement.value
+      actions   = ["ssm:SendCommand"]
+      resources = [aws_ssm_document.run_job.arn]
+    }
+  }
+
+  # worker (ssm): send that command only to instances of this pool (ssm:resourceTag on the instance).
+  dynamic "statement" {
+    for_each = local.use_ssm ? ["SendCommandToPoolInstances"] : []
+
+    content {
+      sid       = statement.value
+      actions   = ["ssm:SendCommand"]
+      resources = [local.instance_arn_pattern]
+
+      condition {
+        test     = "StringEquals"
+        variable = "ssm:resourceTag/batchworker:pool"
+        values   = [var.name_prefix]
+      }
+    }
+  }
+
+  # worker (ssm): wait for the agent (PingStatus Online), read the launcher's reply, cancel a command
+  # that overran its deadline. None of these has resource-level permissions.
+  dynamic "statement" {
+    for_each = local.use_ssm ? ["FollowCommands"] : []
+
+    content {
+      sid       = statement.value
+      actions   = ["ssm:DescribeInstanceInformation", "ssm:GetCommandInvocation", "ssm:CancelCommand"]
+      resources = ["*"]
+    }
+  }
+
+  # worker (ssh): read the endpoint and host key each instance published, and its own login key.
+  dynamic "statement" {
+    for_each = local.use_ssh ? ["ReadSshParameters"] : []
+
+    content {
+      sid     = statement.value
+      actions = ["ssm:GetParameter"]
+      resources = [
+        "arn:${local.partition}:ssm:${var.region}:${local.account_id}:parameter${local.ssh_endpoint_pattern}",
+        "${local.parameter_arn_prefix}/ssh/private-key",
+      ]
+    }
+  }
+
+  # worker (ssh): decrypt the SecureString login key (aws/ssm key, only through SSM).
+  dynamic "statement" {
+    for_each = local.use_ssh ? ["DecryptSshKey"] : []
+
+    content {
+      sid       = statement.value
+      actions   = ["kms:Decrypt"]
+      resources = ["*"]
+
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = ["ssm.${var.region}.amazonaws.com"]
+      }
+    }
   }
 
   # worker: write a failed manifest for a job it cannot start (so stop learns of it).
@@ -160,16 +235,29 @@ data "aws_iam_policy_document" "worker" {
     resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
   }
 
-  # worker: decrypt the SecureString private key (aws/ssm key, only through SSM).
+  # worker: Lambda sends an asynchronous invocation that failed all its retries to the worker's
+  # dead-letter queue (on-failure destination), with the function's role.
   statement {
-    sid       = "DecryptSshKey"
-    actions   = ["kms:Decrypt"]
-    resources = ["*"]
+    sid       = "DeadLetterQueue"
+    actions   = ["sqs:SendMessage"]
+    resources = [aws_sqs_queue.worker_dlq.arn]
+  }
 
-    condition {
-      test     = "StringEquals"
-      variable = "kms:ViaService"
-      values   = ["ssm.${var.region}.amazonaws.com"]
+  # worker (in a VPC, lambda_subnet_ids set): Lambda manages the function's network interfaces with its
+  # role (as AWSLambdaVPCAccessExecutionRole; these actions take no useful resource scoping).
+  dynamic "statement" {
+    for_each = local.worker_in_vpc ? ["VpcNetworkInterfaces"] : []
+
+    content {
+      sid = statement.value
+      actions = [
+        "ec2:CreateNetworkInterface",
+        "ec2:DescribeNetworkInterfaces",
+        "ec2:DeleteNetworkInterface",
+        "ec2:AssignPrivateIpAddresses",
+        "ec2:UnassignPrivateIpAddresses",
+      ]
+      resources = ["*"]
     }
   }
 
@@ -239,10 +327,12 @@ data "aws_iam_policy_document" "stop" {
 }
 
 ################################################################################
-# GPU instance role: the job reads inputs and the model, writes results, publishes its SSH endpoint
+# GPU instance role: the job reads its input and the model and writes results; user data installs
+# the job package and (ssh) publishes the instance's own endpoint; (ssm) the agent takes commands.
 ################################################################################
 
 data "aws_iam_policy_document" "gpu_assume" {
+  # EC2 service: assume the instance role (instance profile).
   statement {
     actions = ["sts:AssumeRole"]
 
@@ -280,11 +370,84 @@ data "aws_iam_policy_document" "gpu" {
     resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
   }
 
-  # instance (user data): publish its SSH endpoint and host key for the worker function.
+  # instance (user data): read the pointer to the current job package.
   statement {
-    sid       = "PublishSshEndpoint"
-    actions   = ["ssm:PutParameter"]
-    resources = ["${local.parameter_arn_prefix}/instances/*"]
+    sid       = "ReadJobPackagePointer"
+    actions   = ["ssm:GetParameter"]
+    resources = ["${local.parameter_arn_prefix}/job-package"]
+  }
+
+  # instance (user data): download the job package at the S3 version the pointer pins.
+  statement {
+    sid       = "ReadJobPackage"
+    actions   = ["s3:GetObject", "s3:GetObjectVersion"]
+    resources = ["${aws_s3_bucket.this["artifacts"].arn}/packages/*"]
+  }
+
+  # instance (user data, ssh): publish its own SSH endpoint and host key for the worker function.
+  # One statement per instance: the parameter of instance i, only for requests from instance i.
+  dynamic "statement" {
+    for_each = local.use_ssh ? aws_instance.gpu[*].id : []
+
+    content {
+      sid       = "PublishOwnSshEndpoint${statement.key}"
+      actions   = ["ssm:PutParameter"]
+      resources = ["${local.parameter_arn_prefix}/instances/${statement.value}/ssh-endpoint"]
+
+      condition {
+        test     = "StringEquals"
+        variable = "ec2:SourceInstanceARN"
+        values   = ["arn:${local.partition}:ec2:${var.region}:${local.account_id}:instance/${statement.value}"]
+      }
+    }
+  }
+
+  # instance (SSM agent, ssm): register and heartbeat (PingStatus Online) and take Run Command messages.
+  # The minimal part of AmazonSSMManagedInstanceCore: that managed policy also grants ssm:GetParameter(s)
+  # on every parameter of the account, which this role must not have. These take no resource scoping.
+  dynamic "statement" {
+    for_each = local.use_ssm ? ["SsmAgentCore"] : []
+
+    content {
+      sid = statement.value
+      actions = [
+        "ssm:UpdateInstanceInformation",
+        "ec2messages:AcknowledgeMessage",
+        "ec2messages:DeleteMessage",
+        "ec2messages:FailMessage",
+        "ec2messages:GetEndpoint",
+        "ec2messages:GetMessages",
+        "ec2messages:SendReply",
+        "ssmmessages:CreateControlChannel",
+        "ssmmessages:CreateDataChannel",
+        "ssmmessages:OpenControlChannel",
+        "ssmmessages:OpenDataChannel",
+      ]
+      resources = ["*"]
+    }
+  }
+
+  # instance (SSM agent, ssm): upload Run Command stdout/stderr under ssm-output/ of the output bucket
+  # (the agent sets the bucket-owner-full-control ACL, hence PutObjectAcl).
+  dynamic "statement" {
+    for_each = local.use_ssm ? ["WriteCommandOutput"] : []
+
+    content {
+      sid       = statement.value
+      actions   = ["s3:PutObject", "s3:PutObjectAcl"]
+      resources = [local.ssm_output_arn]
+    }
+  }
+
+  # instance (SSM agent, ssm): check the output bucket's encryption before uploading to it.
+  dynamic "statement" {
+    for_each = local.use_ssm ? ["ReadOutputBucketEncryption"] : []
+
+    content {
+      sid       = statement.value
+      actions   = ["s3:GetEncryptionConfiguration"]
+      resources = [aws_s3_bucket.this["output"].arn]
+    }
   }
 }
 

@@ -17,15 +17,31 @@ locals {
 
   lambda_build_dir = coalesce(var.lambda_build_dir, "${path.module}/../build/lambdas")
 
+  # The job package (instance side) from scripts/build_lambdas.py: build/job/<wheel> + job-package.json
+  # ({"wheel": "batchworker_job-<version>-py3-none-any.whl", "sha256": ..., "version": ...}).
+  job_package_dir      = coalesce(var.job_package_dir, "${path.module}/../build/job")
+  job_package          = jsondecode(file("${local.job_package_dir}/job-package.json"))
+  job_package_key      = "packages/${local.job_package.wheel}"
+  job_package_pointer  = "${local.parameter_prefix}/job-package"
+  ssh_endpoint_pattern = "${local.parameter_prefix}/instances/*/ssh-endpoint"
+
+  # SSM Run Command output (stdout/stderr of the run-job document) lands here, in the output bucket.
+  ssm_output_prefix = "ssm-output/"
+  ssm_document_name = "${var.name_prefix}-run-job"
+
+  # Where jobs keep their files and the model cache on the instance (user data creates it).
+  instance_job_root = "/var/lib/batchworker/jobs"
+
   # The three Lambda functions. "worker" is the dispatcher Lambda (waits for an instance
-  # and launches the job over SSH); the GPU box that runs the job is aws_instance.gpu.
+  # and launches the job over SSM Run Command or SSH); the GPU box that runs the job is aws_instance.gpu.
   lambda_timeout_seconds = {
     trigger = 60
     worker  = 900
     stop    = 60
   }
 
-  # Settings of batchworker.config.Settings.from_env (docs/architecture.md, "Settings").
+  # Settings of batchworker.config.Settings.from_env (docs/architecture.md, "Settings"). Every function
+  # gets the same map: Settings is one frozen object, and a value one function does not use costs nothing.
   lambda_environment = {
     BATCHWORKER_INPUT_BUCKET                   = aws_s3_bucket.this["input"].id
     BATCHWORKER_OUTPUT_BUCKET                  = aws_s3_bucket.this["output"].id
@@ -38,6 +54,12 @@ locals {
     BATCHWORKER_SSH_USER                       = var.ssh_user
     BATCHWORKER_JOB_COMMAND                    = var.job_command
     BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS = tostring(var.instance_ready_timeout_seconds)
+    BATCHWORKER_IDLE_GRACE_SECONDS             = tostring(var.idle_grace_seconds)
+    BATCHWORKER_MAX_JOB_RUNTIME_SECONDS        = tostring(var.max_job_runtime_seconds)
+    BATCHWORKER_TRANSPORT                      = var.transport
+    BATCHWORKER_SSM_DOCUMENT                   = aws_ssm_document.run_job.name
+    BATCHWORKER_SSM_OUTPUT_BUCKET              = aws_s3_bucket.this["output"].id
+    BATCHWORKER_SSM_OUTPUT_PREFIX              = local.ssm_output_prefix
     POWERTOOLS_SERVICE_NAME                    = var.name_prefix
   }
 }

@@ -82,3 +82,38 @@ output "instance_type" {
   description = "EC2 instance type of the GPU instances."
   value       = var.instance_type
 }
+
+output "transport" {
+  description = "How the worker function starts jobs on the instances: ssm (Run Command) or ssh."
+  value       = var.transport
+}
+
+output "ssm_document_name" {
+  description = "SSM Command document the worker function runs on an instance to start a job (JobSpec = base64 job spec JSON)."
+  value       = aws_ssm_document.run_job.name
+}
+
+output "ssm_output_bucket" {
+  description = "Bucket receiving SSM Run Command output (stdout/stderr of the run-job document)."
+  value       = aws_s3_bucket.this["output"].id
+}
+
+output "ssm_output_prefix" {
+  description = "Key prefix of SSM Run Command output in ssm_output_bucket."
+  value       = local.ssm_output_prefix
+}
+
+output "job_package_uri" {
+  description = "s3:// URI of the job package (batchworker-job) the instances install at boot."
+  value       = "s3://${aws_s3_object.job_package.bucket}/${aws_s3_object.job_package.key}"
+}
+
+output "worker_dead_letter_queue_url" {
+  description = "URL of the SQS queue holding worker invocations that failed every retry."
+  value       = aws_sqs_queue.worker_dlq.id
+}
+
+output "gpu_security_group_id" {
+  description = "Security group of the GPU instances (no inbound rule unless transport = ssh)."
+  value       = aws_security_group.gpu.id
+}

@@ -61,6 +61,16 @@ resource "aws_sqs_queue_redrive_policy" "done" {
 }
 
 ################################################################################
+# worker-dlq: asynchronous invocations of the worker function that failed every retry
+################################################################################
+
+resource "aws_sqs_queue" "worker_dlq" {
+  name                      = "${var.name_prefix}-worker-dlq"
+  message_retention_seconds = 1209600
+  sqs_managed_sse_enabled   = true
+}
+
+################################################################################
 # Queue policies: only S3 may send, and only from our bucket in our account
 ################################################################################
 

@@ -6,6 +6,11 @@ variable "region" {
   description = "AWS region to deploy into."
   type        = string
   default     = "us-east-1"
+
+  validation {
+    condition     = can(regex("^[a-z]{2}(-gov)?-[a-z]+-[0-9]$", var.region))
+    error_message = "The region must be an AWS region name such as us-east-1."
+  }
 }
 
 variable "aws_endpoint_url" {
@@ -20,15 +25,22 @@ variable "name_prefix" {
   default     = "batchworker"
 
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{1,30}$", var.name_prefix))
-    error_message = "The name_prefix must match ^[a-z][a-z0-9-]{1,30}$ (it is part of S3 bucket names)."
+    # Part of S3 bucket names (lower case, digits, hyphens) and of the SSM document name (which may not
+    # start with "aws" or "amazon").
+    condition     = can(regex("^[a-z][a-z0-9-]{1,30}[a-z0-9]$", var.name_prefix)) && !can(regex("^(aws|amazon)", var.name_prefix))
+    error_message = "The name_prefix must match ^[a-z][a-z0-9-]{1,30}[a-z0-9]$ and must not start with \"aws\" or \"amazon\" (it is part of bucket and SSM document names)."
   }
 }
 
 variable "tags" {
-  description = "Tags applied to every resource through the provider's default_tags."
+  description = "Tags applied to every resource through the provider's default_tags (and to the instances' volumes and network interfaces)."
   type        = map(string)
   default     = {}
+
+  validation {
+    condition     = !contains(keys(var.tags), "batchworker:pool")
+    error_message = "The tags must not set batchworker:pool: that discovery tag belongs to the GPU instances only and is set from name_prefix."
+  }
 }
 
 ################################################################################
@@ -42,13 +54,24 @@ variable "tls_only_bucket_policy" {
 }
 
 variable "object_expiry_days" {
-  description = "Days after which objects in the input and output buckets expire."
+  description = "Days after which objects in the input and output buckets expire (results, job logs and SSM command output included)."
   type        = number
   default     = 30
 
   validation {
-    condition     = var.object_expiry_days >= 1
-    error_message = "The object_expiry_days must be at least 1."
+    condition     = var.object_expiry_days >= 1 && floor(var.object_expiry_days) == var.object_expiry_days
+    error_message = "The object_expiry_days must be a whole number of at least 1."
+  }
+}
+
+variable "noncurrent_version_expiry_days" {
+  description = "Days after which replaced object versions expire in the versioned buckets (input, artifacts: earlier models and job packages)."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.noncurrent_version_expiry_days >= 1 && floor(var.noncurrent_version_expiry_days) == var.noncurrent_version_expiry_days
+    error_message = "The noncurrent_version_expiry_days must be a whole number of at least 1."
   }
 }
 
@@ -70,9 +93,15 @@ variable "model_uri" {
   default     = null
 
   validation {
-    condition     = var.model_uri == null || can(regex("^s3://[^/]+/.+$", var.model_uri))
+    condition     = var.model_uri == null || can(regex("^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+$", var.model_uri))
     error_message = "The model_uri must look like s3://bucket/key."
   }
+}
+
+variable "job_package_dir" {
+  description = "Directory holding the job package (the instance side, `batchworker-job`) and its job-package.json, built by scripts/build_lambdas.py. Null means <module>/../build/job."
+  type        = string
+  default     = null
 }
 
 ################################################################################
@@ -85,8 +114,8 @@ variable "max_receive_count" {
   default     = 5
 
   validation {
-    condition     = var.max_receive_count >= 1
-    error_message = "The max_receive_count must be at least 1."
+    condition     = var.max_receive_count >= 1 && var.max_receive_count <= 1000
+    error_message = "The max_receive_count must be between 1 and 1000."
   }
 }
 
@@ -118,13 +147,45 @@ variable "event_source_mappings_enabled" {
 }
 
 variable "log_retention_days" {
-  description = "Retention of the Lambda functions' CloudWatch log groups, in days."
+  description = "Retention of the Lambda functions' CloudWatch log groups, in days (one of the values CloudWatch Logs accepts)."
   type        = number
-  default     = 14
+  default     = 30
+
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_days)
+    error_message = "The log_retention_days must be one of 1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653."
+  }
+}
+
+variable "lambda_subnet_ids" {
+  description = "Subnets to run the worker function in (VPC access). Needed with transport = \"ssh\" when the instances have no public IP: the worker connects to their private IP. The subnets must reach the AWS APIs (NAT gateway or VPC endpoints). Empty keeps the worker outside any VPC."
+  type        = list(string)
+  default     = []
+}
+
+variable "lambda_security_group_ids" {
+  description = "Security groups of the worker function when lambda_subnet_ids is set. With transport = \"ssh\" the GPU instances admit port 22 from these groups."
+  type        = list(string)
+  default     = []
+}
+
+################################################################################
+# Jobs: timing and transport
+################################################################################
+
+variable "transport" {
+  description = "How the worker function starts a job on an instance: \"ssm\" (SSM Run Command, no inbound port) or \"ssh\" (port 22 from ssh_allowed_cidrs / lambda_security_group_ids, key in SSM). The local cloud uses \"ssh\"."
+  type        = string
+  default     = "ssm"
+
+  validation {
+    condition     = contains(["ssm", "ssh"], var.transport)
+    error_message = "The transport must be \"ssm\" or \"ssh\"."
+  }
 }
 
 variable "instance_ready_timeout_seconds" {
-  description = "How long the worker function waits for an instance to be running and accept SSH. Must stay below the worker function's 900 s timeout."
+  description = "How long the worker function waits for an instance to be running and reachable (SSM agent Online, or SSH answering). Must stay below the worker function's 900 s timeout."
   type        = number
   default     = 600
 
@@ -134,16 +195,60 @@ variable "instance_ready_timeout_seconds" {
   }
 }
 
+variable "idle_grace_seconds" {
+  description = "How long an instance may sit idle (no queued, dispatched or running job) before it is stopped."
+  type        = number
+  default     = 120
+
+  validation {
+    condition     = var.idle_grace_seconds >= 0
+    error_message = "The idle_grace_seconds must be 0 or more."
+  }
+}
+
+variable "max_job_runtime_seconds" {
+  description = "Longest a job may run; also the SSM Run Command execution timeout (SSM allows at most 172800 s, 48 h)."
+  type        = number
+  default     = 3600
+
+  validation {
+    condition     = var.max_job_runtime_seconds > 0 && var.max_job_runtime_seconds <= 172800 && floor(var.max_job_runtime_seconds) == var.max_job_runtime_seconds
+    error_message = "The max_job_runtime_seconds must be a whole number of seconds, greater than 0 and at most 172800 (48 h, the SSM Run Command limit)."
+  }
+}
+
 variable "ssh_user" {
-  description = "Login user on the GPU instance (ubuntu on the Deep Learning AMI)."
+  description = "User the job runs as on the instance (both transports) and the SSH login user (ubuntu on the Deep Learning AMI)."
   type        = string
   default     = "ubuntu"
+
+  validation {
+    condition     = can(regex("^[a-z_][a-z0-9_-]{0,31}$", var.ssh_user)) && var.ssh_user != "root"
+    error_message = "The ssh_user must be a POSIX user name other than root."
+  }
 }
 
 variable "job_command" {
-  description = "Fixed command the worker function runs on the instance over SSH; it reads the job spec from stdin."
+  description = "Fixed command that starts a job on the instance; it reads the job spec (JSON) from stdin. The SSM document runs it, and with SSH it is the forced command of the worker function's key."
   type        = string
-  default     = "/opt/batchworker/venv/bin/batchworker-job launch"
+  default     = "/opt/batchworker/bin/batchworker-launch"
+
+  validation {
+    # It lands in a shell command line (SSM document, authorized_keys command="..."): no quoting games.
+    condition     = can(regex("^[A-Za-z0-9_./ =+@:,%-]+$", var.job_command))
+    error_message = "The job_command may contain only letters, digits, spaces and _ . / = + @ : , % - (no quotes or shell metacharacters)."
+  }
+}
+
+variable "ssh_public_key" {
+  description = "OpenSSH public key of the worker function's login key (private half in the SSM SecureString /<name_prefix>/ssh/private-key). With transport = \"ssh\", user data authorizes it for ssh_user, restricted to job_command. Null authorizes nothing."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.ssh_public_key == null || can(regex("^(ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa) [A-Za-z0-9+/]+={0,3}( [^\\n]*)?$", var.ssh_public_key))
+    error_message = "The ssh_public_key must be one OpenSSH public key line (ssh-ed25519 AAAA... [comment])."
+  }
 }
 
 ################################################################################
@@ -151,25 +256,35 @@ variable "job_command" {
 ################################################################################
 
 variable "ami_id" {
-  description = "AMI of the GPU instances. Null picks the newest AWS Deep Learning OSS Nvidia Driver PyTorch AMI (Ubuntu 22.04, x86_64)."
+  description = "AMI of the GPU instances. Null picks the newest AWS Deep Learning OSS Nvidia Driver AMI GPU PyTorch (Ubuntu 22.04, x86_64) owned by Amazon."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.ami_id == null || can(regex("^ami-[0-9a-f]{8,17}$", var.ami_id))
+    error_message = "The ami_id must look like ami-0123456789abcdef0."
+  }
 }
 
 variable "instance_type" {
-  description = "EC2 instance type of the GPU instances."
+  description = "EC2 instance type of the GPU instances (an NVIDIA GPU family: g4dn, g5, g6, g6e, gr6, p3, p3dn, p4d, p4de, p5, p5e)."
   type        = string
   default     = "g4dn.xlarge"
+
+  validation {
+    condition     = can(regex("^(g4dn|g5|g6|g6e|gr6|p3|p3dn|p4d|p4de|p5|p5e)\\.[0-9a-z]+$", var.instance_type))
+    error_message = "The instance_type must be an x86_64 NVIDIA GPU type such as g4dn.xlarge, g5.xlarge, g6.xlarge or p4d.24xlarge."
+  }
 }
 
 variable "instance_count" {
-  description = "Number of GPU instances in the pool (created, then left stopped)."
+  description = "Number of GPU instances in the pool (created, then left stopped). At most 20: with SSH, each instance adds a statement to the instance role's policy."
   type        = number
   default     = 1
 
   validation {
-    condition     = var.instance_count >= 1
-    error_message = "The instance_count must be at least 1."
+    condition     = var.instance_count >= 1 && var.instance_count <= 20 && floor(var.instance_count) == var.instance_count
+    error_message = "The instance_count must be a whole number from 1 to 20."
   }
 }
 
@@ -180,19 +295,37 @@ variable "key_name" {
 }
 
 variable "ssh_allowed_cidrs" {
-  description = "CIDR blocks allowed to reach the GPU instances on port 22. Empty means no ingress at all."
+  description = "IPv4 CIDR blocks allowed to reach the GPU instances on port 22 (only with transport = \"ssh\"). Empty means no CIDR ingress at all; 0.0.0.0/0 and other /0 blocks are refused."
   type        = list(string)
   default     = []
+
+  validation {
+    condition = alltrue([
+      for cidr in var.ssh_allowed_cidrs : can(cidrnetmask(cidr)) && !can(regex("/0$", cidr))
+    ])
+    error_message = "Every ssh_allowed_cidrs entry must be an IPv4 CIDR block such as 10.0.0.0/16, and none may be a /0 (0.0.0.0/0 opens SSH to the internet)."
+  }
 }
 
 variable "subnet_id" {
-  description = "Subnet of the GPU instances. Null uses the default VPC's default subnet."
+  description = "Subnet of the GPU instances. Null uses the default VPC's default subnet. The subnet must reach S3 and SSM (internet gateway, NAT or VPC endpoints)."
   type        = string
   default     = null
 }
 
+variable "root_volume_size_gb" {
+  description = "Size of the instances' encrypted root volume in GiB. Null keeps the AMI's own size."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.root_volume_size_gb == null || try(var.root_volume_size_gb >= 8, false)
+    error_message = "The root_volume_size_gb must be at least 8 (or null for the AMI's size)."
+  }
+}
+
 variable "user_data" {
-  description = "Optional cloud-init user data of the GPU instances (installs the job, publishes /<name_prefix>/instances/<id>/ssh-endpoint)."
+  description = "Replacement cloud-init user data of the GPU instances. Null renders templates/user_data.sh.tftpl (installs the job package, prepares the job and model cache directories, publishes the SSH endpoint when transport = \"ssh\")."
   type        = string
   default     = null
 }

@@ -26,9 +26,13 @@ RUN_PID_NAME = "run.pid"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="batchworker-job", description="The batchworker job on the GPU instance.")
+    parser = argparse.ArgumentParser(
+        prog="batchworker-job", description="The batchworker job on the GPU instance."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("launch", help="read a job spec (JSON) from stdin, start the job detached, print its pid")
+    commands.add_parser(
+        "launch", help="read a job spec (JSON) from stdin, start the job detached, print its pid"
+    )
     run_parser = commands.add_parser("run", help="run the job described by SPEC_PATH in the foreground")
     run_parser.add_argument("spec_path", type=Path)
     args = parser.parse_args(argv)

@@ -216,7 +216,12 @@ def _border_level(gray: np.ndarray) -> float:
     if h <= 2 * band or w <= 2 * band:
         return float(np.median(gray))
     frame = np.concatenate(
-        [gray[:band].ravel(), gray[-band:].ravel(), gray[band:-band, :band].ravel(), gray[band:-band, -band:].ravel()]
+        [
+            gray[:band].ravel(),
+            gray[-band:].ravel(),
+            gray[band:-band, :band].ravel(),
+            gray[band:-band, -band:].ravel(),
+        ]
     )
     return float(np.median(frame))
 
@@ -241,7 +246,8 @@ def _decode_npy(path: Path, name: str, model_input: ModelInput) -> Decoded:
     except (OSError, EOFError) as exc:
         raise InputError(f"{name} is not a readable .npy file (corrupt or truncated: {exc})") from exc
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
-        raise InputError(f"{name} has dtype {getattr(array, 'dtype', '?')}; expected a numeric (int or float) array")
+        dtype = getattr(array, "dtype", "?")
+        raise InputError(f"{name} has dtype {dtype}; expected a numeric (int or float) array")
     batch = _shape_batch(array, name, model_input)
     values = batch.reshape(len(batch), -1).astype(np.float64)
     for index, row in enumerate(values):
@@ -266,7 +272,7 @@ def _shape_batch(array: np.ndarray, name: str, model_input: ModelInput) -> np.nd
         accepted = [(flat,), ("N", flat), (c, h, w), ("N", c, h, w)]
         if c == 1:
             accepted = [(flat,), ("N", flat), (h, w), ("N", h, w), ("N", c, h, w)]
-        listed = ", ".join("(" + ", ".join(map(str, s)) + ("," if len(s) == 1 else "") + ")" for s in accepted)
+        listed = ", ".join(str(s).replace("'", "") for s in accepted)
         raise InputError(f"{name} has shape {shape}; expected one of {listed}")
     if len(batch) == 0:
         raise InputError(f"{name} contains no items (shape {shape}); upload at least one")
@@ -280,7 +286,9 @@ def _decode_csv(data: bytes, name: str, model_input: ModelInput) -> Decoded:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as plain CSV") from exc
+        raise InputError(
+            f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as plain CSV"
+        ) from exc
     expected = model_input.describe_values()
     rows: list[np.ndarray] = []
     items: list[str] = []
@@ -373,19 +381,24 @@ def _decode_zip(path: Path, name: str, model_input: ModelInput) -> Decoded:
     with archive:
         entries = archive.infolist()
         if len(entries) > MAX_ZIP_ENTRIES:
-            raise InputError(f"{name} has {len(entries):,} entries, over the {MAX_ZIP_ENTRIES:,} limit; split it")
+            raise InputError(
+                f"{name} has {len(entries):,} entries, over the {MAX_ZIP_ENTRIES:,} limit; split it"
+            )
         images: list[zipfile.ZipInfo] = []
         for info in entries:
             entry = printable(info.filename)
             if is_unsafe_entry_name(info.filename):
                 raise InputError(
-                    f"{name} entry {entry!r} has an absolute or '..' path; rebuild the zip with relative names"
+                    f"{name} entry {entry!r} has an absolute or '..' path; "
+                    "rebuild the zip with relative names"
                 )
             if info.is_dir() or is_ignored_entry_name(info.filename):
                 continue
             ext = posixpath.splitext(info.filename)[1].lower()
             if FORMAT_BY_EXTENSION.get(ext) not in IMAGE_FORMATS:
-                raise InputError(f"{name} entry {entry!r} is not a .png/.jpg/.jpeg image; the zip may hold only images")
+                raise InputError(
+                    f"{name} entry {entry!r} is not a .png/.jpg/.jpeg image; the zip may hold only images"
+                )
             if info.flag_bits & 0x1:
                 raise InputError(f"{name} entry {entry!r} is encrypted; upload an unencrypted zip")
             images.append(info)
@@ -410,7 +423,8 @@ def _decode_zip(path: Path, name: str, model_input: ModelInput) -> Decoded:
 def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, remaining: int) -> bytes:
     """Read one entry into memory, never more than `remaining` bytes whatever its header claims."""
     too_big = InputError(
-        f"{where}: the zip's uncompressed contents exceed the {MAX_ZIP_UNCOMPRESSED_BYTES // 2**20} MiB limit; "
+        f"{where}: the zip's uncompressed contents exceed the "
+        f"{MAX_ZIP_UNCOMPRESSED_BYTES // 2**20} MiB limit; "
         "split it into smaller archives"
     )
     if info.file_size > remaining:

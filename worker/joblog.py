@@ -19,7 +19,9 @@ class JsonLinesFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "at": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "at": dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname,
             "event": record.getMessage(),
         }
@@ -54,7 +56,7 @@ def job_logging(job_id: str, log_path: Path) -> Iterator[logging.Logger]:
     formatter = JsonLinesFormatter()
     job_filter = _JobIdFilter(job_id)
     handlers: list[logging.Handler] = [
-        logging.FileHandler(log_path, encoding="utf-8"),
+        logging.FileHandler(log_path, mode="w", encoding="utf-8"),  # a relaunched job starts a fresh log
         logging.StreamHandler(sys.stderr),
     ]
     for handler in handlers:

@@ -93,7 +93,9 @@ def model_input_from_metadata(meta: dict[str, Any], origin: str) -> ModelInput:
         or len(shape) != 3
         or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_INPUT_SIDE for v in shape)
     ):
-        raise ModelError(f"{origin} declares input_shape {shape!r:.100}; expected [C, H, W] positive integers")
+        raise ModelError(
+            f"{origin} declares input_shape {shape!r:.100}; expected [C, H, W] positive integers"
+        )
     top = meta.get("array_value_max")
     if top is not None and (
         not isinstance(top, (int, float)) or isinstance(top, bool) or not math.isfinite(top) or top <= 0

@@ -68,6 +68,7 @@ class _Job:
         self.outcome = _Outcome(input_version_id=spec.input_version_id)
         self.device = "unknown"
         self.instance_id = spec.instance_id or os.environ.get(INSTANCE_ID_ENV) or None
+        self.input_path: Path | None = None
 
     def run(self) -> ExitCode:
         self.log.info(
@@ -107,11 +108,13 @@ class _Job:
         name = display_name(spec.input_key)
         if self.storage is None:
             self.storage = Storage()
+        # a fixed name: only the whitelisted extension comes from the key
+        self.input_path = self.job_dir / f"input{ext}"
         with self.timings.measure("download_s"):
             info = self.storage.download(
                 spec.input_bucket,
                 spec.input_key,
-                self.job_dir / f"input{ext}",  # fixed name; only the whitelisted extension comes from the key
+                self.input_path,
                 version_id=spec.input_version_id,
                 max_bytes=MAX_INPUT_BYTES,
             )
@@ -129,7 +132,7 @@ class _Job:
             },
         )
         with self.timings.measure("inference_s"):  # decoding included: it depends on the model's input shape
-            decoded = decode_input(self.job_dir / f"input{ext}", ext, name, model.model_input)
+            decoded = decode_input(self.input_path, ext, name, model.model_input)
             probs = predict(model, decoded.pixels)
         self.log.info("inference done", extra={"items": len(decoded.items), "classes": int(probs.shape[1])})
         predictions_path = self.job_dir / PREDICTIONS_NAME
@@ -147,6 +150,8 @@ class _Job:
             extra={"status": outcome.status.value, "exit_code": int(outcome.exit_code)},
         )
         flush_handlers()
+        if self.input_path is not None:
+            self.input_path.unlink(missing_ok=True)  # inputs are the big files (up to 100 MiB)
         if self.storage is None:
             try:
                 self.storage = Storage()
@@ -173,7 +178,10 @@ class _Job:
             input_version_id=outcome.input_version_id,
             instance_id=self.instance_id,
         )
-        _write_local_json(self.job_dir / MANIFEST_NAME, manifest)
+        try:
+            _write_local_json(self.job_dir / MANIFEST_NAME, manifest)
+        except OSError as exc:  # a full disk must not keep the manifest from S3
+            self.log.warning("local manifest copy failed", extra={"error": str(exc)})
         if self.storage is None:
             return ExitCode.TRANSIENT
         try:
@@ -181,7 +189,9 @@ class _Job:
         except StorageError as exc:
             self.log.error("manifest upload failed", extra={"error": str(exc), "transient": exc.transient})
             return ExitCode.TRANSIENT
-        self.log.info("job finished", extra={"status": outcome.status.value, "exit_code": int(outcome.exit_code)})
+        self.log.info(
+            "job finished", extra={"status": outcome.status.value, "exit_code": int(outcome.exit_code)}
+        )
         return outcome.exit_code
 
 

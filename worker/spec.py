@@ -42,7 +42,11 @@ class JobSpec:
         """The wire form (the same shape parse_spec accepts)."""
         return {
             "job_id": self.job_id,
-            "input": {"bucket": self.input_bucket, "key": self.input_key, "version_id": self.input_version_id},
+            "input": {
+                "bucket": self.input_bucket,
+                "key": self.input_key,
+                "version_id": self.input_version_id,
+            },
             "output": {"bucket": self.output_bucket, "prefix": self.output_prefix},
             "model_uri": self.model_uri,
             "instance_id": self.instance_id,
@@ -100,7 +104,9 @@ def parse_spec(data: bytes | str) -> JobSpec:
     if instance_id is not None and (
         not isinstance(instance_id, str) or not INSTANCE_ID_PATTERN.fullmatch(instance_id)
     ):
-        raise SpecError(f"instance_id must be null or an instance id like i-0123..., got {instance_id!r:.100}")
+        raise SpecError(
+            f"instance_id must be null or an instance id like i-0123..., got {instance_id!r:.100}"
+        )
     return JobSpec(
         job_id=job_id,
         input_bucket=input_bucket,

@@ -30,12 +30,13 @@ class ObjectInfo:
 
 
 def make_client() -> Any:
-    """An S3 client; AWS_ENDPOINT_URL (local cloud) and the instance profile (AWS) come from the environment."""
+    """An S3 client; AWS_ENDPOINT_URL (local) or the instance profile (AWS) from the environment."""
     config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
     try:
         return boto3.client("s3", config=config)
     except BotoCoreError as exc:
-        raise StorageError(f"cannot create an S3 client ({exc}); check AWS_DEFAULT_REGION", transient=True) from exc
+        message = f"cannot create an S3 client ({exc}); check AWS_DEFAULT_REGION"
+        raise StorageError(message, transient=True) from exc
 
 
 def describe(bucket: str, key: str) -> str:
@@ -54,7 +55,13 @@ class Storage:
         return ObjectInfo(response["ContentLength"], response.get("ETag", ""), response.get("VersionId"))
 
     def download(
-        self, bucket: str, key: str, dest: Path, *, version_id: str | None = None, max_bytes: int | None = None
+        self,
+        bucket: str,
+        key: str,
+        dest: Path,
+        *,
+        version_id: str | None = None,
+        max_bytes: int | None = None,
     ) -> ObjectInfo:
         """Stream an object to dest (via a temporary file); InputError if it is larger than max_bytes."""
         kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
@@ -81,7 +88,7 @@ class Storage:
         return ObjectInfo(written, response.get("ETag", ""), response.get("VersionId"))
 
     def get_optional(self, bucket: str, key: str, max_bytes: int) -> bytes | None:
-        """A small object's bytes, or None when it is missing or unreadable to us (S3 answers 403 then too)."""
+        """A small object's bytes, or None when it is missing or unreadable (S3 answers 403 for both)."""
         try:
             with translate_errors("read", bucket, key):
                 response = self._s3.get_object(Bucket=bucket, Key=key)
@@ -132,7 +139,8 @@ def translate_errors(action: str, bucket: str, key: str) -> Iterator[None]:
             transient=True,
         ) from exc
     except (ConnectionError, TimeoutError) as exc:
-        raise StorageError(f"could not {action} {where}: {type(exc).__name__}; retry later", transient=True) from exc
+        message = f"could not {action} {where}: {type(exc).__name__}; retry later"
+        raise StorageError(message, transient=True) from exc
 
 
 def _too_large(size_bytes: int, max_bytes: int) -> str:
