@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ class Upload:
 
 
 class Launcher(Protocol):
+    max_spec_bytes: int  # the largest job spec one command can carry
+
     def launch(self, instance_id: str, spec: dict, deadline: float) -> dict: ...
 
 
@@ -54,9 +57,9 @@ def accept_upload(
     jobs: JobStore,
     pool: InstancePool,
     ledger: InstanceLedger,
-    invoke_worker: Callable[[dict], None],
+    dispatch: Callable[[str, str], None],
 ) -> str | None:
-    """Record the job, make sure an instance is coming up, hand the job to the worker function.
+    """Record the job, place it on an instance (starting one if needed), hand it to `dispatch(job_id, instance_id)`.
 
     Returns the job id, or None when this delivery is a duplicate of a job already under way.
     """
@@ -77,8 +80,11 @@ def accept_upload(
         if existing is not None and existing.status is not JobStatus.QUEUED:
             logger.info("duplicate delivery of job %s (%s); ignored", job.job_id, existing.status.value)
             return None
-        # Still QUEUED: an earlier delivery may have died before invoking the worker. Invoking again
-        # is safe, the worker claims the job with a conditional write.
+        if existing is not None and existing.instance_id:
+            # Still QUEUED: an earlier delivery may have died before invoking the worker. Dispatching
+            # again is safe: the worker claims each job with a conditional write.
+            dispatch(job.job_id, existing.instance_id)
+            return job.job_id
     placement = place_job(pool.list(), jobs.active(), settings.max_jobs_per_instance)
     if placement is None:
         raise NoInstanceAvailable(
@@ -89,50 +95,92 @@ def accept_upload(
     jobs.assign_instance(job.job_id, placement.instance_id)
     if placement.start:
         pool.try_start(placement.instance_id, reason=f"job {job.job_id} queued; {placement.reason}")
-    invoke_worker({"job_id": job.job_id})
+    dispatch(job.job_id, placement.instance_id)
     logger.info("job %s placed on %s (%s)", job.job_id, placement.instance_id, placement.reason)
     return job.job_id
 
 
-def dispatch_job(
-    job_id: str,
+def dispatch_jobs(
+    job_ids: list[str],
     settings: Settings,
     jobs: JobStore,
     pool: InstancePool,
     launcher: Launcher,
     s3_client,
     clock: Callable[[], float] = time.monotonic,
-) -> JobStatus:
-    """Wait (bounded) for the job's instance, start the job on it, return without waiting for the job.
+) -> dict[str, JobStatus]:
+    """Wait (bounded) for each job's instance, start the jobs there in as few commands as fit, return.
 
-    A job that cannot be started gets a failed manifest, so the stop function learns of it and the
-    instance never keeps running for a job that will not come.
+    A burst shares its instance start and its commands: the jobs of one instance travel together as one
+    batch spec. A job that cannot be started gets a failed manifest, so the stop function learns of it
+    and the instance never keeps running for a job that will not come.
     """
-    job = jobs.get(job_id)
-    if job is None:
-        raise PermanentError(f"job {job_id} is not in the job table")
-    if job.status is not JobStatus.QUEUED:
-        logger.info("job %s is already %s; nothing to dispatch", job_id, job.status.value)
-        return job.status
+    outcome: dict[str, JobStatus] = {}
+    by_instance: dict[str, list[Job]] = {}
+    for job_id in dict.fromkeys(job_ids):
+        job = jobs.get(job_id)
+        if job is None:
+            logger.warning("job %s is not in the job table; skipped", job_id)
+            continue
+        if job.status is not JobStatus.QUEUED:
+            logger.info("job %s is already %s; nothing to dispatch", job_id, job.status.value)
+            outcome[job_id] = job.status
+        elif job.instance_id is None:
+            fail_job(job, "the job was never placed on an instance", None, settings, jobs, s3_client)
+            outcome[job_id] = JobStatus.FAILED
+        else:
+            by_instance.setdefault(job.instance_id, []).append(job)
+    for instance_id, group in by_instance.items():
+        outcome.update(_dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, clock))
+    return outcome
+
+
+def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, clock) -> dict[str, JobStatus]:
     deadline = clock() + settings.instance_ready_timeout_seconds
-    instance_id = job.instance_id
-    if instance_id is None:
-        raise PermanentError(f"job {job_id} was never placed on an instance")
+    claimed: list[Job] = []
     try:
-        pool.ensure_running(instance_id, deadline, reason=f"job {job_id} waiting")
-        if not jobs.transition(
-            job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED], instance_id=instance_id, count_attempt=True
-        ):
-            logger.info("job %s was claimed by another dispatch", job_id)
-            return JobStatus.DISPATCHED
-        launcher.launch(instance_id, job_spec(job, settings, instance_id), deadline)
+        pool.ensure_running(instance_id, deadline, reason=f"{len(group)} job(s) waiting")
+        for job in group:
+            # The conditional claim makes a retried or duplicated invocation start each job once.
+            if jobs.transition(
+                job.job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED], instance_id=instance_id,
+                count_attempt=True,
+            ):
+                claimed.append(job)
+        for batch in batches(claimed, settings, instance_id, launcher.max_spec_bytes):
+            launcher.launch(instance_id, {"jobs": [job_spec(job, settings, instance_id) for job in batch]}, deadline)
+            for job in batch:
+                jobs.transition(
+                    job.job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED],
+                    lease_seconds=settings.job_lease_seconds,
+                )
     except BatchworkerError as exc:
-        fail_job(job, str(exc), instance_id, settings, jobs, s3_client)
-        return JobStatus.FAILED
-    jobs.transition(
-        job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED], lease_seconds=settings.job_lease_seconds
-    )
-    return JobStatus.RUNNING
+        for job in claimed or group:
+            current = jobs.get(job.job_id)
+            if current is not None and current.status in (JobStatus.QUEUED, JobStatus.DISPATCHED):
+                fail_job(job, str(exc), instance_id, settings, jobs, s3_client)
+    final = {}
+    for job in group:
+        current = jobs.get(job.job_id)
+        final[job.job_id] = current.status if current else JobStatus.FAILED
+    return final
+
+
+def batches(claimed: list[Job], settings: Settings, instance_id: str, max_spec_bytes: int) -> list[list[Job]]:
+    """Split jobs into batch specs that each fit the transport's payload limit."""
+    result: list[list[Job]] = []
+    current: list[Job] = []
+    size = len('{"jobs": []}')
+    for job in claimed:
+        job_size = len(json.dumps(job_spec(job, settings, instance_id))) + 2
+        if current and size + job_size > max_spec_bytes:
+            result.append(current)
+            current, size = [], len('{"jobs": []}')
+        current.append(job)
+        size += job_size
+    if current:
+        result.append(current)
+    return result
 
 
 def job_spec(job: Job, settings: Settings, instance_id: str) -> dict:
@@ -142,6 +190,9 @@ def job_spec(job: Job, settings: Settings, instance_id: str) -> dict:
         "output": {"bucket": settings.output_bucket, "prefix": output_prefix(job.job_id)},
         "model_uri": settings.model_uri,
         "instance_id": instance_id,
+        # The job renews this lease while it runs; the reaper fails jobs whose lease expires.
+        "lease": {"table": settings.jobs_table, "seconds": settings.job_lease_seconds},
+        "max_concurrent_jobs": settings.max_jobs_per_instance,
     }
 
 

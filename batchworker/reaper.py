@@ -47,7 +47,7 @@ def reap(
         elif verdict.action is JobAction.REDISPATCH:
             if jobs.transition(job.job_id, JobStatus.QUEUED, allowed_from=[JobStatus.QUEUED, JobStatus.DISPATCHED]):
                 logger.warning("re-dispatching job %s: %s", job.job_id, verdict.reason)
-                invoke_worker({"job_id": job.job_id})
+                invoke_worker({"job_ids": [job.job_id]})
                 report.redispatched.append(job.job_id)
     for instance in pool.list():
         if instance.state is not InstanceState.RUNNING:

@@ -28,6 +28,8 @@ class SshLauncher:
     written to the command's stdin, so no key ever becomes shell text.
     """
 
+    max_spec_bytes = 1024 * 1024  # what `batchworker-job launch` reads from stdin for a batch
+
     def __init__(
         self,
         settings: Settings,

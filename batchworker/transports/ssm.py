@@ -104,6 +104,9 @@ class SsmLauncher:
     are retried, everything else fails the dispatch at once.
     """
 
+    # JobSpec is base64 of ASCII JSON and the document allows 12,000 base64 characters.
+    max_spec_bytes = 12_000 * 3 // 4 - 64
+
     def __init__(
         self,
         settings: Settings,

@@ -26,10 +26,27 @@ lambda_client = boto3.client("lambda")
 s3 = boto3.client("s3")
 
 
-def invoke_worker(payload: dict) -> None:
-    lambda_client.invoke(
-        FunctionName=settings.worker_function, InvocationType="Event", Payload=json.dumps(payload).encode()
-    )
+class Dispatches:
+    """Jobs accepted in this invocation, per instance: one worker invocation per instance, not per upload."""
+
+    def __init__(self):
+        self.by_instance: dict[str, list[str]] = {}
+
+    def add(self, job_id: str, instance_id: str) -> None:
+        self.by_instance.setdefault(instance_id, []).append(job_id)
+
+    def flush(self) -> None:
+        # If this fails after the records were acknowledged, the reaper re-dispatches the QUEUED jobs.
+        for job_ids in self.by_instance.values():
+            lambda_client.invoke(
+                FunctionName=settings.worker_function,
+                InvocationType="Event",
+                Payload=json.dumps({"job_ids": job_ids}).encode(),
+            )
+        self.by_instance.clear()
+
+
+dispatches = Dispatches()
 
 
 def current_version(bucket: str, key: str) -> str | None:
@@ -57,7 +74,7 @@ def record_handler(record: SQSRecord) -> None:
             version_id=obj.version_id or current_version(s3_record.s3.bucket.name, unquote_plus(obj.key)),
         )
         try:
-            job_id = accept_upload(upload, settings, jobs, pool, ledger, invoke_worker)
+            job_id = accept_upload(upload, settings, jobs, pool, ledger, dispatches.add)
         except RejectedEvent as exc:
             # Retrying cannot make this event valid; log it and let the rest of the batch go on.
             logger.warning("rejected event", extra={"reason": str(exc), "bucket": upload.bucket})
@@ -67,4 +84,9 @@ def record_handler(record: SQSRecord) -> None:
 
 @logger.inject_lambda_context
 def handler(event, context):
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+    try:
+        return process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=context
+        )
+    finally:
+        dispatches.flush()

@@ -1,6 +1,7 @@
-"""Lambda `worker` (the dispatcher, not the GPU instance): wait for the instance, start the job, return.
+"""Lambda `worker` (the dispatcher, not the GPU instance): wait for the instance, start the jobs, return.
 
-The job starts through SSM Run Command or SSH (`BATCHWORKER_TRANSPORT`); see batchworker.transports.
+Event: {"job_ids": [...]} (a burst placed on one instance). The jobs start through SSM Run Command or
+SSH (`BATCHWORKER_TRANSPORT`); see batchworker.transports.
 """
 
 import re
@@ -9,13 +10,14 @@ import boto3
 from aws_lambda_powertools import Logger
 
 from batchworker.config import Settings
-from batchworker.control import dispatch_job
+from batchworker.control import dispatch_jobs
 from batchworker.errors import PermanentError
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
 from batchworker.transports import make_launcher
 
 JOB_ID = re.compile(r"^j-[0-9a-f]{16}$")
+MAX_JOBS_PER_EVENT = 1000
 
 settings = Settings.from_env()
 logger = Logger()
@@ -25,12 +27,22 @@ launcher = make_launcher(settings, boto3.client("ssm"))
 s3 = boto3.client("s3")
 
 
+def job_ids_of(event) -> list[str]:
+    job_ids = event.get("job_ids") if isinstance(event, dict) else None
+    if (
+        not isinstance(job_ids, list)
+        or not 0 < len(job_ids) <= MAX_JOBS_PER_EVENT
+        or not all(isinstance(j, str) and JOB_ID.match(j) for j in job_ids)
+    ):
+        raise PermanentError(f"event must be {{'job_ids': [<1..{MAX_JOBS_PER_EVENT} job ids>]}}, got {event!r:.200}")
+    return job_ids
+
+
 @logger.inject_lambda_context
 def handler(event, context):
-    job_id = event.get("job_id") if isinstance(event, dict) else None
-    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
-        raise PermanentError(f"event has no valid job_id: {event!r:.200}")
-    logger.append_keys(job_id=job_id)
-    status = dispatch_job(job_id, settings, jobs, pool, launcher, s3)
-    logger.info("dispatch finished", extra={"status": status.value})
-    return {"job_id": job_id, "status": status.value}
+    job_ids = job_ids_of(event)
+    logger.append_keys(job_ids=job_ids[:20])
+    outcome = dispatch_jobs(job_ids, settings, jobs, pool, launcher, s3)
+    result = {job_id: status.value for job_id, status in outcome.items()}
+    logger.info("dispatch finished", extra={"statuses": result})
+    return {"statuses": result}

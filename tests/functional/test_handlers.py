@@ -28,7 +28,7 @@ def test_trigger_records_job_starts_instance_and_invokes_worker(stack):
     assert stack.instance_state() == "running"
     assert len(recorder.calls) == 1
     assert recorder.calls[0]["InvocationType"] == "Event"
-    assert json.loads(recorder.calls[0]["Payload"]) == {"job_id": job_id}
+    assert json.loads(recorder.calls[0]["Payload"]) == {"job_ids": [job_id]}
     events = InstanceHistory(stack.events_table).events(stack.instance_id)
     assert [e["state"] for e in events] == ["start"]
 
@@ -105,9 +105,9 @@ def test_worker_that_cannot_reach_the_instance_writes_a_failed_manifest(stack):
     worker = load_handler("worker")
     worker.launcher.poll_seconds = 0.05
     # WHEN the worker runs (ready timeout 5 s in this stack)
-    result = worker.handler({"job_id": job_id}, LambdaContext())
+    result = worker.handler({"job_ids": [job_id]}, LambdaContext())
     # THEN the job failed with a message naming the timeout and a failed manifest was written
-    assert result["status"] == "FAILED"
+    assert result["statuses"] == {job_id: "FAILED"}
     manifest = json.loads(boto3.client("s3").get_object(
         Bucket=stack.output_bucket, Key=f"jobs/{job_id}/manifest.json")["Body"].read())
     assert manifest["status"] == "failed"
@@ -123,3 +123,16 @@ def _private_key() -> str:
     return ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     ).decode()
+
+
+def test_a_burst_in_one_batch_is_one_worker_invocation(stack):
+    trigger = load_handler("trigger")
+    trigger.lambda_client = recorder = RecordingLambdaClient()
+    keys = [f"burst/{n}.png" for n in range(3)]
+    trigger.handler(sqs_event(*(s3_event(stack.input_bucket, k, "v1") for k in keys)), LambdaContext())
+    assert len(recorder.calls) == 1
+    assert json.loads(recorder.calls[0]["Payload"]) == {
+        "job_ids": [job_id_for(stack.input_bucket, k, "v1") for k in keys]
+    }
+    starts = [e for e in InstanceHistory(stack.events_table).events(stack.instance_id) if e["state"] == "start"]
+    assert len(starts) == 1

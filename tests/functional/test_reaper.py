@@ -24,7 +24,8 @@ def parts(stack, **overrides):
 
 def queue(stack, settings, jobs, pool, ledger, key, invoked=None):
     calls = invoked if invoked is not None else []
-    return accept_upload(Upload(stack.input_bucket, key, 1, "etag", "v1"), settings, jobs, pool, ledger, calls.append)
+    upload = Upload(stack.input_bucket, key, 1, "etag", "v1")
+    return accept_upload(upload, settings, jobs, pool, ledger, lambda job_id, instance_id: calls.append(job_id))
 
 
 def test_two_stops_racing_claim_one_stop(stack):
@@ -79,7 +80,7 @@ def test_reaper_redispatches_stuck_jobs_then_gives_up(stack):
     later = utc_now() + timedelta(seconds=settings.stuck_after_seconds + 5)
     invoked = []
     report = reap(settings, jobs, pool, ledger, boto3.client("s3"), invoked.append, now=later)
-    assert report.redispatched == [job_id] and invoked == [{"job_id": job_id}]
+    assert report.redispatched == [job_id] and invoked == [{"job_ids": [job_id]}]
     assert jobs.get(job_id).status is JobStatus.QUEUED
     jobs.transition(job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED], count_attempt=True)
     much_later = utc_now() + timedelta(seconds=2 * settings.stuck_after_seconds + 10)

@@ -456,16 +456,16 @@ def test_worker_handler_over_ssm_leaves_the_job_running_and_one_command_sent(sta
     assert isinstance(worker.launcher, SsmLauncher)
     worker.launcher.ssm = double = SsmDouble(worker.launcher.ssm, offline_polls=1)
     worker.launcher.poll_seconds = 0.01
-    result = worker.handler({"job_id": job_id}, LambdaContext())
+    result = worker.handler({"job_ids": [job_id]}, LambdaContext())
     # THEN the job is RUNNING on the instance and exactly one command went to it, the key only inside JobSpec
-    assert result == {"job_id": job_id, "status": "RUNNING"}
+    assert result == {"statuses": {job_id: "RUNNING"}}
     assert stack.job_item(job_id)["status"]["S"] == "RUNNING"
     (command,) = ssm.list_commands()["Commands"]
     assert [r["InstanceIds"] for r in double.sent] == [[stack.instance_id]]
     assert command["DocumentName"] == DOCUMENT
     assert command["Parameters"]["executionTimeout"] == ["7200"]
     assert (
-        json.loads(base64.b64decode(command["Parameters"]["JobSpec"][0]))["input"]["key"]
+        json.loads(base64.b64decode(command["Parameters"]["JobSpec"][0]))["jobs"][0]["input"]["key"]
         == "in box/$(rm -rf ~) ;x.png"
     )
     assert_matches_document(ssm, DOCUMENT, command["Parameters"])

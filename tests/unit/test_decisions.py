@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from batchworker.decisions import should_stop
+from batchworker.decisions import place_job, should_stop
 from batchworker.models import Instance, InstanceState, Job, JobStatus
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -38,3 +38,37 @@ def test_should_stop(state, jobs, grace, finished_ago, expected_stop, reason_par
     decision = should_stop(NOW, Instance(ME, state), jobs, grace, finished_at)
     assert decision.stop is expected_stop
     assert reason_part in decision.reason
+
+
+def inst(instance_id, state):
+    return Instance(instance_id, state)
+
+
+@pytest.mark.parametrize(
+    ("instances", "jobs", "limit", "expected"),
+    [
+        ([], [], 2, None),
+        ([inst("a", InstanceState.STOPPED)], [], 2, ("a", True)),
+        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.STOPPED)], [], 2, ("a", False)),
+        # the running one is full: start another
+        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.STOPPED)],
+         [job(JobStatus.RUNNING, "a"), job(JobStatus.QUEUED, "a")], 2, ("b", True)),
+        # least loaded of the running ones
+        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.RUNNING)], [job(JobStatus.RUNNING, "a")], 2,
+         ("b", False)),
+        # a pending instance counts as up: a burst shares one start
+        ([inst("a", InstanceState.PENDING), inst("b", InstanceState.STOPPED)], [job(JobStatus.QUEUED, "a")], 4,
+         ("a", False)),
+        # everything full and nothing to start: wait on the least loaded
+        ([inst("a", InstanceState.RUNNING)], [job(JobStatus.RUNNING, "a"), job(JobStatus.RUNNING, "a")], 2,
+         ("a", False)),
+        # only a stopping instance: place it there, the worker restarts it
+        ([inst("a", InstanceState.STOPPING)], [], 2, ("a", False)),
+        # finished jobs do not count as load
+        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.STOPPED)], [job(JobStatus.SUCCEEDED, "a")] * 0, 1,
+         ("a", False)),
+    ],
+)
+def test_place_job(instances, jobs, limit, expected):
+    placement = place_job(instances, jobs, limit)
+    assert (None if placement is None else (placement.instance_id, placement.start)) == expected

@@ -1,11 +1,19 @@
-"""Static checks of terraform/ (parsed with python-hcl2) and of scripts/build_lambdas.py determinism.
+"""Static checks of terraform/ (parsed with python-hcl2), its user data and SSM document, and of the
+reproducible builds (scripts/build_lambdas.py, scripts/build_job_package.py).
 
-moto enforces no IAM and ignores conditions, so the tag-scoped policies are checked here, from the HCL.
+moto enforces no IAM and ignores conditions, so the tag-scoped policies are checked here, from the HCL;
+rules across variables (Terraform 1.0 cannot express them) are checked here too.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
 import re
+import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -18,7 +26,11 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERRAFORM_DIR = REPO_ROOT / "terraform"
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_lambdas.py"
+JOB_PACKAGE_SCRIPT = REPO_ROOT / "scripts" / "build_job_package.py"
+USER_DATA_TEMPLATE = TERRAFORM_DIR / "templates" / "user_data.sh.tftpl"
 POOL_CONDITION_KEY = "ec2:ResourceTag/batchworker:pool"
+SSM_POOL_CONDITION_KEY = "ssm:resourceTag/batchworker:pool"
+JOB_SPEC_PATTERN = "^[A-Za-z0-9+/]{4,12000}={0,2}$"
 
 
 def _unquote(value: str) -> str:
@@ -237,10 +249,30 @@ def test_lambda_environment_matches_the_settings_contract(tf):
         f"BATCHWORKER_{field.upper()}"
         for field in (
             "input_bucket output_bucket jobs_table instance_events_table pool_tag worker_function model_uri "
-            "parameter_prefix ssh_user job_command instance_ready_timeout_seconds"
+            "parameter_prefix ssh_user job_command instance_ready_timeout_seconds idle_grace_seconds "
+            "max_job_runtime_seconds transport ssm_document ssm_output_bucket ssm_output_prefix"
         ).split()
     }
     assert expected | {"POWERTOOLS_SERVICE_NAME"} == set(environment)
+    assert environment["BATCHWORKER_TRANSPORT"] == "${var.transport}"
+    assert environment["BATCHWORKER_IDLE_GRACE_SECONDS"] == "${tostring(var.idle_grace_seconds)}"
+    assert environment["BATCHWORKER_MAX_JOB_RUNTIME_SECONDS"] == "${tostring(var.max_job_runtime_seconds)}"
+    assert environment["BATCHWORKER_SSM_DOCUMENT"] == "${aws_ssm_document.run_job.name}"
+    assert 'aws_s3_bucket.this["output"]' in environment["BATCHWORKER_SSM_OUTPUT_BUCKET"]
+
+
+def test_lambda_environment_covers_every_required_setting(tf):
+    import dataclasses
+
+    from batchworker.config import ENV_PREFIX, Settings
+
+    environment = set(tf["locals"]["lambda_environment"])
+    required = {
+        ENV_PREFIX + f.name.upper()
+        for f in dataclasses.fields(Settings)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    assert required <= environment, required - environment
 
 
 # --- Terraform 1.0 compatibility and house style ---------------------------------------------------
@@ -264,11 +296,348 @@ def test_variables_and_outputs_are_documented(tf):
         assert output.get("description"), name
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["name_prefix", "instance_type", "instance_count", "idle_grace_seconds", "max_job_runtime_seconds",
+     "transport", "ssh_allowed_cidrs", "ssh_public_key", "job_command"],
+)  # fmt: skip
+def test_costly_variables_are_validated(tf, name):
+    assert tf["variable"][name].get("validation"), f"variable {name} has no validation block"
+
+
+def test_defaults_are_safe(tf):
+    variables = tf["variable"]
+    assert variables["transport"]["default"] == "ssm"
+    assert variables["ssh_allowed_cidrs"]["default"] == []
+    assert variables["ssh_public_key"]["default"] is None
+    assert variables["tls_only_bucket_policy"]["default"] is True
+    assert variables["lambda_subnet_ids"]["default"] == []
+    assert variables["ami_id"]["default"] is None  # -> the Deep Learning AMI lookup
+    assert 'var.ami_id == null ? ["amazon"]' in _raw_terraform_text()
+    assert variables["instance_type"]["default"].startswith("g4dn.")
+
+
+def test_cross_variable_rules(tf):
+    # Rules Terraform 1.0 cannot state in a validation block, checked on the defaults.
+    variables = tf["variable"]
+    timeouts = {name: int(value) for name, value in tf["locals"]["lambda_timeout_seconds"].items()}
+    assert variables["instance_ready_timeout_seconds"]["default"] < timeouts["worker"]
+    assert 0 < variables["max_job_runtime_seconds"]["default"] <= 172800  # SSM Run Command's limit
+    assert variables["idle_grace_seconds"]["default"] >= 0
+    # The job may outlive the worker function (it is launched detached), never the other way round.
+    assert variables["max_job_runtime_seconds"]["default"] >= timeouts["worker"]
+    # A message comes back from the DLQ only after max_receive_count deliveries.
+    assert variables["max_receive_count"]["default"] >= 1
+
+
+# --- every statement says who needs it ------------------------------------------------------------
+
+_STATEMENT_OWNERS = re.compile(r"^\s*# (trigger|worker|stop|instance|S3|Everyone|Lambda service|EC2 service)\b[^:]*: \S")
+
+
+def test_every_iam_statement_names_the_function_that_needs_it():
+    for path in sorted(TERRAFORM_DIR.glob("*.tf")):
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if not re.match(r"^\s*(statement|dynamic \"statement\") \{", line):
+                continue
+            # The comment lines right above the statement; the first one names who needs it.
+            above = number
+            while above > 0 and lines[above - 1].strip().startswith("#"):
+                above -= 1
+            assert above < number and _STATEMENT_OWNERS.match(lines[above]), (
+                f"{path.name}:{number + 1}: statement without a '# <function>: why' comment right above it"
+            )
+
+
+def test_checkov_suppressions_give_a_reason():
+    for path in sorted(TERRAFORM_DIR.glob("*.tf")):
+        for line in path.read_text().splitlines():
+            if "checkov:skip" in line:
+                assert re.match(r"^\s*#checkov:skip=CKV2?_AWS_\d+:\S.{15,}$", line), f"{path.name}: {line.strip()}"
+
+
+# --- SSM transport -----------------------------------------------------------------------------------
+
+
+def _ssm_document(tf) -> dict:
+    """The run-job document's content: the object literal inside jsonencode(...), parsed as HCL."""
+    import hcl2
+
+    content = tf["resource"]["aws_ssm_document"]["run_job"]["content"]
+    assert content.startswith("${jsonencode(") and content.endswith(")}")
+    return _normalize(hcl2.loads("document = " + content[len("${jsonencode(") : -2] + "\n"))["document"]
+
+
+def test_ssm_document_takes_the_spec_as_a_pattern_checked_parameter(tf):
+    resource = tf["resource"]["aws_ssm_document"]["run_job"]
+    assert resource["document_type"] == "Command"
+    assert resource["name"] == "${local.ssm_document_name}"
+    assert tf["locals"]["ssm_document_name"] == "${var.name_prefix}-run-job"
+    document = _ssm_document(tf)
+    assert document["schemaVersion"] == "2.2"
+    job_spec = document["parameters"]["JobSpec"]
+    assert job_spec["type"] == "String"
+    assert job_spec["allowedPattern"] == JOB_SPEC_PATTERN
+    # The pattern admits only the base64 alphabet: no quote, space or shell metacharacter.
+    assert set(re.findall(r"\[([^\]]+)\]", job_spec["allowedPattern"])) == {"A-Za-z0-9+/"}
+    timeout = document["parameters"]["executionTimeout"]
+    assert timeout["default"] == "${tostring(var.max_job_runtime_seconds)}"
+    assert re.fullmatch(timeout["allowedPattern"], "172800") and re.fullmatch(timeout["allowedPattern"], "1")
+    assert not re.fullmatch(timeout["allowedPattern"], "172801") and not re.fullmatch(timeout["allowedPattern"], "0")
+    (step,) = document["mainSteps"]
+    assert step["action"] == "aws:runShellScript"
+    assert step["inputs"]["timeoutSeconds"] == "{{ executionTimeout }}"
+
+
+def test_ssm_job_spec_pattern_matches_the_python_transport():
+    ssm = pytest.importorskip("batchworker.transports.ssm")
+    assert ssm.JOB_SPEC_PATTERN == JOB_SPEC_PATTERN
+
+
+def test_ssm_document_run_command_passes_a_hostile_key_only_on_stdin(tf, tmp_path):
+    # GIVEN the document's runCommand, with the parts that need root or an instance stubbed out
+    ready = tmp_path / "ready"
+    ready.touch()
+    received = tmp_path / "stdin.json"
+    pwned = tmp_path / "pwned"
+    job_command = tmp_path / "launch"
+    job_command.write_text(f"#!/bin/sh\ncat > {received}\necho '{{\"job_id\": \"j-0\", \"pid\": 1}}'\n")
+    job_command.chmod(0o755)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    runuser = bin_dir / "runuser"  # runuser -u USER -- CMD...: run CMD as ourselves
+    runuser.write_text('#!/bin/sh\nshift 3\nexec "$@"\n')
+    runuser.chmod(0o755)
+    hostile_key = f"x'; touch {pwned}; echo '$(touch {pwned})`touch {pwned}`\" && touch {pwned} #.png"
+    spec = {"job_id": "j-0123456789abcdef", "input": {"bucket": "in", "key": hostile_key, "version_id": None}}
+    encoded = base64.b64encode(json.dumps(spec).encode()).decode()
+    assert re.fullmatch(JOB_SPEC_PATTERN, encoded)
+    lines = _ssm_document(tf)["mainSteps"][0]["inputs"]["runCommand"]
+    script = "\n".join(lines)
+    script = script.replace("/run/batchworker/ready", str(ready))
+    script = script.replace("${var.ssh_user}", "nobody").replace("${var.job_command}", str(job_command))
+    script = script.replace("{{ JobSpec }}", encoded)  # what SSM does with the parameter
+    assert "${" not in script and "{{" not in script
+    # WHEN the agent runs it (POSIX sh, as the SSM agent may)
+    result = subprocess.run(
+        ["/bin/sh", "-c", script], capture_output=True, text=True, timeout=30,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
+    )  # fmt: skip
+    # THEN the launcher got the spec byte for byte on stdin, and nothing in the key ran
+    assert result.returncode == 0, result.stderr
+    assert json.loads(received.read_text()) == spec
+    assert not pwned.exists()
+    assert json.loads(result.stdout.strip().splitlines()[-1])["job_id"] == "j-0"
+
+
+def _dynamic_statements(tf, document: str) -> dict[str, dict]:
+    """Dynamic statements of a policy document, by the value their for_each yields (their sid)."""
+    found = {}
+    for dynamic in tf["data"]["aws_iam_policy_document"][document].get("dynamic", []):
+        block = dynamic.get("statement")
+        if block:
+            match = re.search(r'\["(\w+)"\]', block["for_each"])
+            found[match.group(1) if match else block["for_each"]] = block["content"][0]
+    return found
+
+
+def test_worker_sends_commands_only_with_the_document_to_pool_instances(tf):
+    statements = _dynamic_statements(tf, "worker")
+    senders = {sid: s for sid, s in statements.items() if "ssm:SendCommand" in _actions(s)}
+    assert set(senders) == {"SendRunJobDocument", "SendCommandToPoolInstances"}
+    document = senders["SendRunJobDocument"]
+    assert document["resources"] == ["${aws_ssm_document.run_job.arn}"]
+    instances = senders["SendCommandToPoolInstances"]
+    assert instances["resources"] == ["${local.instance_arn_pattern}"]
+    (condition,) = instances["condition"]
+    assert (condition["test"], condition["variable"], condition["values"]) == (
+        "StringEquals", SSM_POOL_CONDITION_KEY, ["${var.name_prefix}"],
+    )  # fmt: skip
+    for sid, statement in senders.items():
+        assert _actions(statement) == ["ssm:SendCommand"], sid
+
+
+def test_worker_reads_only_its_own_parameters(tf):
+    for statement in _blocks(tf["data"]["aws_iam_policy_document"]["worker"], "statement"):
+        if "ssm:GetParameter" in _actions(statement):
+            assert statement["resources"] == [
+                "arn:${local.partition}:ssm:${var.region}:${local.account_id}:parameter${local.ssh_endpoint_pattern}",
+                "${local.parameter_arn_prefix}/ssh/private-key",
+            ]
+
+
+def test_send_command_is_never_granted_on_every_resource(tf):
+    for document, statements in _policy_statements(tf).items():
+        for statement in statements:
+            if "ssm:SendCommand" in _actions(statement):
+                assert statement["resources"] != ["*"], document
+
+
+def test_instance_role_writes_only_its_own_ssh_endpoint(tf):
+    gpu = tf["data"]["aws_iam_policy_document"]["gpu"]
+    puts = [s for s in _blocks(gpu, "statement") if "ssm:PutParameter" in _actions(s)]
+    assert len(puts) == 1
+    (put,) = puts
+    assert put["resources"] == ["${local.parameter_arn_prefix}/instances/${statement.value}/ssh-endpoint"]
+    (condition,) = put["condition"]
+    assert condition["variable"] == "ec2:SourceInstanceARN"
+    assert condition["values"][0].endswith(":instance/${statement.value}")
+    # No other statement of any policy may write parameters.
+    for document, statements in _policy_statements(tf).items():
+        for statement in statements:
+            if statement is not put:
+                assert not {"ssm:PutParameter", "ssm:DeleteParameter"} & set(_actions(statement)), document
+
+
+def test_instance_role_has_no_account_wide_parameter_read(tf):
+    for statement in _blocks(tf["data"]["aws_iam_policy_document"]["gpu"], "statement"):
+        if {"ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath"} & set(_actions(statement)):
+            assert statement["resources"] == ["${local.parameter_arn_prefix}/job-package"]
+    assert "AmazonSSMManagedInstanceCore" not in json.dumps(tf["resource"].get("aws_iam_role_policy_attachment", {}))
+
+
+# --- buckets, queues, logs ------------------------------------------------------------------------
+
+
+def test_every_bucket_is_locked_down(tf):
+    resources = tf["resource"]
+    for kind in (
+        "aws_s3_bucket_public_access_block",
+        "aws_s3_bucket_server_side_encryption_configuration",
+        "aws_s3_bucket_lifecycle_configuration",
+    ):
+        assert resources[kind]["this"]["for_each"] == "${aws_s3_bucket.this}", kind
+    block = resources["aws_s3_bucket_public_access_block"]["this"]
+    assert all(block[key] is True for key in ("block_public_acls", "block_public_policy", "ignore_public_acls",
+                                             "restrict_public_buckets"))  # fmt: skip
+    assert '"input"' not in resources["aws_s3_bucket_versioning"]["this"]["for_each"]  # only output is excluded
+    assert 'name != "output"' in resources["aws_s3_bucket_versioning"]["this"]["for_each"]
+    assert resources["aws_s3_bucket_policy"]["this"]["for_each"].startswith("${var.tls_only_bucket_policy ?")
+    (statement,) = _policy_statements(tf)["tls_only"]
+    assert statement["effect"] == "Deny"
+    assert statement["condition"][0]["variable"] == "aws:SecureTransport"
+
+
+def test_every_queue_is_encrypted_and_drains_to_a_dlq(tf):
+    queues = tf["resource"]["aws_sqs_queue"]
+    for name, queue in queues.items():
+        assert queue.get("sqs_managed_sse_enabled") is True or queue.get("kms_master_key_id"), name
+    redrives = tf["resource"]["aws_sqs_queue_redrive_policy"]
+    for name in ("jobs", "done"):
+        policy = redrives[name]["redrive_policy"]
+        assert f"aws_sqs_queue.{name}_dlq.arn" in policy and "maxReceiveCount" in policy, name
+
+
+def test_worker_async_failures_go_to_a_dead_letter_queue(tf):
+    config = tf["resource"]["aws_lambda_function_event_invoke_config"]["worker"]
+    assert 'aws_lambda_function.this["worker"]' in config["function_name"]
+    assert config["destination_config"][0]["on_failure"][0]["destination"] == "${aws_sqs_queue.worker_dlq.arn}"
+
+
+def test_log_groups_have_retention(tf):
+    group = tf["resource"]["aws_cloudwatch_log_group"]["lambda"]
+    assert group["retention_in_days"] == "${var.log_retention_days}"
+    assert group["for_each"] == "${local.lambda_timeout_seconds}"
+
+
+def test_tags_reach_every_resource(tf):
+    providers = [body for entry in _load_providers() for body in entry.values()]
+    assert any(body.get("default_tags", [{}])[0].get("tags") == "${var.tags}" for body in providers)
+    template = tf["resource"]["aws_launch_template"]["gpu"]
+    assert {spec["resource_type"] for spec in template["tag_specifications"]} == {"volume", "network-interface"}
+
+
+def _load_providers() -> list[dict]:
+    import hcl2
+
+    with (TERRAFORM_DIR / "providers.tf").open() as handle:
+        return _normalize(hcl2.load(handle)).get("provider", [])
+
+
+def test_gpu_security_group_egress_is_https_only(tf):
+    (egress,) = tf["resource"]["aws_security_group"]["gpu"]["egress"]
+    assert (egress["from_port"], egress["to_port"], egress["protocol"]) == (443, 443, "tcp")
+
+
+# --- user data ------------------------------------------------------------------------------------
+
+_TEMPLATE_VARIABLE = re.compile(r"\$\{(\w+)\}")
+
+
+def _render_user_data(**overrides: str) -> str:
+    values = {
+        "parameter_prefix": "/batchworker",
+        "region": "us-east-1",
+        "transport": "ssh",
+        "job_user": "ubuntu",
+        "job_command": "/opt/batchworker/bin/batchworker-launch",
+        "job_root": "/var/lib/batchworker/jobs",
+        "job_package_pointer": "/batchworker/job-package",
+        "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ2yjeHEy0jhNg6BSvbpIkOjdF1OjX6r5c0wEiGgFTJq",
+        **overrides,
+    }
+    text = USER_DATA_TEMPLATE.read_text()
+    assert "%{" not in text  # no template directives: the text is shell, only ${name} is Terraform's
+    return _TEMPLATE_VARIABLE.sub(lambda match: values[match.group(1)], text)
+
+
+def _heredoc(text: str, delimiter: str) -> str:
+    match = re.search(rf"<<'?{delimiter}'?\n(.*?)\n{delimiter}\n", text, re.DOTALL)
+    assert match, f"no heredoc {delimiter}"
+    return match.group(1)
+
+
+def test_user_data_template_variables_match_the_templatefile_call():
+    used = set(_TEMPLATE_VARIABLE.findall(USER_DATA_TEMPLATE.read_text()))
+    call = re.search(r"templatefile\([^,]+user_data\.sh\.tftpl\",\s*\{(.*?)\}\)", (TERRAFORM_DIR / "ec2.tf").read_text(), re.DOTALL)
+    assert call, "ec2.tf does not render templates/user_data.sh.tftpl"
+    passed = set(re.findall(r"^\s*(\w+)\s*=", call.group(1), re.MULTILINE))
+    assert used == passed
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+@pytest.mark.parametrize("transport", ["ssm", "ssh"])
+def test_user_data_is_valid_shell_and_python(tmp_path, transport):
+    user_data = _render_user_data(transport=transport)
+    boot = _heredoc(user_data, "BOOT")
+    helper = _heredoc(user_data, "PY")
+    for name, text in {"user_data.sh": user_data, "boot.sh": boot}.items():
+        path = tmp_path / name
+        path.write_text(text)
+        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+    compile(helper, "boot_helper.py", "exec")
+    assert user_data.startswith("#!/bin/bash\n")
+    assert len(user_data.encode()) < 16 * 1024  # EC2's user data limit (before base64)
+    # IMDSv2 only: every metadata read carries a token.
+    assert "X-aws-ec2-metadata-token:" in boot and "latest/api/token" in boot
+    # The worker function's key may only run the job command.
+    assert 'restrict,command=\\"$JOB_COMMAND\\"' in boot
+
+
+def test_user_data_publishes_the_endpoint_the_worker_reads():
+    boot = _heredoc(_render_user_data(), "BOOT")
+    helper = _heredoc(_render_user_data(), "PY")
+    assert '"$PARAMETER_PREFIX/instances/$INSTANCE_ID/ssh-endpoint"' in boot  # docs/architecture.md
+    assert '{"host": host, "port": 22, "host_key": host_key}' in helper
+    assert "local-ipv4" in boot and "ssh_host_ed25519_key.pub" in boot
+
+
+# --- examples ---------------------------------------------------------------------------------------
+
+
+def test_minimal_example_uses_this_configuration():
+    text = (REPO_ROOT / "examples" / "minimal" / "main.tf").read_text()
+    assert re.search(r'source\s*=\s*"\.\./\.\./terraform"', text)
+
+
 # --- build_lambdas.py ------------------------------------------------------------------------------
 
 
 def _fake_repo(root: Path) -> Path:
     files = {
+        "pyproject.toml": '[project]\nname = "batchworker"\nversion = "9.8.7"\nrequires-python = ">=3.11"\n',
         "batchworker/__init__.py": "",
         "batchworker/config.py": "X = 1\n",
         "batchworker/transports/ssh.py": "Y = 2\n",
@@ -276,6 +645,9 @@ def _fake_repo(root: Path) -> Path:
         "batchworker/cli/main.py": "raise ImportError\n",
         "batchworker/__pycache__/config.cpython-311.py": "",
         "batchworker/notes.txt": "not python\n",
+        "worker/__init__.py": "",
+        "worker/cli.py": "def main():\n    return 0\n",
+        "worker/__pycache__/cli.cpython-311.py": "",
     }
     files.update(
         {
@@ -302,20 +674,54 @@ def test_build_lambdas_is_reproducible(tmp_path):
     # GIVEN a source tree
     repo = _fake_repo(tmp_path / "repo")
     # WHEN it is built twice, the files' mtimes changing in between
-    _build(repo, tmp_path / "first")
+    _build(repo, tmp_path / "first" / "lambdas")
     for path in repo.rglob("*.py"):
         path.touch()
-    _build(repo, tmp_path / "second")
-    # THEN the zips are byte-identical
-    for name in ("trigger", "worker", "stop"):
-        first = (tmp_path / "first" / f"{name}.zip").read_bytes()
-        assert first == (tmp_path / "second" / f"{name}.zip").read_bytes(), name
+    _build(repo, tmp_path / "second" / "lambdas")
+    # THEN the zips and the job package are byte-identical
+    for name in ("lambdas/trigger.zip", "lambdas/worker.zip", "lambdas/stop.zip",
+                 "job/batchworker_job-9.8.7-py3-none-any.whl", "job/job-package.json"):  # fmt: skip
+        first = (tmp_path / "first" / name).read_bytes()
+        assert first == (tmp_path / "second" / name).read_bytes(), name
+
+
+def test_job_package_is_an_installable_wheel(tmp_path):
+    # GIVEN the job package of a source tree
+    repo = _fake_repo(tmp_path / "repo")
+    subprocess.run(
+        [sys.executable, str(JOB_PACKAGE_SCRIPT), "--repo-root", str(repo), "--out", str(tmp_path / "job")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    descriptor = json.loads((tmp_path / "job" / "job-package.json").read_text())
+    wheel = tmp_path / "job" / descriptor["wheel"]
+    # THEN job-package.json names it, with its sha256, as Terraform and user data expect
+    assert descriptor["wheel"] == "batchworker_job-9.8.7-py3-none-any.whl"
+    assert descriptor["sha256"] == hashlib.sha256(wheel.read_bytes()).hexdigest()
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        assert names[:2] == ["worker/__init__.py", "worker/cli.py"]  # no bytecode, no other package
+        assert names[-1] == "batchworker_job-9.8.7.dist-info/RECORD"
+        metadata = archive.read("batchworker_job-9.8.7.dist-info/METADATA").decode()
+        assert "Name: batchworker-job\nVersion: 9.8.7\n" in metadata
+        assert "Requires-Python: >=3.11" in metadata and "torch" not in metadata
+        entry_points = archive.read("batchworker_job-9.8.7.dist-info/entry_points.txt").decode()
+        assert "batchworker-job = worker.cli:main" in entry_points
+        # AND every file's RECORD hash is right (pip checks them on install)
+        record = archive.read(names[-1]).decode().splitlines()
+        for line in record[:-1]:
+            name, digest, size = line.rsplit(",", 2)
+            data = archive.read(name)
+            expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            assert digest == f"sha256={expected}" and int(size) == len(data), name
+        for info in archive.infolist():
+            assert info.date_time == (1980, 1, 1, 0, 0, 0)
+            assert stat.S_IMODE(info.external_attr >> 16) == 0o644
 
 
 def test_build_lambdas_contents(tmp_path):
     repo = _fake_repo(tmp_path / "repo")
-    _build(repo, tmp_path / "out")
-    with zipfile.ZipFile(tmp_path / "out" / "worker.zip") as archive:
+    _build(repo, tmp_path / "out" / "lambdas")
+    with zipfile.ZipFile(tmp_path / "out" / "lambdas" / "worker.zip") as archive:
         infos = archive.infolist()
         names = [info.filename for info in infos]
         assert names == sorted(names)
@@ -337,9 +743,19 @@ def test_build_lambdas_contents(tmp_path):
     reason="Lambda handlers not written yet",
 )
 def test_build_lambdas_is_reproducible_for_this_repo(tmp_path):
-    _build(REPO_ROOT, tmp_path / "first")
-    _build(REPO_ROOT, tmp_path / "second")
-    for name in ("trigger", "worker", "stop"):
-        assert (tmp_path / "first" / f"{name}.zip").read_bytes() == (
-            tmp_path / "second" / f"{name}.zip"
-        ).read_bytes()
+    _build(REPO_ROOT, tmp_path / "first" / "lambdas")
+    _build(REPO_ROOT, tmp_path / "second" / "lambdas")
+    for name in ("lambdas/trigger.zip", "lambdas/worker.zip", "lambdas/stop.zip", "job/job-package.json"):
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+
+
+def test_lambda_dependencies_are_locked_with_hashes():
+    lines = [
+        line for line in (REPO_ROOT / "scripts" / "lambda-requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]  # fmt: skip
+    names = set()
+    for line in lines:
+        assert re.fullmatch(r"[a-z0-9-]+==[0-9][^ ]* --hash=sha256:[0-9a-f]{64}", line), line
+        names.add(line.split("==")[0])
+    assert {"aws-lambda-powertools", "paramiko"} <= names
