@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from batchworker.cli.views import render, take_snapshot
 from batchworker.errors import BatchworkerError
 from batchworker.local import cloud
 from batchworker.local.paths import local_dir
+from batchworker.local.state import LocalOptions
 from batchworker.models import JobStatus
 
 out = Console()
@@ -70,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     local = sub.add_parser("local", help="the local cloud (moto + terraform + local Lambda runtime + SSH hosts)")
     local_sub = local.add_subparsers(required=True, metavar="ACTION")
     p = local_sub.add_parser("up", help="start it in the background; returns when ready")
-    p.add_argument("--boot-delay-seconds", type=float, default=3.0)
-    p.add_argument("--schedule-speedup", type=float, default=1.0)
+    defaults = LocalOptions()
+    for name in dataclasses.asdict(defaults):
+        kind = type(getattr(defaults, name))
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
+                       help=f"default {getattr(defaults, name)}")
     p.set_defaults(command=cmd_local_up)
     p = local_sub.add_parser("down", help="stop it and everything it started")
     p.set_defaults(command=cmd_local_down)
@@ -147,9 +152,8 @@ def cmd_logs(args) -> int:
 
 
 def cmd_local_up(args) -> int:
-    state = cloud.up(
-        local_dir(), args.boot_delay_seconds, args.schedule_speedup, progress=lambda phase: err.print(f"local cloud: {phase}")
-    )
+    options = LocalOptions(**{name: getattr(args, name) for name in dataclasses.asdict(LocalOptions())})
+    state = cloud.up(local_dir(), options, progress=lambda phase: err.print(f"local cloud: {phase}"))
     out.print(f"local cloud ready: AWS endpoint {state['endpoint_url']}")
     out.print(f"input bucket  {state['outputs']['input_bucket']}\noutput bucket {state['outputs']['output_bucket']}")
     out.print('use it from a shell: eval "$(batchworker local env)"')

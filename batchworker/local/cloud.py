@@ -12,15 +12,14 @@ from pathlib import Path
 
 from batchworker.errors import BatchworkerError
 from batchworker.local import processes
-from batchworker.local.state import client_environment, is_alive, read_state
+from batchworker.local.state import LocalOptions, client_environment, is_alive, read_state
 
 
 class LocalCloudError(BatchworkerError):
     """The local cloud could not be started, found or stopped."""
 
 
-def up(local_dir: Path, boot_delay_seconds: float = 3.0, schedule_speedup: float = 1.0,
-       timeout_seconds: float = 600.0, progress=None) -> dict:
+def up(local_dir: Path, options: LocalOptions = LocalOptions(), timeout_seconds: float = 600.0, progress=None) -> dict:
     """Start the local cloud in the background and return its state once it is ready."""
     state = read_state(local_dir)
     if state and state.get("status") == "ready" and is_alive(state.get("pid")):
@@ -36,7 +35,7 @@ def up(local_dir: Path, boot_delay_seconds: float = 3.0, schedule_speedup: float
     with open(log_path, "ab") as log:
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "batchworker.local.supervisor", "--local-dir", str(local_dir),
-             "--boot-delay-seconds", str(boot_delay_seconds), "--schedule-speedup", str(schedule_speedup)],
+             "--options", options.to_json()],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,  # survives the terminal that ran `local up`
         )

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 LOCAL_REGION = "us-east-1"
 LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """Knobs of one local cloud; the Terraform ones become variables of the same name."""
+
+    boot_delay_seconds: float = 3.0  # from `running` in moto until the instance host accepts SSH
+    schedule_speedup: float = 1.0  # EventBridge schedules fire this many times faster
+    idle_grace_seconds: float = 0.0  # Terraform: keep an idle instance this long (0: stop at once)
+    instance_count: int = 1  # Terraform: size of the pool
+    max_jobs_per_instance: int = 4  # Terraform: concurrent jobs per instance
+
+    TERRAFORM_FIELDS = ("idle_grace_seconds", "instance_count", "max_jobs_per_instance")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> LocalOptions:
+        return cls(**json.loads(text))
+
+    def terraform_variables(self) -> dict:
+        return {name: getattr(self, name) for name in self.TERRAFORM_FIELDS}
 
 
 def state_path(local_dir: Path) -> Path:

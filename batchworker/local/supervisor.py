@@ -22,18 +22,17 @@ from moto.server import ThreadedMotoServer
 
 from batchworker.local import processes
 from batchworker.local.paths import LAMBDA_BUILD_DIR, MODEL_PATH, SCRIPTS_DIR, VENV_BIN
-from batchworker.local.state import LOCAL_CREDENTIALS, LOCAL_REGION, read_state, write_state
+from batchworker.local.state import LOCAL_CREDENTIALS, LOCAL_REGION, LocalOptions, read_state, write_state
 from batchworker.local.terraform import LocalTerraform
 
 logger = logging.getLogger("batchworker.local.supervisor")
 
 
 class Supervisor:
-    def __init__(self, local_dir: Path, cloud_id: str, boot_delay_seconds: float, schedule_speedup: float):
+    def __init__(self, local_dir: Path, cloud_id: str, options: LocalOptions):
         self.local_dir = local_dir
         self.cloud_id = cloud_id
-        self.boot_delay_seconds = boot_delay_seconds
-        self.schedule_speedup = schedule_speedup
+        self.options = options
         self.children: list[subprocess.Popen] = []
         self.moto: ThreadedMotoServer | None = None
         self.state: dict = {"status": "starting", "pid": os.getpid(), "cloud_id": cloud_id, "phase": "starting"}
@@ -87,7 +86,7 @@ class Supervisor:
         runtime_dir = self.local_dir / "lambda-runtime"
         runtime = processes.spawn(
             [sys.executable, "-m", "batchworker.local.lambda_runtime", "--code-dir", str(LAMBDA_BUILD_DIR),
-             "--state-dir", str(runtime_dir), "--schedule-speedup", str(self.schedule_speedup)],
+             "--state-dir", str(runtime_dir), "--schedule-speedup", str(self.options.schedule_speedup)],
             self.local_dir / "logs" / "lambda-runtime.log",
         )
         self.children.append(runtime)
@@ -97,7 +96,7 @@ class Supervisor:
             host = processes.spawn(
                 [sys.executable, "-m", "batchworker.local.instance_host", "--instance-id", instance_id,
                  "--parameter-prefix", outputs["parameter_prefix"], "--state-dir", str(host_dir),
-                 "--boot-delay-seconds", str(self.boot_delay_seconds), "--authorized-key-file", str(key_file)],
+                 "--boot-delay-seconds", str(self.options.boot_delay_seconds), "--authorized-key-file", str(key_file)],
                 self.local_dir / "logs" / f"instance-{instance_id}.log",
             )
             self.children.append(host)
@@ -130,6 +129,7 @@ class Supervisor:
             "job_command": f"{VENV_BIN / 'batchworker-job'} launch",
             "lambda_build_dir": str(LAMBDA_BUILD_DIR),
             "model_source_path": str(MODEL_PATH),
+            **self.options.terraform_variables(),
         }
 
     def publish_client_key(self, parameter: str) -> Path:
@@ -160,8 +160,7 @@ class Supervisor:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--local-dir", type=Path, required=True)
-    parser.add_argument("--boot-delay-seconds", type=float, default=3.0)
-    parser.add_argument("--schedule-speedup", type=float, default=1.0)
+    parser.add_argument("--options", type=LocalOptions.from_json, default=LocalOptions())
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("werkzeug", "botocore"):
@@ -169,7 +168,7 @@ def main() -> int:
     cloud_id = os.environ[processes.CLOUD_MARKER]
     previous = read_state(args.local_dir) or {}
     logger.info("starting (previous status %s)", previous.get("status"))
-    return Supervisor(args.local_dir, cloud_id, args.boot_delay_seconds, args.schedule_speedup).run()
+    return Supervisor(args.local_dir, cloud_id, args.options).run()
 
 
 if __name__ == "__main__":
