@@ -1,0 +1,206 @@
+"""`make bench`: measure the pipeline on the local cloud and write bench-results.json.
+
+Workloads, each measured in this run on this machine:
+- overhead: 50 small jobs uploaded one after another on a warm instance; per job, upload -> manifest
+  minus the job's own compute (decode + forward) minus the boot delay when that job had to boot;
+- worker vs bare: items/s through the job (download excluded, decode included) over items/s of the bare
+  model forward on the same data in this process;
+- pool: a burst of compute-only jobs of fixed duration on 1 instance and on 4 (one job per instance at a time);
+- simulator: the cost simulator's headline numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from batchworker.costs.simulator import simulate_all
+from batchworker.local import cloud
+from batchworker.local.paths import MODEL_PATH, REPO_ROOT
+from batchworker.local.state import LocalOptions, client_environment, read_state
+from batchworker.models import job_id_for, parse_time
+
+console = Console(stderr=True)
+BOOT_DELAY_SECONDS = 2.0
+
+
+class Bench:
+    def __init__(self, local_dir: Path, options: LocalOptions):
+        self.local_dir = local_dir
+        self.options = options
+
+    def __enter__(self):
+        cloud.up(self.local_dir, self.options, progress=lambda p: console.print(f"  local cloud: {p}"))
+        env = client_environment(read_state(self.local_dir))
+        self.env = env
+        session = boto3.Session(aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+        self.s3 = session.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        self.ddb = session.client("dynamodb", endpoint_url=env["AWS_ENDPOINT_URL"])
+        self.ec2 = session.client("ec2", endpoint_url=env["AWS_ENDPOINT_URL"])
+        return self
+
+    def __exit__(self, *exc):
+        cloud.down(self.local_dir)
+
+    def put(self, key: str, body: bytes) -> tuple[str, float]:
+        uploaded_at = time.time()
+        response = self.s3.put_object(Bucket=self.env["BATCHWORKER_INPUT_BUCKET"], Key=key, Body=body)
+        return job_id_for(self.env["BATCHWORKER_INPUT_BUCKET"], key, response.get("VersionId") or response["ETag"]), uploaded_at
+
+    def manifest(self, job_id: str, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                body = self.s3.get_object(Bucket=self.env["BATCHWORKER_OUTPUT_BUCKET"], Key=f"jobs/{job_id}/manifest.json")
+                return json.loads(body["Body"].read())
+            except self.s3.exceptions.NoSuchKey:
+                time.sleep(0.05)
+        raise TimeoutError(f"no manifest for {job_id}")
+
+    def job(self, job_id: str) -> dict:
+        item = self.ddb.get_item(TableName=self.env["BATCHWORKER_JOBS_TABLE"], Key={"job_id": {"S": job_id}})["Item"]
+        return {k: next(iter(v.values())) for k, v in item.items()}
+
+    def history(self) -> list[dict]:
+        items = []
+        for r in self.ec2.describe_instances()["Reservations"]:
+            for i in r["Instances"]:
+                items += self.ddb.query(
+                    TableName=self.env["BATCHWORKER_INSTANCE_EVENTS_TABLE"], KeyConditionExpression="instance_id = :i",
+                    ExpressionAttributeValues={":i": {"S": i["InstanceId"]}})["Items"]
+        return [{k: next(iter(v.values())) for k, v in item.items()} for item in items if "state" in item]
+
+    def wait_stopped(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = {i["State"]["Name"] for r in self.ec2.describe_instances()["Reservations"] for i in r["Instances"]}
+            if states == {"stopped"}:
+                return
+            time.sleep(0.2)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def digits_png() -> bytes:
+    return (REPO_ROOT / "samples" / "digit-3.png").read_bytes()
+
+
+def overhead(bench: Bench, count: int) -> dict:
+    """Sequential small jobs; the first boots the instance, the idle grace keeps it warm for the rest."""
+    rows, stages = [], {k: [] for k in ("trigger", "job_start", "manifest")}
+    for n in range(count):
+        job_id, uploaded_at = bench.put(f"bench/overhead/{n}.png", digits_png())
+        manifest = bench.manifest(job_id)
+        seen_at = time.time()
+        t = manifest["timings"]
+        finished = parse_time(t["finished_at"]).timestamp()
+        compute = t.get("inference_s", 0.0) + t.get("compute_s", 0.0)
+        booted = n == 0
+        rows.append(max(finished, seen_at) - uploaded_at - compute - (BOOT_DELAY_SECONDS if booted else 0.0))
+        job = bench.job(job_id)
+        stages["trigger"].append(parse_time(job["created_at"]).timestamp() - uploaded_at)
+        stages["job_start"].append(parse_time(t["started_at"]).timestamp() - uploaded_at)
+        stages["manifest"].append(seen_at - uploaded_at)
+    warm = rows[1:]
+    return {
+        "overhead_p50_s": percentile(rows, 50), "overhead_p95_s": percentile(rows, 95),
+        "overhead_warm_p50_s": percentile(warm, 50),
+        "stages": {k: {"p50_s": percentile(v, 50), "p95_s": percentile(v, 95)} for k, v in stages.items()},
+    }
+
+
+def worker_vs_bare(bench: Bench, items: int) -> dict:
+    """The job's items/s (decode included, download excluded) over the bare forward's items/s, same data."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    x = load_digits().data.astype(np.float32)
+    data = np.resize(x, (items, 64))
+    buffer = io.BytesIO()
+    np.save(buffer, data.reshape(items, 8, 8))
+    job_id, _ = bench.put("bench/throughput.npy", buffer.getvalue())
+    manifest = bench.manifest(job_id)
+    job_items_per_s = manifest["items"] / manifest["timings"]["inference_s"]
+    model = torch.jit.load(str(MODEL_PATH)).eval()
+    tensor = torch.from_numpy(data.reshape(items, 1, 8, 8) / 16.0).float()
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            started = time.perf_counter()
+            for chunk in torch.split(tensor, 1024):
+                torch.softmax(model(chunk), dim=1)
+            best = min(best, time.perf_counter() - started)
+    bare_items_per_s = items / best
+    return {"worker_vs_bare_ratio": job_items_per_s / bare_items_per_s,
+            "worker_items_per_s": job_items_per_s, "bare_items_per_s": bare_items_per_s}
+
+
+def pool_throughput(bench: Bench, jobs: int, seconds: float) -> float:
+    """Jobs per second for a burst of compute-only jobs of fixed duration (first upload -> last manifest)."""
+    body = json.dumps({"workload": "compute", "seconds": seconds}).encode()
+    started = time.time()
+    ids = [bench.put(f"bench/pool/{n}.json", body)[0] for n in range(jobs)]
+    for job_id in ids:
+        assert bench.manifest(job_id, timeout=600)["status"] == "succeeded", job_id
+    return jobs / (time.time() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results.json")
+    args = parser.parse_args()
+    base = Path(os.environ.get("BATCHWORKER_LOCAL_DIR") or REPO_ROOT / ".local-cloud")
+    results: dict = {}
+    started = time.monotonic()
+
+    console.rule("simulator")
+    sim = simulate_all(days=30, seed=0)
+    results["sim_seed_billed_over_limit"] = sim["headline"]["sim_seed_billed_over_limit"]
+    results["sim_bursty_billed_over_busy"] = sim["headline"]["sim_bursty_billed_over_busy"]
+
+    console.rule("one instance: overhead, throughput, pool baseline")
+    options = LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=60, max_jobs_per_instance=1)
+    with Bench(base / "bench-1", options) as bench:
+        results.update(overhead(bench, args.jobs))
+        results.update(worker_vs_bare(bench, 20000))
+        bench.wait_stopped(5)
+        one = pool_throughput(bench, 8, 4.0)
+    console.rule("four instances: pool throughput")
+    with Bench(base / "bench-4", LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=60,
+                                              instance_count=4, max_jobs_per_instance=1)) as bench:
+        four = pool_throughput(bench, 8, 4.0)
+    results["pool1_jobs_per_s"], results["pool4_jobs_per_s"] = one, four
+    results["pool4_efficiency"] = four / (4 * one)
+    results["wall_time_s"] = time.monotonic() - started
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+    table = Table(title=f"bench ({args.out.name})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in results.items():
+        if isinstance(value, dict):
+            for stage, numbers in value.items():
+                table.add_row(f"stage upload->{stage} p50/p95 s", f"{numbers['p50_s']:.2f} / {numbers['p95_s']:.2f}")
+        else:
+            table.add_row(name, f"{value:.3f}")
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
