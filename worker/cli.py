@@ -1,4 +1,5 @@
-"""`batchworker-job`: `launch` (spec on stdin -> detached run, one JSON line out) and `run SPEC_PATH`.
+"""`batchworker-job`: `launch` (spec or batch on stdin -> one detached run, one JSON line out), `run PATH`
+and `deadman` (exit 0 when the instance should power itself off).
 
 Results go to stdout as JSON, diagnostics to stderr. `launch` never imports torch, so it answers fast.
 """
@@ -12,17 +13,33 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import BinaryIO
 
+from worker.deadman import (
+    RUN_PID_NAME,
+    push_deadman,
+    read_deadman,
+    running_job_pids,
+    should_power_off,
+    uptime_seconds,
+)
 from worker.errors import ExitCode, Interrupted, SpecError
 from worker.runner import job_dir_for, job_root_from_env
-from worker.spec import MAX_SPEC_BYTES, parse_spec
+from worker.spec import (
+    MAX_BATCH_BYTES,
+    MAX_SPEC_BYTES,
+    JobSpec,
+    is_valid_job_id,
+    parse_launch_request,
+    parse_spec,
+)
 
 SPEC_NAME = "spec.json"
 RUN_LOG_NAME = "run.log"
 RUN_LOCK_NAME = "run.lock"  # held (flock) by the running `run` process for its whole life
-RUN_PID_NAME = "run.pid"
+BATCHES_DIR = ".batches"  # <job_root>/.batches/<first job_id>.json = {"jobs": [job_id, ...]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,79 +48,155 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
-        "launch", help="read a job spec (JSON) from stdin, start the job detached, print its pid"
+        "launch",
+        help='read a job spec, or {"jobs": [spec, ...]}, (JSON) from stdin, start one detached run for '
+        "them, print the pid",
     )
-    run_parser = commands.add_parser("run", help="run the job described by SPEC_PATH in the foreground")
-    run_parser.add_argument("spec_path", type=Path)
+    run_parser = commands.add_parser(
+        "run", help="run the job of a spec.json, or the jobs of a batch file, in the foreground"
+    )
+    run_parser.add_argument("spec_path", type=Path, help="a job's spec.json or a batch file from launch")
+    commands.add_parser(
+        "deadman",
+        help='print "expired" and exit 0 when the dead-man timer ran out and no job runs; else "alive", 1',
+    )
     args = parser.parse_args(argv)
     if args.command == "launch":
         return int(launch(sys.stdin.buffer, job_root_from_env()))
+    if args.command == "deadman":
+        return deadman(job_root_from_env())
     return int(run(args.spec_path))
 
 
 def launch(stdin: BinaryIO, job_root: Path) -> ExitCode:
-    """Validate the spec, store it under the job root and start `run` in its own session.
+    """Validate the spec(s), store them under the job root and start one `run` in its own session.
 
-    Launching a job whose run is still going starts nothing and reports the running pid.
+    One spec prints {"job_id", "pid"}; a batch prints {"jobs": [{"job_id", "pid"}, ...]} in input order,
+    and its jobs run one after another in one process. A job whose run is still going is not started
+    again: its entry is {"job_id", "pid" (the running one), "already_running": true}.
     """
     try:
-        spec = parse_spec(stdin.read(MAX_SPEC_BYTES + 1))
+        specs, is_batch = parse_launch_request(stdin.read(MAX_BATCH_BYTES + 1))
     except SpecError as exc:
         _print_error(str(exc))
         return ExitCode.FAILED
-    job_dir = job_dir_for(job_root, spec.job_id)
+    replies: list[dict] = []
+    locks: dict[str, int] = {}  # job_id -> fd holding its run.lock, for the jobs this launch starts
     try:
-        job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock_fd = os.open(job_dir / RUN_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        _print_error(f"cannot create the job directory {job_dir}: {exc}")
-        return ExitCode.TRANSIENT
-    try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = _read_pid(job_dir / RUN_PID_NAME)
-            print(json.dumps({"job_id": spec.job_id, "pid": pid, "already_running": True}), flush=True)
-            return ExitCode.SUCCEEDED
-        spec_path = job_dir / SPEC_NAME
-        _write_private(spec_path, json.dumps(spec.to_json(), indent=2) + "\n")
-        with (job_dir / RUN_LOG_NAME).open("ab") as run_log:
-            process = subprocess.Popen(  # the key travels in spec.json, never on a command line
-                [sys.executable, "-m", "worker.cli", "run", str(spec_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=run_log,
-                stderr=subprocess.STDOUT,
-                cwd=job_dir,
-                start_new_session=True,  # survives the SSH session's hangup
-                close_fds=True,
-                pass_fds=(lock_fd,),  # the child inherits the lock and holds it until it exits
-            )
-        _write_private(job_dir / RUN_PID_NAME, f"{process.pid}\n")
+        push_deadman(job_root, max(spec.idle_shutdown_seconds for spec in specs))  # a job is on its way
+        for spec in specs:
+            reply, lock_fd = _claim(spec, job_root)
+            replies.append(reply)
+            if lock_fd is not None:
+                locks[spec.job_id] = lock_fd
+        if locks:
+            pid = _start_run([spec for spec in specs if spec.job_id in locks], job_root, locks, is_batch)
+            for reply in replies:
+                if reply["job_id"] in locks:
+                    reply["pid"] = pid
     except OSError as exc:
         _print_error(f"cannot start the job: {exc}")
         return ExitCode.TRANSIENT
     finally:
-        os.close(lock_fd)
-    print(json.dumps({"job_id": spec.job_id, "pid": process.pid}), flush=True)
+        for lock_fd in locks.values():
+            os.close(lock_fd)
+    print(json.dumps({"jobs": replies} if is_batch else replies[0]), flush=True)
     return ExitCode.SUCCEEDED
 
 
-def run(spec_path: Path) -> ExitCode:
-    """Run one job in the foreground; the exit code tells the caller whether a retry can help."""
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+def _claim(spec: JobSpec, job_root: Path) -> tuple[dict, int | None]:
+    """Take the job's run.lock and write its spec.json; (reply, lock fd), or (already_running reply, None)."""
+    job_dir = job_dir_for(job_root, spec.job_id)
+    job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock_fd = os.open(job_dir / RUN_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        with spec_path.open("rb") as fh:
-            spec = parse_spec(fh.read(MAX_SPEC_BYTES + 1))
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        running_pid = _read_pid(job_dir / RUN_PID_NAME)
+        return {"job_id": spec.job_id, "pid": running_pid, "already_running": True}, None
+    try:
+        _write_private(job_dir / SPEC_NAME, json.dumps(spec.to_json(), indent=2) + "\n")
+    except OSError:
+        os.close(lock_fd)
+        raise
+    return {"job_id": spec.job_id, "pid": None}, lock_fd
+
+
+def _start_run(specs: list[JobSpec], job_root: Path, locks: dict[str, int], is_batch: bool) -> int:
+    """Start `run` detached for the claimed jobs (their locks pass to it) and record its pid per job."""
+    first_dir = job_dir_for(job_root, specs[0].job_id)
+    if is_batch:
+        batches = job_root / BATCHES_DIR
+        batches.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run_path = batches / f"{specs[0].job_id}.json"
+        _write_private(run_path, json.dumps({"jobs": [spec.job_id for spec in specs]}) + "\n")
+    else:
+        run_path = first_dir / SPEC_NAME
+    with (first_dir / RUN_LOG_NAME).open("ab") as run_log:
+        process = subprocess.Popen(  # keys travel in spec.json files, never on a command line
+            [sys.executable, "-m", "worker.cli", "run", str(run_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=run_log,
+            stderr=subprocess.STDOUT,
+            cwd=first_dir,
+            start_new_session=True,  # survives the SSH session's hangup
+            close_fds=True,
+            pass_fds=tuple(locks.values()),  # the child inherits the locks and holds them until it exits
+        )
+    for spec in specs:
+        _write_private(job_dir_for(job_root, spec.job_id) / RUN_PID_NAME, f"{process.pid}\n")
+    return process.pid
+
+
+def run(path: Path) -> ExitCode:
+    """Run a job (path: its spec.json) or a batch (path: {"jobs": [job_id, ...]}, each job's spec.json in
+    its job directory) in the foreground; the exit code tells the caller whether a retry can help."""
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    job_root = job_root_from_env()
+    try:
+        specs = _read_run_file(path, job_root)
     except (OSError, SpecError) as exc:
-        _print_error(f"cannot read the job spec {spec_path}: {exc}")
+        _print_error(f"cannot read the job spec {path}: {exc}")
         return ExitCode.FAILED
-    from worker.runner import run_job
+    from worker.runner import run_jobs
 
     try:
-        return run_job(spec, job_root_from_env())
+        codes = run_jobs(specs, job_root)
     except OSError as exc:  # the job directory itself is unusable: no log, no manifest
         _print_error(f"cannot set up the job directory: {exc}")
         return ExitCode.TRANSIENT
+    if ExitCode.TRANSIENT in codes:
+        return ExitCode.TRANSIENT
+    return ExitCode.FAILED if ExitCode.FAILED in codes else ExitCode.SUCCEEDED
+
+
+def deadman(job_root: Path) -> int:
+    """0 ("expired"): power off now (worker/deadman.py says when); 1 ("alive") otherwise."""
+    timer, running = read_deadman(job_root), running_job_pids(job_root)
+    expired = should_power_off(timer, time.time(), uptime_seconds(), running)
+    print("expired" if expired else "alive", flush=True)
+    return 0 if expired else 1
+
+
+def _read_run_file(path: Path, job_root: Path) -> list[JobSpec]:
+    """The specs of a spec.json, or of every job a batch file names (read from their job directories)."""
+    with path.open("rb") as fh:
+        data = fh.read(MAX_BATCH_BYTES + 1)
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"not valid JSON: {exc}") from exc
+    if not (isinstance(raw, dict) and "jobs" in raw):
+        return [parse_spec(data)]
+    job_ids = raw["jobs"]
+    if not isinstance(job_ids, list) or not job_ids or not all(is_valid_job_id(j) for j in job_ids):
+        raise SpecError('a batch file must be {"jobs": [job_id, ...]}')
+    specs = []
+    for job_id in job_ids:
+        with (job_dir_for(job_root, job_id) / SPEC_NAME).open("rb") as fh:
+            specs.append(parse_spec(fh.read(MAX_SPEC_BYTES + 1)))
+    return specs
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:

@@ -37,6 +37,7 @@ FORMAT_BY_EXTENSION = {
     ".csv": "csv",
     ".zip": "zip",
 }
+COMPUTE_EXTENSION = ".json"  # a compute-only workload (worker/compute.py), not pixels
 IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG"}  # our format -> PIL's Image.format
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -91,10 +92,10 @@ class Decoded:
 def input_extension(key: str) -> str:
     """The whitelisted, lower-case extension of an S3 key; InputError for anything else."""
     ext = posixpath.splitext(posixpath.basename(key))[1].lower()
-    if ext not in FORMAT_BY_EXTENSION:
+    if ext not in FORMAT_BY_EXTENSION and ext != COMPUTE_EXTENSION:
         raise InputError(
             f"{display_name(key)} has an unsupported file type; upload a .png, .jpg/.jpeg, .npy, .csv "
-            "(64 values per row) or .zip (of .png/.jpg images) file"
+            "(64 values per row) or .zip (of .png/.jpg images) file, or a .json compute workload"
         )
     return ext
 
@@ -112,7 +113,8 @@ def sniff_format(head: bytes) -> str | None:
 
 
 def decode_input(path: Path, ext: str, name: str, model_input: ModelInput) -> Decoded:
-    """Decode the downloaded file at path; ext comes from input_extension(), name from display_name()."""
+    """Decode the downloaded file at path; ext comes from input_extension() (not COMPUTE_EXTENSION), name
+    from display_name()."""
     size = path.stat().st_size
     if size == 0:
         raise InputError(f"{name} is empty (0 bytes); upload a file with at least one item")

@@ -39,7 +39,8 @@ class _JobIdFilter(logging.Filter):
         self.job_id = job_id
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.job_id = self.job_id
+        if not hasattr(record, "job_id"):  # the batch's lease heartbeat names the job it is about
+            record.job_id = self.job_id
         return True
 
 

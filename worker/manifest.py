@@ -14,7 +14,7 @@ from worker.spec import JobSpec
 
 MANIFEST_NAME = "manifest.json"
 MAX_ERROR_CHARS = 2000
-PHASES = ("download_s", "model_load_s", "inference_s", "upload_s")
+PHASES = ("slot_wait_s", "download_s", "model_load_s", "inference_s", "upload_s")  # always in timings
 
 
 class JobStatus(str, enum.Enum):
@@ -28,7 +28,10 @@ def utc_now() -> dt.datetime:
 
 @dataclass
 class Timings:
-    """Wall-clock start/finish and seconds spent per phase; phases may be measured more than once."""
+    """Wall-clock start/finish and seconds spent per phase; phases may be measured more than once.
+
+    Phases other than PHASES (compute_s for a compute workload) appear once measured.
+    """
 
     started_at: dt.datetime = field(default_factory=utc_now)
     finished_at: dt.datetime | None = None
@@ -42,7 +45,7 @@ class Timings:
         try:
             yield
         finally:
-            self.seconds[phase] += time.monotonic() - started
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.monotonic() - started
 
     def finish(self) -> None:
         self.finished_at = utc_now()

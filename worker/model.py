@@ -27,7 +27,7 @@ import torch
 from worker.errors import ModelError
 from worker.inputs import ModelInput
 from worker.spec import parse_s3_uri
-from worker.storage import Storage
+from worker.storage import ObjectInfo, Storage
 
 BATCH_SIZE = 256
 MAX_SIDECAR_BYTES = 64 * 1024
@@ -49,10 +49,32 @@ def select_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def fetch_model(uri: str, cache_dir: Path, storage: Storage) -> Path:
-    """The model file, from cache_dir when the same URI with the same ETag was downloaded before."""
+class ModelCache:
+    """Models loaded in this process, per (model_uri, ETag): the jobs of a batch load each model once."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self._loaded: dict[tuple[str, str], LoadedModel] = {}
+
+    def get(self, uri: str, storage: Storage) -> LoadedModel:
+        bucket, key = parse_s3_uri(uri)
+        info = storage.head(bucket, key)
+        loaded = self._loaded.get((uri, info.etag))
+        if loaded is None:
+            loaded = load_model(fetch_model(uri, self.cache_dir, storage, info), uri, storage)
+            self._loaded[(uri, info.etag)] = loaded
+        else:
+            logger.info("model already loaded", extra={"model_uri": uri, "etag": info.etag})
+        return loaded
+
+
+def fetch_model(uri: str, cache_dir: Path, storage: Storage, info: ObjectInfo | None = None) -> Path:
+    """The model file, from cache_dir when the same URI with the same ETag was downloaded before.
+
+    `info` is the model object's head when the caller has it already.
+    """
     bucket, key = parse_s3_uri(uri)
-    info = storage.head(bucket, key)
+    info = info or storage.head(bucket, key)
     cache_key = hashlib.sha256(f"{uri}\n{info.etag}".encode()).hexdigest()
     path = cache_dir / f"{cache_key}.pt"
     if path.exists():

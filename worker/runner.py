@@ -1,7 +1,8 @@
-"""One job, start to finish: download input and model, predict, upload outputs, always upload the manifest.
+"""Jobs, start to finish: download input and model, predict, upload outputs, always upload the manifest.
 
-The exit code says whether a failure is worth retrying (worker.errors.ExitCode). Output order under
-output.prefix: predictions.csv, job.log, then manifest.json last.
+A batch runs its jobs one after another in one process, sharing one concurrency slot, the loaded model
+and one lease heartbeat. The exit code says whether a failure is worth retrying (worker.errors.ExitCode).
+Output order under output.prefix: predictions.csv, job.log, then manifest.json last.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from worker.errors import ExitCode, JobError, StorageError
-from worker.inputs import MAX_INPUT_BYTES, decode_input, display_name, input_extension
+from worker.deadman import push_deadman
+from worker.errors import ExitCode, Interrupted, JobError, StorageError
+from worker.inputs import COMPUTE_EXTENSION, MAX_INPUT_BYTES, decode_input, display_name, input_extension
 from worker.joblog import flush_handlers, job_logging
+from worker.lease import Heartbeat
 from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest
 from worker.predictions import PREDICTIONS_NAME, write_predictions
+from worker.slots import Slot, acquire_slot
 from worker.spec import JobSpec
 from worker.storage import Storage
 
@@ -49,18 +54,67 @@ class _Outcome:
 
 def run_job(spec: JobSpec, job_root: Path, storage: Storage | None = None) -> ExitCode:
     """Run the job in <job_root>/<job_id>/ and return its exit code; the manifest is uploaded if S3 allows."""
-    job_dir = job_dir_for(job_root, spec.job_id)
-    job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with job_logging(spec.job_id, job_dir / LOG_NAME) as logger:
-        return _Job(spec, job_root, job_dir, storage, logger).run()
+    return run_jobs([spec], job_root, storage)[0]
+
+
+def run_jobs(specs: list[JobSpec], job_root: Path, storage: Storage | None = None) -> list[ExitCode]:
+    """Run the jobs one after another; each writes its own outputs and manifest. Exit codes in spec order.
+
+    From the first job's start, the leases of every job not finished yet are renewed, so jobs waiting
+    their turn stay alive in the jobs table. After SIGTERM the jobs still to come fail at once as
+    interrupted.
+    """
+    batch = _Batch(job_root, Heartbeat({spec.job_id: spec.lease for spec in specs if spec.lease}))
+    codes: list[ExitCode] = []
+    try:
+        for spec in specs:
+            job_dir = job_dir_for(job_root, spec.job_id)
+            job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            job: _Job | None = None
+            try:
+                with job_logging(spec.job_id, job_dir / LOG_NAME) as logger:
+                    job = _Job(spec, batch, job_dir, storage, logger)
+                    codes.append(job.run())
+            except Interrupted as exc:  # SIGTERM outside the job's own error handling (its last uploads)
+                batch.interrupted = exc
+                codes.append(ExitCode.TRANSIENT)
+            if job is not None:
+                storage = job.storage  # one S3 client for the batch
+    finally:
+        batch.close()
+    return codes
+
+
+class _Batch:
+    """What the jobs of one `run` process share."""
+
+    def __init__(self, job_root: Path, heartbeat: Heartbeat) -> None:
+        self.job_root = job_root
+        self.heartbeat = heartbeat
+        self.slot: Slot | None = None
+        self.models: Any = None  # worker.model.ModelCache, created once torch is imported
+        self.interrupted: Interrupted | None = None
+
+    def hold_slot(self, count: int) -> Slot | None:
+        """Take one of `count` slots for the rest of the batch; None when the batch holds one already."""
+        if self.slot is not None:
+            return None
+        self.slot = acquire_slot(self.job_root, count)
+        return self.slot
+
+    def close(self) -> None:
+        self.heartbeat.stop()
+        if self.slot is not None:
+            self.slot.release()
 
 
 class _Job:
     def __init__(
-        self, spec: JobSpec, job_root: Path, job_dir: Path, storage: Storage | None, logger: logging.Logger
+        self, spec: JobSpec, batch: _Batch, job_dir: Path, storage: Storage | None, logger: logging.Logger
     ) -> None:
         self.spec = spec
-        self.job_root = job_root
+        self.batch = batch
+        self.job_root = batch.job_root
         self.job_dir = job_dir
         self.storage = storage
         self.log = logger
@@ -80,10 +134,16 @@ class _Job:
                 "instance_id": self.instance_id,
             },
         )
+        self._push_deadman()
+        self.batch.heartbeat.start()  # with the first job: its log records the first renewals
         try:
+            if self.batch.interrupted is not None:
+                raise self.batch.interrupted
             self._predict_and_upload()
             self.outcome.status, self.outcome.exit_code = JobStatus.SUCCEEDED, ExitCode.SUCCEEDED
         except JobError as exc:
+            if isinstance(exc, Interrupted):
+                self.batch.interrupted = exc
             self.outcome.error, self.outcome.exit_code = str(exc), exc.exit_code
             self.log.error("job failed", extra={"error": str(exc), "transient": exc.transient})
         except Exception as exc:  # a bug or an environment problem: still say so in a manifest
@@ -97,15 +157,31 @@ class _Job:
                 )
                 self.outcome.exit_code = ExitCode.FAILED
             self.log.exception("job failed with an unexpected error")
-        return self._finish()
+        try:
+            return self._finish()
+        finally:
+            self._push_deadman()
 
     def _predict_and_upload(self) -> None:
-        from worker.model import fetch_model, load_model, predict, select_device  # torch is slow to import
-
         spec = self.spec
-        self.device = select_device().type
-        ext = input_extension(spec.input_key)  # before downloading anything: unsupported types fail fast
+        ext = input_extension(spec.input_key)  # before waiting or downloading: unsupported types fail fast
         name = display_name(spec.input_key)
+        with self.timings.measure("slot_wait_s"):
+            slot = self.batch.hold_slot(spec.max_concurrent_jobs)
+        if slot is not None:
+            self.log.info(
+                "slot acquired",
+                extra={
+                    "slot": slot.index,
+                    "max_concurrent_jobs": spec.max_concurrent_jobs,
+                    "waited_s": round(slot.waited_seconds, 3),
+                },
+            )
+        # torch is slow to import: after the fast failures, once per process
+        from worker.compute import COMPUTE_ITEM, parse_workload, run_workload
+        from worker.model import ModelCache, predict, select_device
+
+        self.device = select_device().type
         if self.storage is None:
             self.storage = Storage()
         # a fixed name: only the whitelisted extension comes from the key
@@ -120,9 +196,11 @@ class _Job:
             )
         self.outcome.input_version_id = spec.input_version_id or info.version_id
         self.log.info("input downloaded", extra={"bytes": info.size_bytes, "version_id": info.version_id})
+        workload_seconds = parse_workload(self.input_path, name) if ext == COMPUTE_EXTENSION else None
+        if self.batch.models is None:
+            self.batch.models = ModelCache(self.job_root / MODEL_CACHE_DIR)
         with self.timings.measure("model_load_s"):
-            path = fetch_model(spec.model_uri, self.job_root / MODEL_CACHE_DIR, self.storage)
-            model = load_model(path, spec.model_uri, self.storage)
+            model = self.batch.models.get(spec.model_uri, self.storage)
         self.log.info(
             "model loaded",
             extra={
@@ -131,20 +209,28 @@ class _Job:
                 "input_source": model.input_source,
             },
         )
-        with self.timings.measure("inference_s"):  # decoding included: it depends on the model's input shape
-            decoded = decode_input(self.input_path, ext, name, model.model_input)
-            probs = predict(model, decoded.pixels)
-        self.log.info("inference done", extra={"items": len(decoded.items), "classes": int(probs.shape[1])})
+        if workload_seconds is not None:
+            self.log.info("compute workload started", extra={"seconds": workload_seconds})
+            with self.timings.measure("compute_s"):
+                items, last_batch = run_workload(model, workload_seconds)
+            names, probs = [COMPUTE_ITEM], last_batch[:1]  # one row: the last batch's first item
+        else:
+            with self.timings.measure("inference_s"):  # decoding included: it depends on the input shape
+                decoded = decode_input(self.input_path, ext, name, model.model_input)
+                probs = predict(model, decoded.pixels)
+            names, items = decoded.items, len(decoded.items)
+        self.log.info("inference done", extra={"items": items, "classes": int(probs.shape[1])})
         predictions_path = self.job_dir / PREDICTIONS_NAME
-        write_predictions(predictions_path, decoded.items, probs)
+        write_predictions(predictions_path, names, probs)
         with self.timings.measure("upload_s"):
             key = spec.output_key(PREDICTIONS_NAME)
             self.storage.upload_file(predictions_path, spec.output_bucket, key, "text/csv")
         self.outcome.outputs.append(key)
-        self.outcome.items = len(decoded.items)
+        self.outcome.items = items
 
     def _finish(self) -> ExitCode:
         spec, outcome = self.spec, self.outcome
+        self.batch.heartbeat.finish(spec.job_id)  # the manifest ends the job for the control plane
         self.log.info(
             "uploading job.log and manifest",
             extra={"status": outcome.status.value, "exit_code": int(outcome.exit_code)},
@@ -193,6 +279,12 @@ class _Job:
             "job finished", extra={"status": outcome.status.value, "exit_code": int(outcome.exit_code)}
         )
         return outcome.exit_code
+
+    def _push_deadman(self) -> None:
+        try:
+            push_deadman(self.job_root, self.spec.idle_shutdown_seconds)
+        except OSError as exc:  # a full disk must not fail the job; the control plane stops the instance
+            self.log.warning("dead-man timer not pushed", extra={"error": str(exc)})
 
 
 def _write_local_json(path: Path, document: dict) -> None:

@@ -1,8 +1,12 @@
-"""The job spec: parse and validate the JSON the dispatcher sends (docs/architecture.md, "Job spec")."""
+"""The job spec: parse and validate the JSON the dispatcher sends (docs/architecture.md, "Job spec").
+
+`launch` takes one spec object, or a batch `{"jobs": [spec, ...]}` (parse_launch_request).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -10,10 +14,25 @@ from typing import Any
 from worker.errors import SpecError
 
 MAX_SPEC_BYTES = 64 * 1024
+MAX_BATCH_BYTES = 1024 * 1024
+MAX_BATCH_JOBS = 256
 MAX_KEY_BYTES = 1024  # S3's own limit on key length (UTF-8 bytes)
 JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{16}$")
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 INSTANCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+TABLE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{3,255}$")  # DynamoDB's rule for table names
+DEFAULT_MAX_CONCURRENT_JOBS = 4
+MAX_CONCURRENT_JOBS_LIMIT = 64
+DEFAULT_IDLE_SHUTDOWN_SECONDS = 600.0
+MAX_SECONDS = 86_400.0  # upper bound for lease.seconds and idle_shutdown_seconds
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Where the job renews its lease (the jobs table) and for how long each renewal holds."""
+
+    table: str
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -26,6 +45,9 @@ class JobSpec:
     output_prefix: str
     model_uri: str
     instance_id: str | None
+    lease: Lease | None = None  # None: no heartbeat
+    max_concurrent_jobs: int = DEFAULT_MAX_CONCURRENT_JOBS  # slots per instance (worker/slots.py)
+    idle_shutdown_seconds: float = DEFAULT_IDLE_SHUTDOWN_SECONDS  # dead-man push (worker/deadman.py)
 
     @property
     def model_bucket(self) -> str:
@@ -50,6 +72,9 @@ class JobSpec:
             "output": {"bucket": self.output_bucket, "prefix": self.output_prefix},
             "model_uri": self.model_uri,
             "instance_id": self.instance_id,
+            "lease": {"table": self.lease.table, "seconds": self.lease.seconds} if self.lease else None,
+            "max_concurrent_jobs": self.max_concurrent_jobs,
+            "idle_shutdown_seconds": self.idle_shutdown_seconds,
         }
 
 
@@ -73,13 +98,44 @@ def parse_spec(data: bytes | str) -> JobSpec:
         data = data.encode("utf-8")
     if len(data) > MAX_SPEC_BYTES:
         raise SpecError(f"job spec is larger than {MAX_SPEC_BYTES} bytes")
-    try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(f"job spec is not valid JSON: {exc}") from exc
+    return spec_from_object(_load_json(data, "job spec"))
+
+
+def parse_launch_request(data: bytes) -> tuple[list[JobSpec], bool]:
+    """`launch`'s stdin: one spec, or {"jobs": [spec, ...]}. Returns (specs, is_batch).
+
+    A batch is all or nothing: the first invalid spec raises SpecError naming its index and job_id.
+    """
+    if len(data) > MAX_BATCH_BYTES:
+        raise SpecError(f"launch request is larger than {MAX_BATCH_BYTES} bytes")
+    raw = _load_json(data, "launch request")
+    if "jobs" not in raw:
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError(f"job spec is larger than {MAX_SPEC_BYTES} bytes; send a batch for more")
+        return [spec_from_object(raw)], False
+    jobs = raw["jobs"]
+    if set(raw) != {"jobs"} or not isinstance(jobs, list) or not 1 <= len(jobs) <= MAX_BATCH_JOBS:
+        raise SpecError(f'a batch must be {{"jobs": [spec, ...]}} with 1 to {MAX_BATCH_JOBS} job specs')
+    specs: list[JobSpec] = []
+    seen: set[str] = set()
+    for index, item in enumerate(jobs):
+        named = item.get("job_id") if isinstance(item, dict) else None
+        where = f"jobs[{index}] (job_id {named!r:.100})"
+        try:
+            spec = spec_from_object(item)
+        except SpecError as exc:
+            raise SpecError(f"{where}: {exc}; nothing was started") from exc
+        if spec.job_id in seen:
+            raise SpecError(f"{where}: the job_id appears twice in the batch; nothing was started")
+        seen.add(spec.job_id)
+        specs.append(spec)
+    return specs, True
+
+
+def spec_from_object(raw: object) -> JobSpec:
+    """Validate one decoded spec object."""
     if not isinstance(raw, dict):
         raise SpecError("job spec must be a JSON object")
-
     job_id = raw.get("job_id")
     if not is_valid_job_id(job_id):
         raise SpecError(f"job_id must match {JOB_ID_PATTERN.pattern}, got {job_id!r:.100}")
@@ -116,7 +172,59 @@ def parse_spec(data: bytes | str) -> JobSpec:
         output_prefix=prefix,
         model_uri=model_uri,
         instance_id=instance_id,
+        lease=_parse_lease(raw.get("lease")),
+        max_concurrent_jobs=_optional_int(
+            raw, "max_concurrent_jobs", DEFAULT_MAX_CONCURRENT_JOBS, MAX_CONCURRENT_JOBS_LIMIT
+        ),
+        idle_shutdown_seconds=_optional_seconds(raw, "idle_shutdown_seconds", DEFAULT_IDLE_SHUTDOWN_SECONDS),
     )
+
+
+def _load_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"{what} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{what} must be a JSON object")
+    return raw
+
+
+def _parse_lease(value: object) -> Lease | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"table", "seconds"}:
+        raise SpecError('lease must be null or {"table": "<jobs table>", "seconds": <lease length>}')
+    table = value["table"]
+    if not isinstance(table, str) or not TABLE_NAME_PATTERN.fullmatch(table):
+        raise SpecError(f"lease.table must be a DynamoDB table name, got {table!r:.100}")
+    return Lease(table=table, seconds=_optional_seconds(value, "seconds", None, "lease.seconds"))
+
+
+def _optional_int(raw: dict[str, Any], name: str, default: int, limit: int) -> int:
+    value = raw.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+        raise SpecError(f"{name} must be null or an integer from 1 to {limit}, got {value!r:.100}")
+    return value
+
+
+def _optional_seconds(raw: dict[str, Any], name: str, default: float | None, label: str = "") -> float:
+    """raw[name] as seconds in [1, MAX_SECONDS]; `default` when absent (required when default is None)."""
+    value = raw.get(name)
+    if value is None and default is not None:
+        return default
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 1 <= value <= MAX_SECONDS
+    ):
+        raise SpecError(
+            f"{label or name} must be a number of seconds from 1 to {MAX_SECONDS:.0f}, got {value!r:.100}"
+        )
+    return float(value)
 
 
 def _require_object(raw: dict[str, Any], name: str) -> dict[str, Any]:

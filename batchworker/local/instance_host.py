@@ -1,5 +1,7 @@
 """Local stand-in for one GPU EC2 instance: an SSH server that lives and dies with the moto instance state.
 
+Like the instance's systemd timer (worker/deadman.py), it stops its own instance through moto when the
+jobs' dead-man timer has expired and none of the instance's processes is alive.
 Run as `python -m batchworker.local.instance_host --instance-id i-... --state-dir DIR ...`.
 """
 
@@ -28,32 +30,53 @@ logger = logging.getLogger("batchworker.local.instance_host")
 
 LISTEN_HOST = "127.0.0.1"
 INSTANCE_ID_VARIABLE = "BATCHWORKER_INSTANCE_ID"
+DEADMAN_NAME = ".deadman"  # under the job root; written by the jobs (worker/deadman.py)
+DEFAULT_IDLE_SHUTDOWN_SECONDS = 600.0  # the jobs' default, for a timer file that does not say
 _PIPE_CHUNK_BYTES = 64 * 1024
+
+
+def marked_pids(instance_id: str) -> list[int]:
+    """Live processes (not this one) whose environment carries BATCHWORKER_INSTANCE_ID=<instance_id>."""
+    marker = f"{INSTANCE_ID_VARIABLE}={instance_id}".encode()
+    pids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, a kernel thread, or not ours to read
+            continue
+        if marker in environ.split(b"\0"):  # a zombie's environ is empty: dead
+            pids.append(int(entry.name))
+    return pids
 
 
 def kill_marked_processes(instance_id: str) -> list[int]:
     """SIGKILL every process whose environment carries BATCHWORKER_INSTANCE_ID=<instance_id>."""
-    marker = f"{INSTANCE_ID_VARIABLE}={instance_id}".encode()
     killed: list[int] = []
     for _ in range(10):  # repeat: a process may fork while we scan
         found = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
+        for pid in marked_pids(instance_id):
             try:
-                environ = (entry / "environ").read_bytes()
-            except OSError:  # gone, a kernel thread, or not ours to read
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
                 continue
-            if marker in environ.split(b"\0"):
-                try:
-                    os.kill(int(entry.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    continue
-                found += 1
-                killed.append(int(entry.name))
+            found += 1
+            killed.append(pid)
         if not found:
             break
     return sorted(set(killed))
+
+
+def read_deadman(path: Path) -> tuple[float, float] | None:
+    """(expires_at unix time, idle_shutdown_seconds) from the jobs' timer file; None without a usable one."""
+    try:
+        raw = json.loads(path.read_bytes()[:4096])
+        expires_at = float(raw["expires_at"])
+        idle = float(raw.get("idle_shutdown_seconds") or DEFAULT_IDLE_SHUTDOWN_SECONDS)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return expires_at, idle
 
 
 class _SshServer(asyncssh.SSHServer):
@@ -90,6 +113,7 @@ class InstanceHost:
         authorized_key_file: Path,
         port: int = 0,
         poll_interval_seconds: float = 0.2,
+        deadman_check_seconds: float = 5.0,
         ec2_client: Any = None,
         ssm_client: Any = None,
     ) -> None:
@@ -100,11 +124,13 @@ class InstanceHost:
         self.authorized_key_file = authorized_key_file
         self.port = port
         self.poll_interval_seconds = poll_interval_seconds
+        self.deadman_check_seconds = deadman_check_seconds  # 0: never stop on the dead-man timer
         self.ec2 = ec2_client or boto3.client("ec2")
         self.ssm = ssm_client or boto3.client("ssm")
         self.connections: set[asyncssh.SSHServerConnection] = set()
         self.processes: set[asyncio.subprocess.Process] = set()
         self.ready_file = state_dir / "ready.json"
+        self.deadman_file = state_dir / "jobs" / DEADMAN_NAME
         self._running_since: float | None = None
         self._state: str | None = None
         self._stop = asyncio.Event()
@@ -149,6 +175,8 @@ class InstanceHost:
             asyncio.create_task(self._watch_instance()),
             asyncio.create_task(self._accept(listener, options)),
         ]
+        if self.deadman_check_seconds > 0:
+            tasks.append(asyncio.create_task(self._watch_deadman()))
         self._write_ready_file(endpoint, name)
         logger.info("instance %s: SSH on %s:%d, endpoint published to %s", self.instance_id, LISTEN_HOST,
                     self.port, name)
@@ -228,6 +256,32 @@ class InstanceHost:
         elif previous != state:
             self._running_since = None
             await self._power_off(f"instance is {state}")
+
+    async def _watch_deadman(self) -> None:
+        while True:
+            await asyncio.sleep(self.deadman_check_seconds)
+            if self._state != "running" or not await asyncio.to_thread(self._is_deadman_expired):
+                continue
+            logger.warning("instance %s: dead-man timer expired: stopping", self.instance_id)
+            try:  # as `shutdown -h` with instance-initiated shutdown behaviour = stop
+                await asyncio.to_thread(self.ec2.stop_instances, InstanceIds=[self.instance_id])
+            except (BotoCoreError, ClientError) as exc:
+                logger.warning("stop_instances failed; trying again at the next check: %s", exc)
+
+    def _is_deadman_expired(self) -> bool:
+        """The timer ran out, the instance has been up that long since boot, and none of its processes lives.
+
+        The boot rule is worker/deadman.py's uptime rule: a timer left from before a stop does not count
+        against the job a fresh start is for.
+        """
+        timer = read_deadman(self.deadman_file)
+        since = self._running_since
+        if timer is None or since is None:
+            return False
+        expires_at, idle_seconds = timer
+        if time.time() < expires_at or time.monotonic() - since < idle_seconds:
+            return False
+        return not marked_pids(self.instance_id)
 
     async def _power_off(self, reason: str) -> None:
         """What EC2 does at power off: every process dies, every connection drops."""
@@ -330,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--authorized-key-file", required=True, type=Path, help="OpenSSH authorized_keys")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--poll-interval-seconds", type=float, default=0.2)
+    parser.add_argument("--deadman-check-seconds", type=float, default=5.0,
+                        help="how often to check the jobs' dead-man timer; 0 disables")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -337,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     host = InstanceHost(args.instance_id, args.parameter_prefix, args.state_dir.resolve(),
                         args.boot_delay_seconds, args.authorized_key_file, args.port,
-                        args.poll_interval_seconds)
+                        args.poll_interval_seconds, args.deadman_check_seconds)
     asyncio.run(host.serve())
     return 0
 

@@ -118,7 +118,7 @@ def host(cloud: Cloud, tmp_path: Path) -> Iterator[Host]:
         [sys.executable, "-m", "batchworker.local.instance_host", "--instance-id", instance_id,
          "--parameter-prefix", PREFIX, "--state-dir", str(state_dir),
          "--boot-delay-seconds", str(BOOT_DELAY_SECONDS), "--authorized-key-file",
-         str(cloud.authorized_key_file), "--poll-interval-seconds", "0.1"],
+         str(cloud.authorized_key_file), "--poll-interval-seconds", "0.1", "--deadman-check-seconds", "0.2"],
         env={**os.environ, **cloud.env}, stdout=subprocess.DEVNULL, stderr=log,
     )
     try:
@@ -268,6 +268,26 @@ def test_stopping_the_instance_kills_its_processes_and_sessions(cloud: Cloud, ho
     assert host.process.poll() is None
 
 
+def test_dead_man_timer_stops_the_instance_once_nothing_runs(
+    cloud: Cloud, host: Host, tmp_path: Path
+) -> None:
+    start_and_wait(cloud, host)
+    # GIVEN a job process still alive and a dead-man timer that ran out (a 1-second idle period)
+    pid = launch_detached_sleep(cloud, host)
+    timer = {"expires_at": time.time() - 1, "idle_shutdown_seconds": 1}
+    (host.state_dir / "jobs" / ".deadman").write_text(json.dumps(timer))
+    # THEN the instance stays up while the process lives
+    time.sleep(1.0)
+    assert instance_state(cloud, host) == "running"
+    # WHEN the process ends
+    os.kill(pid, signal.SIGKILL)
+    # THEN the host stops its own instance, as `shutdown -h` would, and powers off
+    wait_for(lambda: instance_state(cloud, host) in ("stopping", "stopped"), 10, "the instance to stop")
+    wait_for(lambda: not probe(host.endpoint, 0.5), 10, "SSH to go away")
+    assert "dead-man timer expired: stopping" in (tmp_path / "host.log").read_text()
+    assert host.process.poll() is None
+
+
 def test_sigterm_stops_host_and_its_processes(cloud: Cloud, host: Host) -> None:
     start_and_wait(cloud, host)
     detached_pid = launch_detached_sleep(cloud, host)
@@ -282,6 +302,11 @@ def test_sigterm_stops_host_and_its_processes(cloud: Cloud, host: Host) -> None:
     assert key_file.stat().st_mode & 0o077 == 0
     published = asyncssh.read_private_key(str(key_file)).export_public_key().decode()
     assert host.endpoint.host_key.split()[1] in published
+
+
+def instance_state(cloud: Cloud, host: Host) -> str:
+    reservations = cloud.ec2.describe_instances(InstanceIds=[host.instance_id])["Reservations"]
+    return reservations[0]["Instances"][0]["State"]["Name"]
 
 
 def _run_catching(host: Host, cloud: Cloud, command: str) -> object:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from botocore.config import Config
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
+from worker.deadman import read_deadman
 from worker.errors import ExitCode
 from worker.runner import run_job
 from worker.spec import parse_spec
@@ -62,7 +65,7 @@ def s3(aws_env, model_bytes):
         yield client
 
 
-def make_spec(job_id: str, key: str, model_uri: str = MODEL_URI, version_id: str | None = None):
+def make_spec(job_id: str, key: str, model_uri: str = MODEL_URI, version_id: str | None = None, **optional):
     return parse_spec(
         json.dumps(
             {
@@ -71,6 +74,7 @@ def make_spec(job_id: str, key: str, model_uri: str = MODEL_URI, version_id: str
                 "output": {"bucket": OUTPUT, "prefix": f"jobs/{job_id}/"},
                 "model_uri": model_uri,
                 "instance_id": "i-0123456789abcdef0",
+                **optional,
             }
         )
     )
@@ -113,7 +117,8 @@ def test_bundled_samples_are_predicted(s3, tmp_path):
         assert manifest["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
         assert manifest["model_uri"] == MODEL_URI and manifest["instance_id"] == "i-0123456789abcdef0"
         assert set(manifest["timings"]) == {
-            "started_at", "finished_at", "download_s", "model_load_s", "inference_s", "upload_s", "total_s"
+            "started_at", "finished_at", "slot_wait_s", "download_s", "model_load_s", "inference_s",
+            "upload_s", "total_s",
         }
         rows = read_predictions(s3, job)
         assert list(rows[0])[:4] == ["item", "label", "confidence", "prob_0"] and "prob_9" in rows[0]
@@ -267,6 +272,15 @@ def test_launch_rejects_a_bad_spec(tmp_path):
     assert result.returncode == 2 and result.stdout == b""
     assert "job_id must match" in json.loads(result.stderr)["error"]
     assert list(tmp_path.iterdir()) == []
+    # AND a batch with one bad spec starts none of them
+    good = make_spec(job_id(12), "a.png").to_json()
+    bad = {**make_spec(job_id(13), "b.png").to_json(), "max_concurrent_jobs": 0}
+    batch = json.dumps({"jobs": [good, bad]}).encode()
+    result = subprocess.run(command, input=batch, env=env, capture_output=True, timeout=30)
+    assert result.returncode == 2 and result.stdout == b""
+    error = json.loads(result.stderr)["error"]
+    assert error.startswith(f"jobs[1] (job_id '{job_id(13)}'): max_concurrent_jobs must be")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_sigterm_gives_a_transient_failed_manifest(moto_server, model_bytes, tmp_path):
@@ -294,3 +308,215 @@ def test_sigterm_gives_a_transient_failed_manifest(moto_server, model_bytes, tmp
     assert process.wait(timeout=60) == ExitCode.TRANSIENT
     manifest = json.loads(s3.get_object(Bucket=OUTPUT, Key=f"jobs/{job}/manifest.json")["Body"].read())
     assert manifest["status"] == "failed" and "interrupted (SIGTERM)" in manifest["error"]
+
+
+# --- lease heartbeat, compute workload, batches, slots ------------------------------------------------
+
+TABLE = "job-jobs"
+ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+COMPUTE_HINT = (
+    'a .json input must be a compute workload, exactly {"workload": "compute", "seconds": S} '
+    "with 0 < S <= 3600"
+)
+
+
+def create_jobs_table(ddb, job_statuses: dict[str, str]) -> None:
+    ddb.create_table(
+        TableName=TABLE, BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": "job_id", "AttributeType": "S"}],
+        KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
+    )
+    for job, status in job_statuses.items():
+        ddb.put_item(TableName=TABLE, Item={"job_id": {"S": job}, "status": {"S": status}})
+
+
+def job_item(ddb, job: str) -> dict[str, str]:
+    item = ddb.get_item(TableName=TABLE, Key={"job_id": {"S": job}}, ConsistentRead=True)["Item"]
+    return {name: value["S"] for name, value in item.items()}
+
+
+def parse_iso(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+class CountingClient:
+    """The DynamoDB client the heartbeat gets, counting its UpdateItem calls."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.updates = 0
+
+    def update_item(self, **kwargs):
+        self.updates += 1
+        return self.client.update_item(**kwargs)
+
+
+def compute_file(seconds) -> bytes:
+    return json.dumps({"workload": "compute", "seconds": seconds}).encode()
+
+
+def test_lease_heartbeat_marks_the_job_running_and_renews_it(s3, tmp_path, monkeypatch):
+    # GIVEN a DISPATCHED job whose 2-second compute workload holds a 3-second lease (renewed every second)
+    ddb = boto3.client("dynamodb", region_name="us-east-1")
+    create_jobs_table(ddb, {job_id(20): "DISPATCHED"})
+    counting = CountingClient(ddb)
+    monkeypatch.setattr("worker.lease.make_client", lambda: counting)
+    s3.put_object(Bucket=INPUT, Key="load/two.json", Body=compute_file(2))
+    spec = make_spec(job_id(20), "load/two.json", lease={"table": TABLE, "seconds": 3})
+    # WHEN it runs
+    assert run_job(spec, tmp_path) == ExitCode.SUCCEEDED
+    # THEN the item is RUNNING, renewed more than once, with a lease 3 s past its last renewal
+    item = job_item(ddb, job_id(20))
+    assert item["status"] == "RUNNING"
+    assert all(ISO_MS.match(item[name]) for name in ("lease_expires_at", "updated_at", "running_since"))
+    assert parse_iso(item["lease_expires_at"]) - parse_iso(item["updated_at"]) == dt.timedelta(seconds=3)
+    assert item["running_since"] < item["updated_at"]
+    manifest = read_json(s3, f"jobs/{job_id(20)}/manifest.json")
+    assert parse_iso(item["lease_expires_at"]) > parse_iso(manifest["timings"]["finished_at"])
+    assert counting.updates >= 2
+    assert "lease taken: the job is RUNNING" in (tmp_path / job_id(20) / "job.log").read_text()
+
+
+def test_a_job_the_control_plane_failed_stops_its_heartbeat_but_finishes(s3, tmp_path, monkeypatch):
+    # GIVEN a job already FAILED in the table (the watchdog gave up on it)
+    ddb = boto3.client("dynamodb", region_name="us-east-1")
+    create_jobs_table(ddb, {job_id(21): "FAILED"})
+    counting = CountingClient(ddb)
+    monkeypatch.setattr("worker.lease.make_client", lambda: counting)
+    s3.put_object(Bucket=INPUT, Key="load/one.json", Body=compute_file(1))
+    spec = make_spec(job_id(21), "load/one.json", lease={"table": TABLE, "seconds": 1.5})
+    # WHEN it runs with a lease renewed every 0.5 s
+    assert run_job(spec, tmp_path) == ExitCode.SUCCEEDED
+    # THEN the first renewal is refused, the item stays FAILED, and no renewal follows
+    assert job_item(ddb, job_id(21)) == {"job_id": job_id(21), "status": "FAILED"}
+    assert counting.updates == 1
+    log = (tmp_path / job_id(21) / "job.log").read_text()
+    assert "lease heartbeat stopped" in log
+    assert read_json(s3, f"jobs/{job_id(21)}/manifest.json")["status"] == "succeeded"
+
+
+def test_compute_workload_runs_for_its_seconds(s3, tmp_path):
+    s3.put_object(Bucket=INPUT, Key="load/one.json", Body=compute_file(1))
+    assert run_job(make_spec(job_id(22), "load/one.json", idle_shutdown_seconds=120), tmp_path) == 0
+    manifest = read_json(s3, f"jobs/{job_id(22)}/manifest.json")
+    assert manifest["status"] == "succeeded", manifest["error"]
+    assert manifest["items"] > 0 and manifest["items"] % 64 == 0
+    assert manifest["timings"]["compute_s"] >= 1.0 and manifest["timings"]["inference_s"] == 0
+    rows = read_predictions(s3, job_id(22))
+    assert len(rows) == 1 and rows[0]["item"] == "compute"
+    assert 0 <= int(rows[0]["label"]) <= 9 and 0 < float(rows[0]["confidence"]) <= 1
+    # AND the job pushed the dead-man timer at its end
+    assert read_deadman(tmp_path).expires_at == pytest.approx(time.time() + 120, abs=10)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        compute_file(0),
+        compute_file(3601),
+        compute_file("5"),
+        b'{"workload": "train", "seconds": 5}',
+        b'{"workload": "compute", "seconds": 5, "gpus": 2}',
+        b"[1, 2]",
+        b"not json",
+    ],
+)
+def test_a_bad_compute_file_fails_and_says_what_one_looks_like(s3, tmp_path, body):
+    s3.put_object(Bucket=INPUT, Key="load/bad.json", Body=body)
+    assert run_job(make_spec(job_id(23), "load/bad.json"), tmp_path) == ExitCode.FAILED
+    manifest = read_json(s3, f"jobs/{job_id(23)}/manifest.json")
+    assert manifest["status"] == "failed" and manifest["error"].startswith("bad.json is ")
+    assert manifest["error"].endswith(COMPUTE_HINT)
+
+
+def server_clients(moto_server: str):
+    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", **credentials)
+    ddb = boto3.client("dynamodb", endpoint_url=moto_server, region_name="us-east-1", **credentials)
+    for bucket in (INPUT, OUTPUT, ARTIFACTS):
+        s3.create_bucket(Bucket=bucket)
+    return s3, ddb
+
+
+def launch_job(moto_server: str, job_root: Path, request: dict) -> dict:
+    env = {**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": moto_server, "BATCHWORKER_JOB_ROOT": str(job_root)}
+    command = [str(Path(sys.executable).with_name("batchworker-job")), "launch"]
+    stdin = json.dumps(request).encode()
+    launched = subprocess.run(command, input=stdin, env=env, capture_output=True, timeout=30)
+    assert launched.returncode == 0, launched.stderr.decode()
+    return json.loads(launched.stdout)
+
+
+def wait_for_manifests(s3, jobs: list[str], job_root: Path, timeout: float = 90) -> dict[str, dict]:
+    deadline = time.monotonic() + timeout
+    wanted = {f"jobs/{job}/manifest.json": job for job in jobs}
+    while time.monotonic() < deadline:
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket=OUTPUT).get("Contents", [])}
+        if set(wanted) <= keys:
+            return {job: json.loads(s3.get_object(Bucket=OUTPUT, Key=key)["Body"].read())
+                    for key, job in wanted.items()}
+        time.sleep(0.5)
+    logs = "\n".join(p.read_text() for p in job_root.glob("*/run.log"))
+    pytest.fail(f"no manifests for all of {jobs} after {timeout} s; run.log:\n{logs}")
+
+
+def test_launch_runs_a_batch_in_one_process(moto_server, model_bytes, tmp_path):
+    # GIVEN four DISPATCHED jobs, the first already running on its own (a 4-second compute workload)
+    s3, ddb = server_clients(moto_server)
+    s3.put_object(Bucket=ARTIFACTS, Key="models/digits-cnn.pt", Body=model_bytes)
+    s3.put_object(Bucket=INPUT, Key="overlap/long.json", Body=compute_file(4))
+    s3.put_object(Bucket=INPUT, Key="batch/digits.npy", Body=(SAMPLES / "digits.npy").read_bytes())
+    s3.put_object(Bucket=INPUT, Key="batch/digits.csv", Body=(SAMPLES / "digits.csv").read_bytes())
+    s3.put_object(Bucket=INPUT, Key="batch/digit-3.png", Body=(SAMPLES / "digit-3.png").read_bytes())
+    jobs = [job_id(n) for n in range(30, 34)]
+    create_jobs_table(ddb, dict.fromkeys(jobs, "DISPATCHED"))
+    lease = {"table": TABLE, "seconds": 30}
+    keys = ["overlap/long.json", "batch/digits.npy", "batch/digits.csv", "batch/digit-3.png"]
+    specs = [make_spec(job, key, lease=lease).to_json() for job, key in zip(jobs, keys)]
+    alone = launch_job(moto_server, tmp_path, specs[0])
+    # WHEN all four are launched as one batch
+    reply = launch_job(moto_server, tmp_path, {"jobs": specs})
+    # THEN the running one is reported, not started again, and the other three share one new process
+    assert reply["jobs"][0] == {"job_id": jobs[0], "pid": alone["pid"], "already_running": True}
+    assert [entry["job_id"] for entry in reply["jobs"][1:]] == jobs[1:]
+    pids = {entry["pid"] for entry in reply["jobs"][1:]}
+    assert len(pids) == 1 and alone["pid"] not in pids and "already_running" not in reply["jobs"][1]
+    batch_file = tmp_path / ".batches" / f"{jobs[1]}.json"
+    assert json.loads(batch_file.read_text()) == {"jobs": jobs[1:]}
+    # AND every job writes its own manifest
+    manifests = wait_for_manifests(s3, jobs, tmp_path)
+    assert {job: m["status"] for job, m in manifests.items()} == dict.fromkeys(jobs, "succeeded")
+    assert [manifests[job]["items"] for job in jobs[1:]] == [6, 5, 1]
+    # AND the batch loaded the model once, and renewed every job's lease
+    events = [
+        [json.loads(line)["event"] for line in (tmp_path / job / "job.log").read_text().splitlines()]
+        for job in jobs[1:]
+    ]
+    assert "model already loaded" not in events[0]
+    assert all("model already loaded" in later for later in events[1:])
+    for job in jobs:
+        item = job_item(ddb, job)
+        assert item["status"] == "RUNNING" and ISO_MS.match(item["lease_expires_at"])
+
+
+def test_one_slot_keeps_two_runs_apart(moto_server, model_bytes, tmp_path):
+    # GIVEN two compute jobs launched separately on an instance that allows one job at a time
+    s3, _ = server_clients(moto_server)
+    s3.put_object(Bucket=ARTIFACTS, Key="models/digits-cnn.pt", Body=model_bytes)
+    s3.put_object(Bucket=INPUT, Key="load/two.json", Body=compute_file(2))
+    jobs = [job_id(40), job_id(41)]
+    for job in jobs:
+        launch_job(moto_server, tmp_path, make_spec(job, "load/two.json", max_concurrent_jobs=1).to_json())
+    # THEN one waits for the other's slot: their device time does not overlap
+    manifests = wait_for_manifests(s3, jobs, tmp_path)
+    spans = sorted(
+        (
+            parse_iso(m["timings"]["started_at"]) + dt.timedelta(seconds=m["timings"]["slot_wait_s"]),
+            parse_iso(m["timings"]["finished_at"]),
+            m["timings"]["slot_wait_s"],
+        )
+        for m in manifests.values()
+    )
+    (_, first_end, _), (second_start, _, second_wait) = spans
+    assert second_start >= first_end - dt.timedelta(milliseconds=10)
+    assert second_wait >= 1.0

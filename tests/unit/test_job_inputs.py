@@ -14,7 +14,7 @@ from PIL import Image
 from worker import inputs
 from worker.errors import InputError, SpecError
 from worker.inputs import ModelInput, decode_input, display_name, input_extension
-from worker.spec import parse_spec
+from worker.spec import parse_launch_request, parse_spec
 
 DIGITS = ModelInput(channels=1, height=8, width=8, array_value_max=16.0, light_on_dark=True)
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -303,7 +303,23 @@ def test_valid_spec_round_trips():
     assert spec.input_key == VALID_SPEC["input"]["key"]
     assert spec.output_key("manifest.json") == "jobs/j-0123456789abcdef/manifest.json"
     assert (spec.model_bucket, spec.model_key) == ("art-bucket", "models/digits-cnn.pt")
-    assert spec.to_json() == VALID_SPEC
+    # the optional fields come out with the values the job uses when they are absent
+    defaults = {"lease": None, "max_concurrent_jobs": 4, "idle_shutdown_seconds": 600}
+    assert spec.to_json() == {**VALID_SPEC, **defaults}
+    assert parse_spec(json.dumps(spec.to_json())) == spec
+
+
+def test_optional_fields_round_trip():
+    full = {
+        **VALID_SPEC,
+        "lease": {"table": "bw-jobs", "seconds": 90},
+        "max_concurrent_jobs": 2,
+        "idle_shutdown_seconds": 30.5,
+    }
+    spec = parse_spec(json.dumps(full))
+    assert (spec.lease.table, spec.lease.seconds) == ("bw-jobs", 90.0)
+    assert (spec.max_concurrent_jobs, spec.idle_shutdown_seconds) == (2, 30.5)
+    assert spec.to_json() == full
 
 
 @pytest.mark.parametrize(
@@ -317,6 +333,14 @@ def test_valid_spec_round_trips():
         ({"output": {"bucket": "out-bucket"}}, "output.prefix must be"),
         ({"model_uri": "https://example.com/m.pt"}, "model_uri must look like"),
         ({"instance_id": "i-1; reboot"}, "instance_id must be"),
+        ({"lease": {"table": "bw-jobs"}}, "lease must be null or"),
+        ({"lease": {"table": "no/slash", "seconds": 90}}, "lease.table must be"),
+        ({"lease": {"table": "bw-jobs", "seconds": 0}}, "lease.seconds must be"),
+        ({"lease": {"table": "bw-jobs", "seconds": True}}, "lease.seconds must be"),
+        ({"max_concurrent_jobs": 0}, "max_concurrent_jobs must be"),
+        ({"max_concurrent_jobs": 2.5}, "max_concurrent_jobs must be"),
+        ({"idle_shutdown_seconds": float("inf")}, "idle_shutdown_seconds must be"),
+        ({"idle_shutdown_seconds": "600"}, "idle_shutdown_seconds must be"),
     ],
 )
 def test_invalid_spec_is_rejected(change, message):
@@ -329,3 +353,48 @@ def test_oversized_or_non_json_spec_is_rejected():
         parse_spec(b" " * (64 * 1024 + 1))
     with pytest.raises(SpecError, match="not valid JSON"):
         parse_spec(b"{nope")
+
+
+def spec_with_id(n: int) -> dict:
+    job = f"j-{n:016x}"
+    return {**VALID_SPEC, "job_id": job, "output": {"bucket": "out-bucket", "prefix": f"jobs/{job}/"}}
+
+
+def test_launch_request_is_one_spec_or_a_batch():
+    specs, is_batch = parse_launch_request(json.dumps(VALID_SPEC).encode())
+    assert not is_batch and [s.job_id for s in specs] == [VALID_SPEC["job_id"]]
+    batch = {"jobs": [spec_with_id(n) for n in range(1, 4)]}
+    specs, is_batch = parse_launch_request(json.dumps(batch).encode())
+    assert is_batch and [s.job_id for s in specs] == [f"j-{n:016x}" for n in range(1, 4)]
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"jobs": []}, "with 1 to 256 job specs"),
+        ({"jobs": [VALID_SPEC] * 257}, "with 1 to 256 job specs"),
+        ({"jobs": [VALID_SPEC], "extra": 1}, "a batch must be"),
+        ({"jobs": VALID_SPEC}, "a batch must be"),
+        (
+            {"jobs": [spec_with_id(1), {**spec_with_id(2), "model_uri": "ftp://x"}]},
+            r"jobs\[1\] \(job_id 'j-0000000000000002'\): model_uri must look like .*nothing was started",
+        ),
+        ({"jobs": [spec_with_id(1), spec_with_id(1)]}, r"jobs\[1\].*appears twice"),
+        ({"jobs": ["j-0000000000000001"]}, r"jobs\[0\] \(job_id None\): job spec must be a JSON object"),
+    ],
+)
+def test_invalid_batch_is_rejected_whole(request_, message):
+    with pytest.raises(SpecError, match=message):
+        parse_launch_request(json.dumps(request_).encode())
+
+
+def test_launch_request_size_limits():
+    padded = json.dumps({**VALID_SPEC, "pad": " " * 70_000}).encode()
+    with pytest.raises(SpecError, match="larger than 65536 bytes; send a batch"):
+        parse_launch_request(padded)
+    with pytest.raises(SpecError, match="larger than 1048576 bytes"):
+        parse_launch_request(b" " * (1024 * 1024 + 1))
+
+
+def test_json_is_accepted_as_a_compute_workload():
+    assert input_extension("load/long.JSON") == inputs.COMPUTE_EXTENSION

@@ -1,0 +1,142 @@
+"""The job's lease in the jobs table, renewed by a heartbeat thread while the job is alive on the instance.
+
+One Heartbeat serves a whole batch: it renews every job of the batch that has not finished yet (jobs waiting
+their turn included, so the control plane does not take them for lost). The job table's own writer lives in
+batchworker/jobs.py, which the instance does not install; the update here must stay compatible with it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from worker.spec import Lease
+
+STATUS_DISPATCHED = "DISPATCHED"
+STATUS_RUNNING = "RUNNING"
+RENEWALS_PER_LEASE = 3  # renew every lease.seconds / 3: two renewals may fail before the lease lapses
+
+logger = logging.getLogger("worker.lease")
+
+
+def make_client() -> Any:
+    """A DynamoDB client from the default session (AWS_ENDPOINT_URL locally, the instance profile on AWS)."""
+    config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=10)
+    return boto3.client("dynamodb", config=config)
+
+
+def iso_utc(moment: dt.datetime) -> str:
+    """2026-11-22T01:02:03.456Z, the job table's timestamp format."""
+    return moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def renew_lease(client: Any, job_id: str, lease: Lease, now: dt.datetime) -> bool:
+    """Mark the job RUNNING until now + lease.seconds; False when the control plane has already ended it.
+
+    Other errors (throttling, network, a missing table) propagate: the caller logs them and tries again.
+    """
+    stamp = iso_utc(now)
+    try:
+        client.update_item(
+            TableName=lease.table,
+            Key={"job_id": {"S": job_id}},
+            UpdateExpression=(
+                "SET #s = :running, lease_expires_at = :t, updated_at = :now, "
+                "running_since = if_not_exists(running_since, :now)"
+            ),
+            # Only a job the control plane still expects to run: a SUCCEEDED or FAILED job (finished, or
+            # failed by the watchdog when its lease lapsed) must never come back to life.
+            ConditionExpression="#s IN (:dispatched, :running)",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":running": {"S": STATUS_RUNNING},
+                ":dispatched": {"S": STATUS_DISPATCHED},
+                ":t": {"S": iso_utc(now + dt.timedelta(seconds=lease.seconds))},
+                ":now": {"S": stamp},
+            },
+        )
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
+class Heartbeat:
+    """A daemon thread renewing the leases of the given jobs at once and then every min(seconds) / 3.
+
+    finish(job_id) ends a job's renewals (returns after any renewal in flight); call it before the job's
+    manifest goes out. The thread ends when no job is left, or at stop().
+    """
+
+    def __init__(self, leases: dict[str, Lease], client: Any = None) -> None:
+        self._leases = dict(leases)
+        self._client = client
+        self._lock = threading.Lock()  # held while renewing, so finish() waits for a renewal in flight
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = False
+        self._renewed: set[str] = set()  # jobs whose first renewal was logged
+        shortest = min((lease.seconds for lease in leases.values()), default=0.0)
+        self.interval_seconds = shortest / RENEWALS_PER_LEASE
+
+    def start(self) -> None:
+        """Start renewing (once; later calls do nothing)."""
+        if self._started or not self._leases:
+            return
+        self._started = True
+        if self._client is None:
+            try:
+                self._client = make_client()
+            except BotoCoreError as exc:  # no region, say: the job runs; the watchdog will judge it
+                logger.error("cannot create a DynamoDB client; no lease heartbeat", extra={"error": str(exc)})
+                return
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def finish(self, job_id: str) -> None:
+        with self._lock:
+            self._leases.pop(job_id, None)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopped.set()
+        with self._lock:
+            self._leases.clear()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _beat(self) -> None:
+        while not self._stopped.is_set():
+            with self._lock:
+                for job_id, lease in list(self._leases.items()):
+                    self._renew(job_id, lease)
+                if not self._leases:
+                    return
+            self._stopped.wait(self.interval_seconds)
+
+    def _renew(self, job_id: str, lease: Lease) -> None:
+        try:
+            renewed = renew_lease(self._client, job_id, lease, dt.datetime.now(dt.timezone.utc))
+        except (BotoCoreError, ClientError) as exc:
+            logger.warning("lease renewal failed; trying again", extra={"job_id": job_id, "error": str(exc)})
+            return
+        if not renewed:
+            logger.warning(
+                "the job is no longer DISPATCHED or RUNNING in the jobs table (the control plane ended it); "
+                "lease heartbeat stopped",
+                extra={"job_id": job_id, "table": lease.table},
+            )
+            del self._leases[job_id]
+        elif job_id not in self._renewed:
+            self._renewed.add(job_id)
+            every = round(self.interval_seconds, 3)
+            logger.info(
+                "lease taken: the job is RUNNING in the jobs table",
+                extra={"job_id": job_id, "table": lease.table, "renew_every_s": every},
+            )
