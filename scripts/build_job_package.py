@@ -63,7 +63,10 @@ def dist_info_files(version: str, requires_python: str | None) -> dict[str, byte
     metadata += [f"Requires-Dist: {requirement}" for requirement in REQUIRES_DIST]
     wheel = ["Wheel-Version: 1.0", "Generator: batchworker scripts/build_job_package.py", "Root-Is-Purelib: true",
              "Tag: py3-none-any"]  # fmt: skip
-    entry_points = ["[console_scripts]", *(f"{name} = {target}" for name, target in sorted(ENTRY_POINTS.items()))]
+    entry_points = [
+        "[console_scripts]",
+        *(f"{name} = {target}" for name, target in sorted(ENTRY_POINTS.items())),
+    ]
     return {
         "METADATA": ("\n".join(metadata) + "\n").encode(),
         "WHEEL": ("\n".join(wheel) + "\n").encode(),
@@ -92,7 +95,10 @@ def build(repo_root: Path, out_dir: Path) -> Path:
     dist_info = f"{DIST_NAME.replace('-', '_')}-{version}.dist-info"
     entries = dict(sorted(collect_package_files(repo_root).items()))
     entries.update(
-        {f"{dist_info}/{name}": data for name, data in sorted(dist_info_files(version, project.get("requires-python")).items())}
+        {
+            f"{dist_info}/{name}": data
+            for name, data in sorted(dist_info_files(version, project.get("requires-python")).items())
+        }
     )
     record_name = f"{dist_info}/RECORD"
     record = "".join(f"{name},{_record_hash(data)},{len(data)}\n" for name, data in entries.items())
@@ -118,8 +124,12 @@ def build(repo_root: Path, out_dir: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "job", help="output directory (build/job)")
-    parser.add_argument("--repo-root", type=Path, default=REPO_ROOT, help="repository to package (default: this one)")
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT / "build" / "job", help="output directory (build/job)"
+    )
+    parser.add_argument(
+        "--repo-root", type=Path, default=REPO_ROOT, help="repository to package (default: this one)"
+    )
     args = parser.parse_args(argv)
     try:
         path = build(args.repo_root, args.out)

@@ -20,7 +20,7 @@ from pathlib import Path
 import build_job_package
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FUNCTIONS = ("trigger", "worker", "stop")
+FUNCTIONS = ("trigger", "worker", "stop", "reaper")
 PACKAGE = "batchworker"
 # Sub-packages the Lambdas never import.
 EXCLUDED_SUBPACKAGES = ("local", "cli")
@@ -53,12 +53,20 @@ def collect_package_files(repo_root: Path) -> dict[str, Path]:
 
 
 def collect_dependency_files(deps_dir: Path) -> dict[str, Path]:
-    """Map archive name -> source file for everything pip installed, minus bytecode caches."""
-    return {
-        path.relative_to(deps_dir).as_posix(): path
-        for path in deps_dir.rglob("*")
-        if path.is_file() and "__pycache__" not in path.relative_to(deps_dir).parts
-    }
+    """Map archive name -> source file for everything pip installed, minus what depends on the build host.
+
+    Left out: bytecode caches; bin/ (console scripts whose shebang is the build machine's Python, never
+    run in Lambda); dist-info RECORD files (they hash those scripts; imports and metadata need none).
+    """
+    files = {}
+    for path in deps_dir.rglob("*"):
+        relative = path.relative_to(deps_dir)
+        if not path.is_file() or "__pycache__" in relative.parts or relative.parts[0] == "bin":
+            continue
+        if relative.parent.name.endswith(".dist-info") and relative.name == "RECORD":
+            continue
+        files[relative.as_posix()] = path
+    return files
 
 
 def install_dependencies(target: Path, requirements: Path = LAMBDA_REQUIREMENTS) -> None:
@@ -131,17 +139,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--repo-root", type=Path, default=REPO_ROOT, help="repository to package (default: this one)"
     )
     parser.add_argument(
-        "--job-package-out", type=Path, default=None, help="where the job package goes (default: <out>/../job)"
+        "--job-package-out",
+        type=Path,
+        default=None,
+        help="where the job package goes (default: <out>/../job)",
     )
     parser.add_argument(
-        "--no-job-package", action="store_true", help="build the Lambda zips only, not the instance's job package"
+        "--no-job-package",
+        action="store_true",
+        help="build the Lambda zips only, not the instance's job package",
     )
     args = parser.parse_args(argv)
 
     try:
         paths = build_all(args.out, repo_root=args.repo_root, with_deps=args.with_deps)
         if not args.no_job_package:
-            paths.append(build_job_package.build(args.repo_root, args.job_package_out or args.out.parent / "job"))
+            paths.append(
+                build_job_package.build(args.repo_root, args.job_package_out or args.out.parent / "job")
+            )
     except (FileNotFoundError, KeyError, subprocess.CalledProcessError) as exc:
         print(f"build_lambdas: {exc}", file=sys.stderr)
         return 1

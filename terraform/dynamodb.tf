@@ -3,6 +3,7 @@
 ################################################################################
 
 resource "aws_dynamodb_table" "jobs" {
+  #checkov:skip=CKV_AWS_119:Encrypted at rest with the AWS managed key aws/dynamodb (server_side_encryption on); a CMK adds a key policy and cost.
   name         = "${var.name_prefix}-jobs"
   billing_mode = "PAY_PER_REQUEST"
   hash_key     = "job_id"
@@ -48,6 +49,7 @@ resource "aws_dynamodb_table" "jobs" {
 ################################################################################
 
 resource "aws_dynamodb_table" "instance_events" {
+  #checkov:skip=CKV_AWS_119:Encrypted at rest with the AWS managed key aws/dynamodb (server_side_encryption on); a CMK adds a key policy and cost.
   name         = "${var.name_prefix}-instance-events"
   billing_mode = "PAY_PER_REQUEST"
   hash_key     = "instance_id"

@@ -1,7 +1,7 @@
 ################################################################################
 # IAM: one role per Lambda function and one for the GPU instances, all through
 # aws_iam_policy_document. Every statement starts with a comment naming who needs it
-# ("trigger:", "worker:", "stop:", "instance (job):", "instance (user data):",
+# ("trigger:", "worker:", "stop:", "reaper:", "instance (job):", "instance (user data):",
 # "instance (SSM agent):") and why. moto enforces none of this: tests/unit/test_terraform_static.py
 # checks the conditions that matter from the HCL.
 ################################################################################
@@ -15,6 +15,9 @@ locals {
   jobs_table_arns            = [aws_dynamodb_table.jobs.arn, "${aws_dynamodb_table.jobs.arn}/index/*"]
   instance_events_table_arns = [aws_dynamodb_table.instance_events.arn]
 
+  # Attributes the instance's lease renewal touches (the key included), for dynamodb:Attributes.
+  job_lease_attributes = ["job_id", "status", "lease_expires_at", "updated_at", "running_since"]
+
   use_ssh        = var.transport == "ssh"
   use_ssm        = var.transport == "ssm"
   worker_in_vpc  = length(var.lambda_subnet_ids) > 0
@@ -24,6 +27,7 @@ locals {
     trigger = data.aws_iam_policy_document.trigger.json
     worker  = data.aws_iam_policy_document.worker.json
     stop    = data.aws_iam_policy_document.stop.json
+    reaper  = data.aws_iam_policy_document.reaper.json
   }
 }
 
@@ -73,10 +77,11 @@ data "aws_iam_policy_document" "trigger" {
     resources = local.jobs_table_arns
   }
 
-  # trigger: record the instance starts it requests.
+  # trigger: record the instance starts it requests, and note the assignment in the instance's ledger
+  # item (UpdateItem), which voids a stop claimed before it.
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:PutItem", "dynamodb:Query"]
+    actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"]
     resources = local.instance_events_table_arns
   }
 
@@ -291,10 +296,11 @@ data "aws_iam_policy_document" "stop" {
     resources = local.jobs_table_arns
   }
 
-  # stop: record the instance stops it requests.
+  # stop: record the instance stops it requests; read the instance's ledger item, note the job's end in
+  # it and claim the stop with a conditional update (GetItem, UpdateItem).
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:PutItem", "dynamodb:Query"]
+    actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem", "dynamodb:UpdateItem"]
     resources = local.instance_events_table_arns
   }
 
@@ -323,6 +329,63 @@ data "aws_iam_policy_document" "stop" {
     sid       = "Logs"
     actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
     resources = ["${aws_cloudwatch_log_group.lambda["stop"].arn}:*"]
+  }
+}
+
+data "aws_iam_policy_document" "reaper" {
+  # reaper: find active jobs by status, fail lost or overlong ones, re-queue stuck ones.
+  statement {
+    sid       = "JobsTable"
+    actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Query"]
+    resources = local.jobs_table_arns
+  }
+
+  # reaper: read and claim instances' ledger items (conditional update), record the stops it requests.
+  statement {
+    sid       = "InstanceEventsTable"
+    actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem", "dynamodb:UpdateItem"]
+    resources = local.instance_events_table_arns
+  }
+
+  # reaper: find running pool instances (Describe* has no resource-level permissions).
+  statement {
+    sid       = "DescribeInstances"
+    actions   = ["ec2:DescribeInstances"]
+    resources = ["*"]
+  }
+
+  # reaper: stop an idle instance, only one of this pool.
+  statement {
+    sid       = "StopPoolInstances"
+    actions   = ["ec2:StopInstances"]
+    resources = [local.instance_arn_pattern]
+
+    condition {
+      test     = "StringEquals"
+      variable = "ec2:ResourceTag/batchworker:pool"
+      values   = [var.name_prefix]
+    }
+  }
+
+  # reaper: write the failed manifest of a job it gives up on (so stop and the client learn of it).
+  statement {
+    sid       = "WriteFailedManifests"
+    actions   = ["s3:PutObject"]
+    resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
+  }
+
+  # reaper: hand a stuck job to the worker (dispatcher) function again, asynchronously.
+  statement {
+    sid       = "InvokeWorker"
+    actions   = ["lambda:InvokeFunction"]
+    resources = [local.worker_function_arn]
+  }
+
+  # reaper: write its own logs.
+  statement {
+    sid       = "Logs"
+    actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
+    resources = ["${aws_cloudwatch_log_group.lambda["reaper"].arn}:*"]
   }
 }
 
@@ -368,6 +431,21 @@ data "aws_iam_policy_document" "gpu" {
     sid       = "WriteResults"
     actions   = ["s3:PutObject"]
     resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
+  }
+
+  # instance (job): renew the job's lease while it runs (worker/lease.py: status, lease_expires_at,
+  # updated_at, running_since of the job's item, conditional on it being dispatched or running). Only
+  # UpdateItem, and only on those attributes: the instance cannot read or create jobs.
+  statement {
+    sid       = "RenewJobLease"
+    actions   = ["dynamodb:UpdateItem"]
+    resources = [aws_dynamodb_table.jobs.arn]
+
+    condition {
+      test     = "ForAllValues:StringEquals"
+      variable = "dynamodb:Attributes"
+      values   = local.job_lease_attributes
+    }
   }
 
   # instance (user data): read the pointer to the current job package.

@@ -32,12 +32,14 @@ locals {
   # Where jobs keep their files and the model cache on the instance (user data creates it).
   instance_job_root = "/var/lib/batchworker/jobs"
 
-  # The three Lambda functions. "worker" is the dispatcher Lambda (waits for an instance
-  # and launches the job over SSM Run Command or SSH); the GPU box that runs the job is aws_instance.gpu.
+  # The Lambda functions. "worker" is the dispatcher Lambda (waits for an instance and launches the job
+  # over SSM Run Command or SSH); the GPU box that runs the job is aws_instance.gpu. "reaper" runs on a
+  # schedule (events.tf): fails lost or overlong jobs, re-dispatches stuck ones, stops idle instances.
   lambda_timeout_seconds = {
     trigger = 60
     worker  = 900
     stop    = 60
+    reaper  = 120
   }
 
   # Settings of batchworker.config.Settings.from_env (docs/architecture.md, "Settings"). Every function
@@ -55,6 +57,7 @@ locals {
     BATCHWORKER_JOB_COMMAND                    = var.job_command
     BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS = tostring(var.instance_ready_timeout_seconds)
     BATCHWORKER_IDLE_GRACE_SECONDS             = tostring(var.idle_grace_seconds)
+    BATCHWORKER_MAX_JOBS_PER_INSTANCE          = tostring(var.max_jobs_per_instance)
     BATCHWORKER_MAX_JOB_RUNTIME_SECONDS        = tostring(var.max_job_runtime_seconds)
     BATCHWORKER_TRANSPORT                      = var.transport
     BATCHWORKER_SSM_DOCUMENT                   = aws_ssm_document.run_job.name

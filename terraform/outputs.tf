@@ -58,6 +58,11 @@ output "stop_function_name" {
   value       = aws_lambda_function.this["stop"].function_name
 }
 
+output "reaper_function_name" {
+  description = "Name of the reaper Lambda function (EventBridge schedule reaper_schedule_expression)."
+  value       = aws_lambda_function.this["reaper"].function_name
+}
+
 output "instance_ids" {
   description = "IDs of the GPU instances in the pool."
   value       = aws_instance.gpu[*].id

@@ -164,7 +164,7 @@ variable "lambda_subnet_ids" {
 }
 
 variable "lambda_security_group_ids" {
-  description = "Security groups of the worker function when lambda_subnet_ids is set. With transport = \"ssh\" the GPU instances admit port 22 from these groups."
+  description = "Security groups of the worker function; required (at least one) when lambda_subnet_ids is set. With transport = \"ssh\" the GPU instances admit port 22 from these groups."
   type        = list(string)
   default     = []
 }
@@ -203,6 +203,28 @@ variable "idle_grace_seconds" {
   validation {
     condition     = var.idle_grace_seconds >= 0
     error_message = "The idle_grace_seconds must be 0 or more."
+  }
+}
+
+variable "max_jobs_per_instance" {
+  description = "Jobs one instance runs at once; more wait for a slot there or start another instance of the pool."
+  type        = number
+  default     = 4
+
+  validation {
+    condition     = var.max_jobs_per_instance >= 1 && var.max_jobs_per_instance <= 64 && floor(var.max_jobs_per_instance) == var.max_jobs_per_instance
+    error_message = "The max_jobs_per_instance must be a whole number from 1 to 64."
+  }
+}
+
+variable "reaper_schedule_expression" {
+  description = "EventBridge schedule of the reaper function (fails lost or overlong jobs, re-dispatches stuck ones, stops idle instances): the backstop that keeps no GPU running for nothing."
+  type        = string
+  default     = "rate(1 minute)"
+
+  validation {
+    condition     = can(regex("^(rate\\([1-9][0-9]* (minute|minutes|hour|hours|day|days)\\)|cron\\(.+\\))$", var.reaper_schedule_expression))
+    error_message = "The reaper_schedule_expression must be an EventBridge rate(N minutes) or cron(...) expression."
   }
 }
 

@@ -125,7 +125,7 @@ def _job_processes(cloud) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"run" in cmdline and any(part.endswith(b"spec.json") for part in cmdline):
+        if b"worker.cli" in cmdline and b"run" in cmdline:
             pids.append(pid)
     return pids
 

@@ -15,7 +15,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from batchworker.local.paths import BUILD_DIR, LAMBDA_BUILD_DIR, MODEL_PATH, SCRIPTS_DIR
-from batchworker.local.state import LOCAL_CREDENTIALS, LOCAL_REGION
+from batchworker.local.state import LOCAL_CREDENTIALS, LOCAL_REGION, LocalOptions
 from batchworker.local.supervisor import Supervisor
 from batchworker.local.terraform import LocalTerraform, terraform_environment
 
@@ -44,10 +44,13 @@ def moto_endpoint(monkeypatch):
 @pytest.fixture
 def build_outputs():
     """What Terraform uploads: the Lambda zips, the job package and the model (built when missing)."""
-    if not all((LAMBDA_BUILD_DIR / f"{name}.zip").is_file() for name in ("trigger", "worker", "stop")) or not (
-        BUILD_DIR / "job" / "job-package.json"
-    ).is_file():
-        subprocess.run([sys.executable, str(SCRIPTS_DIR / "build_lambdas.py")], check=True, capture_output=True)
+    if (
+        not all((LAMBDA_BUILD_DIR / f"{name}.zip").is_file() for name in ("trigger", "worker", "stop"))
+        or not (BUILD_DIR / "job" / "job-package.json").is_file()
+    ):
+        subprocess.run(
+            [sys.executable, str(SCRIPTS_DIR / "build_lambdas.py")], check=True, capture_output=True
+        )
     if not MODEL_PATH.is_file():
         subprocess.run([sys.executable, str(SCRIPTS_DIR / "train_model.py")], check=True, capture_output=True)
 
@@ -57,7 +60,7 @@ def test_second_apply_changes_nothing(moto_endpoint, build_outputs, tmp_path, mo
     work_dir = tmp_path / "terraform"
     for name, value in terraform_environment(work_dir).items():
         monkeypatch.setenv(name, value)  # LocalTerraform sets these process-wide; restore them afterwards
-    variables = Supervisor(tmp_path, "reapply-test", 0.0, 1.0).terraform_variables()
+    variables = Supervisor(tmp_path, "reapply-test", LocalOptions()).terraform_variables()
     # A snapshot of the build outputs: a concurrent `make build` must not look like a diff.
     snapshot = tmp_path / "build"
     shutil.copytree(LAMBDA_BUILD_DIR, snapshot / "lambdas")

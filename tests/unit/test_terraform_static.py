@@ -180,6 +180,7 @@ def test_each_function_gets_only_its_ec2_state_changes(tf):
     assert grants("trigger", "ec2:StartInstances") and not grants("trigger", "ec2:StopInstances")
     assert grants("worker", "ec2:StartInstances") and not grants("worker", "ec2:StopInstances")
     assert grants("stop", "ec2:StopInstances") and not grants("stop", "ec2:StartInstances")
+    assert grants("reaper", "ec2:StopInstances") and not grants("reaper", "ec2:StartInstances")
 
 
 def test_no_wildcard_allows(tf):
@@ -249,7 +250,7 @@ def test_lambda_environment_matches_the_settings_contract(tf):
         f"BATCHWORKER_{field.upper()}"
         for field in (
             "input_bucket output_bucket jobs_table instance_events_table pool_tag worker_function model_uri "
-            "parameter_prefix ssh_user job_command instance_ready_timeout_seconds idle_grace_seconds "
+            "parameter_prefix ssh_user job_command instance_ready_timeout_seconds idle_grace_seconds max_jobs_per_instance "
             "max_job_runtime_seconds transport ssm_document ssm_output_bucket ssm_output_prefix"
         ).split()
     }
@@ -332,7 +333,9 @@ def test_cross_variable_rules(tf):
 
 # --- every statement says who needs it ------------------------------------------------------------
 
-_STATEMENT_OWNERS = re.compile(r"^\s*# (trigger|worker|stop|instance|S3|Everyone|Lambda service|EC2 service)\b[^:]*: \S")
+_STATEMENT_OWNERS = re.compile(
+    r"^\s*# (trigger|worker|stop|reaper|instance|S3|Everyone|Lambda service|EC2 service)\b[^:]*: \S"
+)
 
 
 def test_every_iam_statement_names_the_function_that_needs_it():
@@ -354,7 +357,9 @@ def test_checkov_suppressions_give_a_reason():
     for path in sorted(TERRAFORM_DIR.glob("*.tf")):
         for line in path.read_text().splitlines():
             if "checkov:skip" in line:
-                assert re.match(r"^\s*#checkov:skip=CKV2?_AWS_\d+:\S.{15,}$", line), f"{path.name}: {line.strip()}"
+                assert re.match(r"^\s*#checkov:skip=CKV2?_AWS_\d+:\S.{15,}$", line), (
+                    f"{path.name}: {line.strip()}"
+                )
 
 
 # --- SSM transport -----------------------------------------------------------------------------------
@@ -384,7 +389,9 @@ def test_ssm_document_takes_the_spec_as_a_pattern_checked_parameter(tf):
     timeout = document["parameters"]["executionTimeout"]
     assert timeout["default"] == "${tostring(var.max_job_runtime_seconds)}"
     assert re.fullmatch(timeout["allowedPattern"], "172800") and re.fullmatch(timeout["allowedPattern"], "1")
-    assert not re.fullmatch(timeout["allowedPattern"], "172801") and not re.fullmatch(timeout["allowedPattern"], "0")
+    assert not re.fullmatch(timeout["allowedPattern"], "172801") and not re.fullmatch(
+        timeout["allowedPattern"], "0"
+    )
     (step,) = document["mainSteps"]
     assert step["action"] == "aws:runShellScript"
     assert step["inputs"]["timeoutSeconds"] == "{{ executionTimeout }}"
@@ -402,7 +409,7 @@ def test_ssm_document_run_command_passes_a_hostile_key_only_on_stdin(tf, tmp_pat
     received = tmp_path / "stdin.json"
     pwned = tmp_path / "pwned"
     job_command = tmp_path / "launch"
-    job_command.write_text(f"#!/bin/sh\ncat > {received}\necho '{{\"job_id\": \"j-0\", \"pid\": 1}}'\n")
+    job_command.write_text(f'#!/bin/sh\ncat > {received}\necho \'{{"job_id": "j-0", "pid": 1}}\'\n')
     job_command.chmod(0o755)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -421,7 +428,7 @@ def test_ssm_document_run_command_passes_a_hostile_key_only_on_stdin(tf, tmp_pat
     assert "${" not in script and "{{" not in script
     # WHEN the agent runs it (POSIX sh, as the SSM agent may)
     result = subprocess.run(
-        ["/bin/sh", "-c", script], capture_output=True, text=True, timeout=30,
+        ["/bin/sh", "-c", script], check=False, capture_output=True, text=True, timeout=30,
         env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"},
     )  # fmt: skip
     # THEN the launcher got the spec byte for byte on stdin, and nothing in the key ran
@@ -494,7 +501,9 @@ def test_instance_role_has_no_account_wide_parameter_read(tf):
     for statement in _blocks(tf["data"]["aws_iam_policy_document"]["gpu"], "statement"):
         if {"ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath"} & set(_actions(statement)):
             assert statement["resources"] == ["${local.parameter_arn_prefix}/job-package"]
-    assert "AmazonSSMManagedInstanceCore" not in json.dumps(tf["resource"].get("aws_iam_role_policy_attachment", {}))
+    assert "AmazonSSMManagedInstanceCore" not in json.dumps(
+        tf["resource"].get("aws_iam_role_policy_attachment", {})
+    )
 
 
 # --- buckets, queues, logs ------------------------------------------------------------------------
@@ -511,7 +520,9 @@ def test_every_bucket_is_locked_down(tf):
     block = resources["aws_s3_bucket_public_access_block"]["this"]
     assert all(block[key] is True for key in ("block_public_acls", "block_public_policy", "ignore_public_acls",
                                              "restrict_public_buckets"))  # fmt: skip
-    assert '"input"' not in resources["aws_s3_bucket_versioning"]["this"]["for_each"]  # only output is excluded
+    assert (
+        '"input"' not in resources["aws_s3_bucket_versioning"]["this"]["for_each"]
+    )  # only output is excluded
     assert 'name != "output"' in resources["aws_s3_bucket_versioning"]["this"]["for_each"]
     assert resources["aws_s3_bucket_policy"]["this"]["for_each"].startswith("${var.tls_only_bucket_policy ?")
     (statement,) = _policy_statements(tf)["tls_only"]
@@ -529,10 +540,52 @@ def test_every_queue_is_encrypted_and_drains_to_a_dlq(tf):
         assert f"aws_sqs_queue.{name}_dlq.arn" in policy and "maxReceiveCount" in policy, name
 
 
+def test_reaper_runs_on_a_schedule(tf):
+    assert "reaper" in tf["locals"]["lambda_timeout_seconds"]
+    rule = tf["resource"]["aws_cloudwatch_event_rule"]["reaper"]
+    assert rule["schedule_expression"] == "${var.reaper_schedule_expression}"
+    assert tf["variable"]["reaper_schedule_expression"]["default"].startswith("rate(")
+    target = tf["resource"]["aws_cloudwatch_event_target"]["reaper"]
+    assert target["rule"] == "${aws_cloudwatch_event_rule.reaper.name}"
+    assert target["arn"] == '${aws_lambda_function.this["reaper"].arn}'
+    permission = tf["resource"]["aws_lambda_permission"]["reaper_schedule"]
+    assert permission["principal"] == "events.amazonaws.com"
+    assert permission["source_arn"] == "${aws_cloudwatch_event_rule.reaper.arn}"
+
+
+def test_instance_renews_only_the_lease_attributes_the_job_writes(tf):
+    # GIVEN the update worker/lease.py makes on the job's item
+    source = (REPO_ROOT / "worker" / "lease.py").read_text()
+    match = re.search(r'UpdateExpression=\(\s*((?:"[^"]*"\s*)+)\)', source)
+    if match is None:
+        pytest.skip("worker/lease.py has no UpdateExpression to compare with")
+    expression = "".join(re.findall(r'"([^"]*)"', match.group(1)))
+    names = set(re.findall(r"(?<![#\w])([a-z_]+)\s*=", expression)) | {"job_id"}
+    aliases = dict(re.findall(r'"(#\w+)": "(\w+)"', source))
+    names |= {aliases[alias] for alias in re.findall(r"#\w+", expression) if alias in aliases}
+    names |= {
+        aliases[alias]
+        for alias in re.findall(r'ConditionExpression="([^"]*)"', source)[0].split()
+        if alias in aliases
+    }
+    # THEN the instance role's dynamodb:Attributes condition admits exactly those
+    (lease,) = [
+        s
+        for s in _blocks(tf["data"]["aws_iam_policy_document"]["gpu"], "statement")
+        if s.get("sid") == "RenewJobLease"
+    ]
+    assert _actions(lease) == ["dynamodb:UpdateItem"]
+    (condition,) = lease["condition"]
+    assert (condition["test"], condition["variable"]) == ("ForAllValues:StringEquals", "dynamodb:Attributes")
+    assert set(tf["locals"]["job_lease_attributes"]) == names
+
+
 def test_worker_async_failures_go_to_a_dead_letter_queue(tf):
     config = tf["resource"]["aws_lambda_function_event_invoke_config"]["worker"]
     assert 'aws_lambda_function.this["worker"]' in config["function_name"]
-    assert config["destination_config"][0]["on_failure"][0]["destination"] == "${aws_sqs_queue.worker_dlq.arn}"
+    assert (
+        config["destination_config"][0]["on_failure"][0]["destination"] == "${aws_sqs_queue.worker_dlq.arn}"
+    )
 
 
 def test_log_groups_have_retention(tf):
@@ -545,7 +598,10 @@ def test_tags_reach_every_resource(tf):
     providers = [body for entry in _load_providers() for body in entry.values()]
     assert any(body.get("default_tags", [{}])[0].get("tags") == "${var.tags}" for body in providers)
     template = tf["resource"]["aws_launch_template"]["gpu"]
-    assert {spec["resource_type"] for spec in template["tag_specifications"]} == {"volume", "network-interface"}
+    assert {spec["resource_type"] for spec in template["tag_specifications"]} == {
+        "volume",
+        "network-interface",
+    }
 
 
 def _load_providers() -> list[dict]:
@@ -590,7 +646,11 @@ def _heredoc(text: str, delimiter: str) -> str:
 
 def test_user_data_template_variables_match_the_templatefile_call():
     used = set(_TEMPLATE_VARIABLE.findall(USER_DATA_TEMPLATE.read_text()))
-    call = re.search(r"templatefile\([^,]+user_data\.sh\.tftpl\",\s*\{(.*?)\}\)", (TERRAFORM_DIR / "ec2.tf").read_text(), re.DOTALL)
+    call = re.search(
+        r"templatefile\([^,]+user_data\.sh\.tftpl\",\s*\{(.*?)\}\)",
+        (TERRAFORM_DIR / "ec2.tf").read_text(),
+        re.DOTALL,
+    )
     assert call, "ec2.tf does not render templates/user_data.sh.tftpl"
     passed = set(re.findall(r"^\s*(\w+)\s*=", call.group(1), re.MULTILINE))
     assert used == passed
@@ -605,7 +665,7 @@ def test_user_data_is_valid_shell_and_python(tmp_path, transport):
     for name, text in {"user_data.sh": user_data, "boot.sh": boot}.items():
         path = tmp_path / name
         path.write_text(text)
-        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        result = subprocess.run(["bash", "-n", str(path)], check=False, capture_output=True, text=True)
         assert result.returncode == 0, f"{name}: {result.stderr}"
     compile(helper, "boot_helper.py", "exec")
     assert user_data.startswith("#!/bin/bash\n")
@@ -652,7 +712,7 @@ def _fake_repo(root: Path) -> Path:
     files.update(
         {
             f"lambdas/{name}/app.py": f"def handler(event, context):\n    return {name!r}\n"
-            for name in ("trigger", "worker", "stop")
+            for name in ("trigger", "worker", "stop", "reaper")
         }
     )
     for relative, text in files.items():
@@ -679,7 +739,7 @@ def test_build_lambdas_is_reproducible(tmp_path):
         path.touch()
     _build(repo, tmp_path / "second" / "lambdas")
     # THEN the zips and the job package are byte-identical
-    for name in ("lambdas/trigger.zip", "lambdas/worker.zip", "lambdas/stop.zip",
+    for name in ("lambdas/trigger.zip", "lambdas/worker.zip", "lambdas/stop.zip", "lambdas/reaper.zip",
                  "job/batchworker_job-9.8.7-py3-none-any.whl", "job/job-package.json"):  # fmt: skip
         first = (tmp_path / "first" / name).read_bytes()
         assert first == (tmp_path / "second" / name).read_bytes(), name
@@ -739,13 +799,22 @@ def test_build_lambdas_contents(tmp_path):
 
 
 @pytest.mark.skipif(
-    not all((REPO_ROOT / "lambdas" / name / "app.py").is_file() for name in ("trigger", "worker", "stop")),
+    not all(
+        (REPO_ROOT / "lambdas" / name / "app.py").is_file()
+        for name in ("trigger", "worker", "stop", "reaper")
+    ),
     reason="Lambda handlers not written yet",
 )
 def test_build_lambdas_is_reproducible_for_this_repo(tmp_path):
     _build(REPO_ROOT, tmp_path / "first" / "lambdas")
     _build(REPO_ROOT, tmp_path / "second" / "lambdas")
-    for name in ("lambdas/trigger.zip", "lambdas/worker.zip", "lambdas/stop.zip", "job/job-package.json"):
+    for name in (
+        "lambdas/trigger.zip",
+        "lambdas/worker.zip",
+        "lambdas/stop.zip",
+        "lambdas/reaper.zip",
+        "job/job-package.json",
+    ):
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
 
 
@@ -759,3 +828,13 @@ def test_lambda_dependencies_are_locked_with_hashes():
         assert re.fullmatch(r"[a-z0-9-]+==[0-9][^ ]* --hash=sha256:[0-9a-f]{64}", line), line
         names.add(line.split("==")[0])
     assert {"aws-lambda-powertools", "paramiko"} <= names
+
+
+def test_readme_lists_every_input_and_output(tf):
+    readme = (TERRAFORM_DIR / "README.md").read_text()
+    inputs = readme[readme.index("## Inputs") : readme.index("## Outputs")]
+    outputs = readme[readme.index("## Outputs") :]
+    for name in tf["variable"]:
+        assert f"| `{name}` |" in inputs, f"terraform/README.md: input {name} missing"
+    for name in tf["output"]:
+        assert f"| `{name}` |" in outputs, f"terraform/README.md: output {name} missing"
