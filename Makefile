@@ -23,6 +23,7 @@ demo: build
 	$(PY) scripts/demo.py
 
 test: build
+	bash scripts/check_terraform.sh
 	$(PY) -m pytest -ra
 
 test-fast: build

@@ -58,6 +58,8 @@ locals {
     BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS = tostring(var.instance_ready_timeout_seconds)
     BATCHWORKER_IDLE_GRACE_SECONDS             = tostring(var.idle_grace_seconds)
     BATCHWORKER_MAX_JOBS_PER_INSTANCE          = tostring(var.max_jobs_per_instance)
+    BATCHWORKER_JOB_LEASE_SECONDS              = tostring(var.job_lease_seconds)
+    BATCHWORKER_MAX_ATTEMPTS                   = tostring(var.max_attempts)
     BATCHWORKER_MAX_JOB_RUNTIME_SECONDS        = tostring(var.max_job_runtime_seconds)
     BATCHWORKER_TRANSPORT                      = var.transport
     BATCHWORKER_SSM_DOCUMENT                   = aws_ssm_document.run_job.name

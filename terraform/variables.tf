@@ -206,6 +206,28 @@ variable "idle_grace_seconds" {
   }
 }
 
+variable "job_lease_seconds" {
+  description = "A running job renews its lease in the job table every third of this; the reaper fails a job whose lease expired (instance lost or stopped, job process dead)."
+  type        = number
+  default     = 90
+
+  validation {
+    condition     = var.job_lease_seconds >= 3
+    error_message = "The job_lease_seconds must be at least 3."
+  }
+}
+
+variable "max_attempts" {
+  description = "Dispatch attempts before a job that never started is failed (the reaper re-dispatches stuck jobs)."
+  type        = number
+  default     = 3
+
+  validation {
+    condition     = var.max_attempts >= 1 && floor(var.max_attempts) == var.max_attempts
+    error_message = "The max_attempts must be a whole number of at least 1."
+  }
+}
+
 variable "max_jobs_per_instance" {
   description = "Jobs one instance runs at once; more wait for a slot there or start another instance of the pool."
   type        = number

@@ -21,8 +21,12 @@ class LocalOptions:
     idle_grace_seconds: float = 0.0  # Terraform: keep an idle instance this long (0: stop at once)
     instance_count: int = 1  # Terraform: size of the pool
     max_jobs_per_instance: int = 4  # Terraform: concurrent jobs per instance
+    job_lease_seconds: float = 90.0  # Terraform: a job that stops renewing its lease this long is failed
+    max_job_runtime_seconds: float = 3600.0  # Terraform: the reaper fails jobs running longer
 
-    TERRAFORM_FIELDS = ("idle_grace_seconds", "instance_count", "max_jobs_per_instance")
+    TERRAFORM_FIELDS = (
+        "idle_grace_seconds", "instance_count", "max_jobs_per_instance", "job_lease_seconds", "max_job_runtime_seconds"
+    )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -84,7 +84,10 @@ class LocalCloud:
 def local_cloud(tmp_path_factory) -> LocalCloud:
     local_dir = tmp_path_factory.mktemp("local-cloud")
     env = {**os.environ, "BATCHWORKER_LOCAL_DIR": str(local_dir)}
-    up = subprocess.run([CLI, "local", "up", "--boot-delay-seconds", "1"], capture_output=True, text=True,
+    # A fast clock for the faults: leases of 6 s, the reaper every 3 s, jobs capped at 40 s.
+    options = ["--boot-delay-seconds", "1", "--job-lease-seconds", "6", "--schedule-speedup", "20",
+               "--max-job-runtime-seconds", "40"]
+    up = subprocess.run([CLI, "local", "up", *options], capture_output=True, text=True,
                         timeout=600, env=env)
     assert up.returncode == 0, f"local up failed:\n{up.stdout}\n{up.stderr}"
     exported = subprocess.run([CLI, "local", "env"], capture_output=True, text=True, timeout=60, env=env, check=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import time
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_overlapping_uploads_both_finish_then_the_instance_stops(local_cloud):
     assert [e["state"]["S"] for e in changes] == ["start", "stop"]
 
 
-def test_stopping_the_instance_kills_the_running_job(local_cloud):
+def test_stopping_the_instance_kills_the_job_and_the_reaper_fails_it(local_cloud):
     wait_all_stopped(local_cloud)
     job_id = put(local_cloud, "stopme.json", compute_job(120))
     local_cloud.wait_until(lambda: (local_cloud.job(job_id) or {}).get("status") == "RUNNING", 90, "job running")
@@ -108,13 +109,36 @@ def test_stopping_the_instance_kills_the_running_job(local_cloud):
     # WHEN the instance is stopped under the job (an operator, a spot interruption)
     instance_id = local_cloud.job(job_id)["instance_id"]
     local_cloud.client("ec2").stop_instances(InstanceIds=[instance_id])
-    # THEN the job's process dies with the instance, as on EC2, and no manifest appears
+    # THEN the job's process dies with the instance, as on EC2 ...
     local_cloud.wait_until(lambda: not _job_processes(local_cloud), 30, "the job's process to die")
-    time.sleep(2)
-    s3 = local_cloud.client("s3")
-    listed = s3.list_objects_v2(Bucket=local_cloud.output_bucket, Prefix=f"jobs/{job_id}/").get("Contents", [])
-    assert not [o for o in listed if o["Key"].endswith("manifest.json")]
+    # ... its lease runs out, and the reaper fails it with a manifest the client can read
+    manifest = local_cloud.wait_for_manifest(job_id, timeout=60)
+    assert manifest["status"] == "failed" and "stopped reporting progress" in manifest["error"]
+    assert local_cloud.job(job_id)["status"] == "FAILED"
     assert local_cloud.instance_states() == ["stopped"]
+
+
+def test_a_killed_job_process_is_failed_and_its_instance_stopped(local_cloud):
+    wait_all_stopped(local_cloud)
+    job_id = put(local_cloud, "killme.json", compute_job(120))
+    pids = local_cloud.wait_until(lambda: _job_processes(local_cloud), 90, "the job's process on the instance")
+    for pid in pids:  # WHEN the job process dies without a word (OOM killer, segfault)
+        os.kill(pid, signal.SIGKILL)
+    # THEN the reaper fails it once the lease expires, and the instance stops
+    manifest = local_cloud.wait_for_manifest(job_id, timeout=60)
+    assert manifest["status"] == "failed" and "stopped reporting progress" in manifest["error"]
+    wait_all_stopped(local_cloud)
+
+
+def test_a_job_past_its_maximum_runtime_is_failed_and_its_instance_stopped(local_cloud):
+    wait_all_stopped(local_cloud)
+    # GIVEN a job that would run 90 s on a deployment that caps jobs at 40 s
+    job_id = put(local_cloud, "hang.json", compute_job(90))
+    manifest = local_cloud.wait_for_manifest(job_id, timeout=120)
+    # THEN the reaper fails it with the reason, the instance stops, and the job dies with it
+    assert manifest["status"] == "failed" and "maximum runtime" in manifest["error"]
+    wait_all_stopped(local_cloud)
+    local_cloud.wait_until(lambda: not _job_processes(local_cloud), 30, "the job's process to die")
 
 
 def _job_processes(cloud) -> list[int]:

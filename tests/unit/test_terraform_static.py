@@ -8,6 +8,7 @@ rules across variables (Terraform 1.0 cannot express them) are checked here too.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -22,6 +23,10 @@ from typing import Any
 
 import hcl2
 import pytest
+
+from batchworker.config import Settings
+
+from batchworker.config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERRAFORM_DIR = REPO_ROOT / "terraform"
@@ -246,14 +251,9 @@ def test_ready_timeout_fits_in_the_worker_timeout(tf):
 
 def test_lambda_environment_matches_the_settings_contract(tf):
     environment = tf["locals"]["lambda_environment"]
-    expected = {
-        f"BATCHWORKER_{field.upper()}"
-        for field in (
-            "input_bucket output_bucket jobs_table instance_events_table pool_tag worker_function model_uri "
-            "parameter_prefix ssh_user job_command instance_ready_timeout_seconds idle_grace_seconds max_jobs_per_instance "
-            "max_job_runtime_seconds transport ssm_document ssm_output_bucket ssm_output_prefix"
-        ).split()
-    }
+    # Every Settings field is set by Terraform, except the one knob kept at its code default.
+    code_only = {"dispatch_command_timeout_seconds"}
+    expected = {f"BATCHWORKER_{f.name.upper()}" for f in dataclasses.fields(Settings) if f.name not in code_only}
     assert expected | {"POWERTOOLS_SERVICE_NAME"} == set(environment)
     assert environment["BATCHWORKER_TRANSPORT"] == "${var.transport}"
     assert environment["BATCHWORKER_IDLE_GRACE_SECONDS"] == "${tostring(var.idle_grace_seconds)}"
