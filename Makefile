@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install build demo test test-fast clean
+.PHONY: install build demo test test-fast soak bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,12 @@ test: build
 
 test-fast: build
 	$(PY) -m pytest -ra -m "not integration"
+
+soak: build
+	$(PY) scripts/soak.py
+
+bench: build
+	$(PY) scripts/bench.py
 
 clean:
 	-$(VENV)/bin/batchworker local down

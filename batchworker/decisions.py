@@ -70,7 +70,8 @@ def judge_job(
     """What the reaper does with an active job.
 
     - running past `max_job_runtime_seconds`: fail it (the cap protects the bill from a hung job);
-    - running with a lease that expired: fail it (its instance was stopped or lost, or the job died);
+    - running with a lease that expired (its instance was stopped or lost, or the job died): dispatch it
+      again, or fail it once it has had `max_attempts` dispatches;
     - queued or dispatched for longer than `stuck_after_seconds`: dispatch it again, or fail it once
       it has had `max_attempts` dispatches;
     - anything else: keep.
@@ -85,10 +86,13 @@ def judge_job(
                     "runtime; split the input or raise max_job_runtime_seconds",
                 )
         if job.lease_expires_at and now > parse_time(job.lease_expires_at):
+            # An instance lost mid-job is transient: run it again, up to max_attempts.
+            if job.attempts < max_attempts:
+                return JobVerdict(JobAction.REDISPATCH, "its lease expired (instance stopped or lost, job died)")
             return JobVerdict(
                 JobAction.FAIL,
-                "the job stopped reporting progress (its instance was stopped or lost, or the job process died); "
-                "upload the file again to retry",
+                f"the job stopped reporting progress {job.attempts} time(s) (its instance was stopped or lost, "
+                "or the job process died); upload the file again to retry",
             )
         return JobVerdict(JobAction.KEEP, "running")
     if job.status in (JobStatus.QUEUED, JobStatus.DISPATCHED):

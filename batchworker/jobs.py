@@ -73,6 +73,7 @@ class JobStore:
         error: str | None = None,
         manifest_key: str | None = None,
         count_attempt: bool = False,
+        count_retry: bool = False,
         lease_seconds: float | None = None,
         now: datetime | None = None,
     ) -> bool:
@@ -96,8 +97,9 @@ class JobStore:
             sets.append("manifest_key = :m")
             values[":m"] = {"S": manifest_key}
         update = "SET " + ", ".join(sets)
-        if count_attempt:
-            update += " ADD attempts :one"
+        counters = [name for name, wanted in (("attempts", count_attempt), ("retries", count_retry)) if wanted]
+        if counters:
+            update += " ADD " + ", ".join(f"{name} :one" for name in counters)
             values[":one"] = {"N": "1"}
         allowed = [s.value for s in allowed_from]
         placeholders = []
@@ -167,6 +169,7 @@ def _to_job(item: dict) -> Job:
         error=s("last_error"),
         manifest_key=s("manifest_key"),
         attempts=n("attempts") or 0,
+        retries=n("retries") or 0,
         running_since=s("running_since"),
         lease_expires_at=s("lease_expires_at"),
     )

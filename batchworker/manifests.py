@@ -46,7 +46,10 @@ def read_manifest(s3_client, bucket: str, key: str) -> dict:
     match = MANIFEST_KEY_PATTERN.match(key)
     if not match:
         raise RejectedEvent(f"{key!r} is not a job manifest key (jobs/<job_id>/manifest.json)")
-    response = s3_client.get_object(Bucket=bucket, Key=key)
+    try:
+        response = s3_client.get_object(Bucket=bucket, Key=key)
+    except s3_client.exceptions.NoSuchKey as exc:
+        raise RejectedEvent(f"manifest {key!r} does not exist (an event for an object since removed)") from exc
     if response.get("ContentLength", 0) > MAX_MANIFEST_BYTES:
         raise RejectedEvent(f"manifest {key!r} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:

@@ -63,7 +63,8 @@ class Job:
     updated_at: str = ""
     error: str | None = None
     manifest_key: str | None = None
-    attempts: int = 0
+    attempts: int = 0  # dispatch claims: each one launches the job once
+    retries: int = 0  # dispatches the reaper ordered after a loss or a stuck dispatch
     running_since: str | None = None
     lease_expires_at: str | None = None
 

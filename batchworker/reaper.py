@@ -13,7 +13,7 @@ from batchworker.decisions import JobAction, judge_job
 from batchworker.instances import InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
-from batchworker.models import InstanceState, JobStatus, utc_now
+from batchworker.models import ACTIVE_STATUSES, InstanceState, JobStatus, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def reap(
             fail_job(job, verdict.reason, job.instance_id, settings, jobs, s3_client)
             report.failed.append(job.job_id)
         elif verdict.action is JobAction.REDISPATCH:
-            if jobs.transition(job.job_id, JobStatus.QUEUED, allowed_from=[JobStatus.QUEUED, JobStatus.DISPATCHED]):
+            if jobs.transition(job.job_id, JobStatus.QUEUED, allowed_from=ACTIVE_STATUSES, count_retry=True):
                 logger.warning("re-dispatching job %s: %s", job.job_id, verdict.reason)
                 invoke_worker({"job_ids": [job.job_id]})
                 report.redispatched.append(job.job_id)

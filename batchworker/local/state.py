@@ -23,9 +23,11 @@ class LocalOptions:
     max_jobs_per_instance: int = 4  # Terraform: concurrent jobs per instance
     job_lease_seconds: float = 90.0  # Terraform: a job that stops renewing its lease this long is failed
     max_job_runtime_seconds: float = 3600.0  # Terraform: the reaper fails jobs running longer
+    max_attempts: int = 3  # Terraform: dispatches of a job before it is failed
 
     TERRAFORM_FIELDS = (
-        "idle_grace_seconds", "instance_count", "max_jobs_per_instance", "job_lease_seconds", "max_job_runtime_seconds"
+        "idle_grace_seconds", "instance_count", "max_jobs_per_instance", "job_lease_seconds",
+        "max_job_runtime_seconds", "max_attempts",
     )
 
     def to_json(self) -> str:

@@ -50,12 +50,17 @@ def test_an_upload_between_decision_and_claim_voids_the_stop(stack):
     assert stack.instance_state() == "running"
 
 
-def test_reaper_fails_a_job_whose_lease_expired_and_writes_its_manifest(stack):
-    settings, jobs, pool, ledger = parts(stack)
+def test_reaper_retries_a_job_whose_lease_expired_then_fails_it_with_a_manifest(stack):
+    settings, jobs, pool, ledger = parts(stack, BATCHWORKER_MAX_ATTEMPTS="2")
     job_id = queue(stack, settings, jobs, pool, ledger, "lost.png")
-    jobs.transition(job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED])
-    jobs.transition(job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED], lease_seconds=30)
-    report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append, now=utc_now() + timedelta(seconds=60))
+    invoked = []
+    for attempt in (1, 2):
+        jobs.transition(job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED], count_attempt=True)
+        jobs.transition(job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED], lease_seconds=30)
+        report = reap(settings, jobs, pool, ledger, boto3.client("s3"), invoked.append,
+                      now=utc_now() + timedelta(seconds=60))
+        if attempt == 1:  # an instance lost mid-job is transient: the job goes round again
+            assert report.redispatched == [job_id] and jobs.get(job_id).status is JobStatus.QUEUED
     assert report.failed == [job_id]
     assert jobs.get(job_id).status is JobStatus.FAILED
     manifest = json.loads(boto3.client("s3").get_object(

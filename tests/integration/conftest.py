@@ -84,9 +84,10 @@ class LocalCloud:
 def local_cloud(tmp_path_factory) -> LocalCloud:
     local_dir = tmp_path_factory.mktemp("local-cloud")
     env = {**os.environ, "BATCHWORKER_LOCAL_DIR": str(local_dir)}
-    # A fast clock for the faults: leases of 6 s, the reaper every 3 s, jobs capped at 40 s.
+    # A fast clock for the faults: leases of 6 s, the reaper every 3 s, jobs capped at 40 s, and one
+    # attempt per job so that a lost job ends failed at once (retries are covered by the soak).
     options = ["--boot-delay-seconds", "1", "--job-lease-seconds", "6", "--schedule-speedup", "20",
-               "--max-job-runtime-seconds", "40"]
+               "--max-job-runtime-seconds", "40", "--max-attempts", "1"]
     up = subprocess.run([CLI, "local", "up", *options], capture_output=True, text=True,
                         timeout=600, env=env)
     assert up.returncode == 0, f"local up failed:\n{up.stdout}\n{up.stderr}"

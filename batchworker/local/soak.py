@@ -1,0 +1,222 @@
+"""A soak run against a running local cloud: a burst of uploads, duplicated events, injected faults.
+
+Used by `make soak` (1000 uploads) and by a smaller run inside `make test`. Counts what a user cares
+about: every upload ends with exactly one manifest, no job runs twice, no instance is left running.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote_plus
+
+import boto3
+import numpy as np
+
+from batchworker.local import processes
+from batchworker.local.state import client_environment, read_state
+from batchworker.models import job_id_for
+
+BAD_INPUTS = {
+    "bad/corrupt.png": b"\x89PNG\r\n\x1a\nthis is not a png",
+    "bad/short-row.csv": (",".join(["1"] * 63) + "\n").encode(),
+    "bad/empty.csv": b"",
+    "bad/unknown.exe": b"MZ\x90\x00",
+    "bad/not-compute.json": b'{"workload": "mine bitcoin"}',
+}
+
+
+def _pickled_npy() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _traversal_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("../../etc/evil.png", b"\x89PNG\r\n\x1a\n")
+    return buffer.getvalue()
+
+
+def _good_csv(rng: random.Random) -> bytes:
+    rows = [",".join(str(rng.randint(0, 16)) for _ in range(64)) for _ in range(rng.randint(1, 5))]
+    return ("\n".join(rows) + "\n").encode()
+
+
+@dataclass
+class SoakReport:
+    uploads: int = 0
+    duplicate_deliveries: int = 0
+    manifests: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    unexpected_failures: list[str] = field(default_factory=list)
+    duplicate_runs: int = 0
+    lost: list[str] = field(default_factory=list)
+    bad_inputs_tried: int = 0
+    bad_inputs_failed_clearly: int = 0
+    faults_injected: list[str] = field(default_factory=list)
+    instance_states: list[str] = field(default_factory=list)
+    wall_time_s: float = 0.0
+
+    def rows(self) -> list[tuple[str, str]]:
+        return [
+            ("uploads", str(self.uploads)),
+            ("events delivered twice", str(self.duplicate_deliveries)),
+            ("manifests", str(self.manifests)),
+            ("succeeded / failed", f"{self.succeeded} / {self.failed}"),
+            ("unexpected failures", str(len(self.unexpected_failures))),
+            ("duplicate runs", str(self.duplicate_runs)),
+            ("lost jobs", str(len(self.lost))),
+            ("bad inputs tried / failed with a clear error", f"{self.bad_inputs_tried} / {self.bad_inputs_failed_clearly}"),
+            ("faults injected (all survived: no lost job)", ", ".join(self.faults_injected) or "none"),
+            ("final instance states", ", ".join(self.instance_states)),
+            ("wall time", f"{self.wall_time_s:.1f}s"),
+        ]
+
+
+class Soak:
+    def __init__(self, local_dir: Path, seed: int = 0):
+        self.state = read_state(local_dir)
+        env = client_environment(self.state)
+        self.env = env
+        session = boto3.Session(aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                                aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+        self.s3 = session.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        self.sqs = session.client("sqs", endpoint_url=env["AWS_ENDPOINT_URL"])
+        self.ec2 = session.client("ec2", endpoint_url=env["AWS_ENDPOINT_URL"])
+        self.ddb = session.client("dynamodb", endpoint_url=env["AWS_ENDPOINT_URL"])
+        self.jobs_queue = self.state["outputs"]["jobs_queue_url"]
+        self.done_queue = self.state["outputs"]["done_queue_url"]
+        self.rng = random.Random(seed)
+
+    def run(self, uploads: int, duplicate_fraction: float = 0.1, faults: bool = True,
+            timeout_seconds: float = 1800) -> SoakReport:
+        started = time.monotonic()
+        report = SoakReport()
+        bodies: dict[str, bytes] = {f"soak/{n:05d}.csv": _good_csv(self.rng) for n in range(uploads)}
+        bad = {**BAD_INPUTS, "bad/pickle.npy": _pickled_npy(), "bad/traversal.zip": _traversal_zip()}
+        for key in bad:
+            bodies[key] = bad[key]
+        keys = list(bodies)
+        self.rng.shuffle(keys)
+        jobs: dict[str, str] = {}  # job id -> key
+        fault_points = {len(keys) // 3: "instance stopped mid-burst", len(keys) // 2: "job process killed",
+                        2 * len(keys) // 3: "manifest event delivered twice"} if faults else {}
+        with ThreadPoolExecutor(max_workers=8) as upload_pool:
+            for start in range(0, len(keys), 50):
+                chunk = keys[start:start + 50]
+                for key, job_id in zip(chunk, upload_pool.map(lambda k: self.put(k, bodies[k], report), chunk)):
+                    jobs[job_id] = key
+                for point, fault in fault_points.items():
+                    if start <= point < start + 50:
+                        self.inject(fault, jobs, report)
+                time.sleep(0.2)
+        report.uploads = len(keys)
+        report.bad_inputs_tried = len(bad)
+        manifests = self.wait_for_manifests(jobs, started + timeout_seconds)
+        report.manifests = len(manifests)
+        report.lost = sorted(set(jobs) - set(manifests))
+        for job_id, manifest in manifests.items():
+            key = jobs[job_id]
+            if manifest["status"] == "succeeded":
+                report.succeeded += 1
+            else:
+                report.failed += 1
+                if key in bad and manifest.get("error"):
+                    report.bad_inputs_failed_clearly += 1
+                elif key not in bad:
+                    report.unexpected_failures.append(f"{key}: {manifest.get('error')}")
+        report.duplicate_runs = self.duplicate_runs(jobs)
+        report.instance_states = self.wait_all_stopped(started + timeout_seconds + 120)
+        report.wall_time_s = time.monotonic() - started
+        return report
+
+    def put(self, key: str, body: bytes, report: SoakReport) -> str:
+        response = self.s3.put_object(Bucket=self.env["BATCHWORKER_INPUT_BUCKET"], Key=key, Body=body)
+        version = response.get("VersionId") or response["ETag"]
+        if self.rng.random() < 0.1:  # S3 delivers at least once: deliver this event a second time
+            self.sqs.send_message(QueueUrl=self.jobs_queue, MessageBody=json.dumps(self.s3_event(
+                self.env["BATCHWORKER_INPUT_BUCKET"], key, len(body), response["ETag"], response.get("VersionId"))))
+            report.duplicate_deliveries += 1
+        return job_id_for(self.env["BATCHWORKER_INPUT_BUCKET"], key, version)
+
+    @staticmethod
+    def s3_event(bucket: str, key: str, size: int, etag: str, version_id: str | None) -> dict:
+        obj = {"key": quote_plus(key), "size": size, "eTag": etag.strip('"')}
+        if version_id:
+            obj["versionId"] = version_id
+        return {"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
+                             "eventName": "ObjectCreated:Put",
+                             "s3": {"bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"}, "object": obj}}]}
+
+    def inject(self, fault: str, jobs: dict[str, str], report: SoakReport) -> None:
+        if fault == "instance stopped mid-burst":
+            running = [i["InstanceId"] for r in self.ec2.describe_instances()["Reservations"] for i in r["Instances"]
+                       if i["State"]["Name"] == "running"]
+            if running:
+                self.ec2.stop_instances(InstanceIds=running[:1])
+                report.faults_injected.append(fault)
+        elif fault == "job process killed":
+            for pid in processes.processes_marked(self.state["cloud_id"]):
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"worker.cli\0run" in cmdline:
+                    os.kill(pid, signal.SIGKILL)
+                    report.faults_injected.append(fault)
+                    break
+        elif fault == "manifest event delivered twice":
+            for job_id in list(jobs)[:5]:
+                key = f"jobs/{job_id}/manifest.json"
+                self.sqs.send_message(QueueUrl=self.done_queue, MessageBody=json.dumps(
+                    self.s3_event(self.env["BATCHWORKER_OUTPUT_BUCKET"], key, 1, "x", None)))
+            report.faults_injected.append(fault)
+
+    def wait_for_manifests(self, jobs: dict[str, str], deadline: float) -> dict[str, dict]:
+        found: dict[str, dict] = {}
+        paginator = self.s3.get_paginator("list_objects_v2")
+        while time.monotonic() < deadline and len(found) < len(jobs):
+            for page in paginator.paginate(Bucket=self.env["BATCHWORKER_OUTPUT_BUCKET"], Prefix="jobs/"):
+                for obj in page.get("Contents", []):
+                    job_id = obj["Key"].split("/")[1]
+                    if obj["Key"].endswith("/manifest.json") and job_id in jobs and job_id not in found:
+                        body = self.s3.get_object(Bucket=self.env["BATCHWORKER_OUTPUT_BUCKET"], Key=obj["Key"])
+                        manifest = json.loads(body["Body"].read())
+                        if self.job_status(job_id) in ("SUCCEEDED", "FAILED"):
+                            found[job_id] = manifest
+            time.sleep(1)
+        return found
+
+    def job_status(self, job_id: str) -> str | None:
+        item = self.ddb.get_item(TableName=self.env["BATCHWORKER_JOBS_TABLE"], Key={"job_id": {"S": job_id}}).get("Item")
+        return item["status"]["S"] if item else None
+
+    def duplicate_runs(self, jobs: dict[str, str]) -> int:
+        """Launches beyond one per job that no retry asked for: each dispatch claim launches the job once."""
+        count = 0
+        for job_id in jobs:
+            item = self.ddb.get_item(TableName=self.env["BATCHWORKER_JOBS_TABLE"], Key={"job_id": {"S": job_id}})
+            item = item.get("Item", {})
+            attempts = int(item.get("attempts", {}).get("N", "0"))
+            retries = int(item.get("retries", {}).get("N", "0"))
+            count += max(0, attempts - 1 - retries)
+        return count
+
+    def wait_all_stopped(self, deadline: float) -> list[str]:
+        while True:
+            states = sorted(i["State"]["Name"] for r in self.ec2.describe_instances()["Reservations"]
+                            for i in r["Instances"])
+            if set(states) == {"stopped"} or time.monotonic() > deadline:
+                return states
+            time.sleep(1)
