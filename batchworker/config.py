@@ -45,6 +45,8 @@ class Settings:
     job_lease_seconds: float = 90.0
     # Jobs an instance runs at once; more wait on it for a slot (or start another instance of the pool).
     max_jobs_per_instance: int = 4
+    # Larger uploads fail before any instance starts (the job itself refuses more than 100 MiB).
+    max_input_bytes: int = 100 * 1024 * 1024
     # Dispatch attempts before a job that never started is failed.
     max_attempts: int = 3
 

@@ -58,9 +58,11 @@ def accept_upload(
     pool: InstancePool,
     ledger: InstanceLedger,
     dispatch: Callable[[str, str], None],
+    s3_client,
 ) -> str | None:
     """Record the job, place it on an instance (starting one if needed), hand it to `dispatch(job_id, instance_id)`.
 
+    An input over `max_input_bytes` fails at once with a manifest: no GPU starts for it.
     Returns the job id, or None when this delivery is a duplicate of a job already under way.
     """
     if upload.bucket != settings.input_bucket:
@@ -85,6 +87,14 @@ def accept_upload(
             # again is safe: the worker claims each job with a conditional write.
             dispatch(job.job_id, existing.instance_id)
             return job.job_id
+    if upload.size_bytes is not None and upload.size_bytes > settings.max_input_bytes:
+        fail_job(
+            job,
+            f"the input is {upload.size_bytes} bytes, over the {settings.max_input_bytes}-byte limit; "
+            "split it into smaller files (or raise max_input_bytes)",
+            None, settings, jobs, s3_client,
+        )
+        return job.job_id
     placement = place_job(pool.list(), jobs.active(), settings.max_jobs_per_instance)
     if placement is None:
         raise NoInstanceAvailable(

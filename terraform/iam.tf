@@ -112,6 +112,13 @@ data "aws_iam_policy_document" "trigger" {
     resources = ["${aws_s3_bucket.this["input"].arn}/*"]
   }
 
+  # trigger: fail an input over max_input_bytes with a manifest, before any instance starts.
+  statement {
+    sid       = "WriteRejectedManifests"
+    actions   = ["s3:PutObject"]
+    resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
+  }
+
   # trigger: hand the job to the worker (dispatcher) function asynchronously.
   statement {
     sid       = "InvokeWorker"

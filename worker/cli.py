@@ -1,5 +1,5 @@
-"""`batchworker-job`: `launch` (spec or batch on stdin -> one detached run, one JSON line out), `run PATH`
-and `deadman` (exit 0 when the instance should power itself off).
+"""`batchworker-job`: `launch` (spec or batch on stdin -> a warm server or one detached run, one JSON line
+out), `run PATH` and `deadman` (exit 0 when the instance should power itself off).
 
 Results go to stdout as JSON, diagnostics to stderr. `launch` never imports torch, so it answers fast.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from worker.deadman import (
+    RUN_DONE_NAME,
     RUN_PID_NAME,
     push_deadman,
     read_deadman,
@@ -26,7 +27,8 @@ from worker.deadman import (
     uptime_seconds,
 )
 from worker.errors import ExitCode, Interrupted, SpecError
-from worker.runner import job_dir_for, job_root_from_env
+from worker.runner import WarmState, job_dir_for, job_root_from_env
+from worker.server import BATCHES_DIR, hand_over, serve
 from worker.spec import (
     MAX_BATCH_BYTES,
     MAX_SPEC_BYTES,
@@ -38,8 +40,7 @@ from worker.spec import (
 
 SPEC_NAME = "spec.json"
 RUN_LOG_NAME = "run.log"
-RUN_LOCK_NAME = "run.lock"  # held (flock) by the running `run` process for its whole life
-BATCHES_DIR = ".batches"  # <job_root>/.batches/<first job_id>.json = {"jobs": [job_id, ...]}
+RUN_LOCK_NAME = "run.lock"  # held (flock) by the `run` process (or warm server) running the job's batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "run", help="run the job of a spec.json, or the jobs of a batch file, in the foreground"
     )
     run_parser.add_argument("spec_path", type=Path, help="a job's spec.json or a batch file from launch")
+    run_parser.add_argument("--lock-fds", default="", help=argparse.SUPPRESS)  # from launch: run.lock fds
     commands.add_parser(
         "deadman",
         help='print "expired" and exit 0 when the dead-man timer ran out and no job runs; else "alive", 1',
@@ -65,15 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(launch(sys.stdin.buffer, job_root_from_env()))
     if args.command == "deadman":
         return deadman(job_root_from_env())
-    return int(run(args.spec_path))
+    return int(run(args.spec_path, _parse_fds(args.lock_fds)))
 
 
 def launch(stdin: BinaryIO, job_root: Path) -> ExitCode:
-    """Validate the spec(s), store them under the job root and start one `run` in its own session.
+    """Validate the spec(s), store them under the job root and hand them to a warm server
+    (worker/server.py), or else start one `run` in its own session.
 
     One spec prints {"job_id", "pid"}; a batch prints {"jobs": [{"job_id", "pid"}, ...]} in input order,
-    and its jobs run one after another in one process. A job whose run is still going is not started
-    again: its entry is {"job_id", "pid" (the running one), "already_running": true}.
+    and its jobs run one after another in one process (pid: the warm server's when it took them). A job
+    whose run is still going is not started again: its entry is {"job_id", "pid" (the running one),
+    "already_running": true}.
     """
     try:
         specs, is_batch = parse_launch_request(stdin.read(MAX_BATCH_BYTES + 1))
@@ -90,7 +94,7 @@ def launch(stdin: BinaryIO, job_root: Path) -> ExitCode:
             if lock_fd is not None:
                 locks[spec.job_id] = lock_fd
         if locks:
-            pid = _start_run([spec for spec in specs if spec.job_id in locks], job_root, locks, is_batch)
+            pid = _start([spec for spec in specs if spec.job_id in locks], job_root, locks)
             for reply in replies:
                 if reply["job_id"] in locks:
                     reply["pid"] = pid
@@ -116,6 +120,7 @@ def _claim(spec: JobSpec, job_root: Path) -> tuple[dict, int | None]:
         running_pid = _read_pid(job_dir / RUN_PID_NAME)
         return {"job_id": spec.job_id, "pid": running_pid, "already_running": True}, None
     try:
+        (job_dir / RUN_DONE_NAME).unlink(missing_ok=True)  # from an earlier attempt: this one is not done
         _write_private(job_dir / SPEC_NAME, json.dumps(spec.to_json(), indent=2) + "\n")
     except OSError:
         os.close(lock_fd)
@@ -123,52 +128,104 @@ def _claim(spec: JobSpec, job_root: Path) -> tuple[dict, int | None]:
     return {"job_id": spec.job_id, "pid": None}, lock_fd
 
 
-def _start_run(specs: list[JobSpec], job_root: Path, locks: dict[str, int], is_batch: bool) -> int:
+def _start(specs: list[JobSpec], job_root: Path, locks: dict[str, int]) -> int:
+    """Run the claimed jobs (their locks pass on): on a warm server if one takes them, else a new `run`."""
+    batches = job_root / BATCHES_DIR
+    batches.mkdir(parents=True, exist_ok=True, mode=0o700)
+    batch_path = batches / f"{specs[0].job_id}.json"
+    _write_private(batch_path, json.dumps({"jobs": [spec.job_id for spec in specs]}) + "\n")
+    lock_fds = [locks[spec.job_id] for spec in specs]
+    if max(spec.server_linger_seconds for spec in specs) > 0:
+        pid = hand_over(job_root, batch_path, lock_fds, lambda pid: _record_pid(specs, job_root, pid))
+        if pid is not None:
+            return pid
+    return _start_run(specs, job_root, batch_path, lock_fds)
+
+
+def _start_run(specs: list[JobSpec], job_root: Path, batch_path: Path, lock_fds: list[int]) -> int:
     """Start `run` detached for the claimed jobs (their locks pass to it) and record its pid per job."""
     first_dir = job_dir_for(job_root, specs[0].job_id)
-    if is_batch:
-        batches = job_root / BATCHES_DIR
-        batches.mkdir(parents=True, exist_ok=True, mode=0o700)
-        run_path = batches / f"{specs[0].job_id}.json"
-        _write_private(run_path, json.dumps({"jobs": [spec.job_id for spec in specs]}) + "\n")
-    else:
-        run_path = first_dir / SPEC_NAME
+    command = [sys.executable, "-m", "worker.cli", "run", "--lock-fds", ",".join(map(str, lock_fds))]
     with (first_dir / RUN_LOG_NAME).open("ab") as run_log:
         process = subprocess.Popen(  # keys travel in spec.json files, never on a command line
-            [sys.executable, "-m", "worker.cli", "run", str(run_path)],
+            [*command, str(batch_path)],
             stdin=subprocess.DEVNULL,
             stdout=run_log,
             stderr=subprocess.STDOUT,
             cwd=first_dir,
             start_new_session=True,  # survives the SSH session's hangup
             close_fds=True,
-            pass_fds=tuple(locks.values()),  # the child inherits the locks and holds them until it exits
+            pass_fds=tuple(lock_fds),  # the child inherits the locks and holds them until its batch ends
         )
-    for spec in specs:
-        _write_private(job_dir_for(job_root, spec.job_id) / RUN_PID_NAME, f"{process.pid}\n")
+    _record_pid(specs, job_root, process.pid)
     return process.pid
 
 
-def run(path: Path) -> ExitCode:
+def _record_pid(specs: list[JobSpec], job_root: Path, pid: int) -> None:
+    for spec in specs:
+        _write_private(job_dir_for(job_root, spec.job_id) / RUN_PID_NAME, f"{pid}\n")
+
+
+def run(path: Path, lock_fds: list[int] | tuple[int, ...] = ()) -> ExitCode:
     """Run a job (path: its spec.json) or a batch (path: {"jobs": [job_id, ...]}, each job's spec.json in
-    its job directory) in the foreground; the exit code tells the caller whether a retry can help."""
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    its job directory) in the foreground; the exit code tells the caller whether a retry can help.
+
+    lock_fds (the jobs' run.lock, from launch) are closed when the batch ends. Then, unless the specs say
+    server_linger_seconds 0 or SIGTERM came, the process lingers as the warm server (worker/server.py).
+    """
+    global _raise_on_sigterm
+    _raise_on_sigterm = True
+    signal.signal(signal.SIGTERM, _on_sigterm)
     job_root = job_root_from_env()
+    warm = WarmState()
     try:
         specs = _read_run_file(path, job_root)
+        code = _run_specs(specs, job_root, warm)
     except (OSError, SpecError) as exc:
         _print_error(f"cannot read the job spec {path}: {exc}")
         return ExitCode.FAILED
+    finally:
+        _close_fds(lock_fds)
+    linger = max(spec.server_linger_seconds for spec in specs)
+    if linger > 0 and not _terminating:
+        _raise_on_sigterm = False  # idle: SIGTERM only ends the wait
+        try:
+            serve(job_root, linger, lambda batch, fds: _serve_batch(batch, fds, job_root, warm), _terminated)
+        except Interrupted:  # SIGTERM while reading an offered batch
+            pass
+    return code
+
+
+def _run_specs(specs: list[JobSpec], job_root: Path, warm: WarmState) -> ExitCode:
     from worker.runner import run_jobs
 
     try:
-        codes = run_jobs(specs, job_root)
+        codes = run_jobs(specs, job_root, warm=warm)
     except OSError as exc:  # the job directory itself is unusable: no log, no manifest
         _print_error(f"cannot set up the job directory: {exc}")
         return ExitCode.TRANSIENT
     if ExitCode.TRANSIENT in codes:
         return ExitCode.TRANSIENT
     return ExitCode.FAILED if ExitCode.FAILED in codes else ExitCode.SUCCEEDED
+
+
+def _serve_batch(path: Path, lock_fds: list[int], job_root: Path, warm: WarmState) -> float | None:
+    """A batch a warm server took: run it like `run` does; the linger its specs ask for after it."""
+    global _raise_on_sigterm
+    _raise_on_sigterm = True
+    try:
+        if _terminating:  # SIGTERM while taking it: its jobs fail at once, each with a manifest
+            warm.interrupted = Interrupted(_INTERRUPTED_MESSAGE.format(name="SIGTERM"))
+        try:
+            specs = _read_run_file(path, job_root)
+        except (OSError, SpecError) as exc:
+            _print_error(f"cannot read the job spec {path}: {exc}")
+            return None
+        _run_specs(specs, job_root, warm)
+        return max(spec.server_linger_seconds for spec in specs)
+    finally:
+        _raise_on_sigterm = False
+        _close_fds(lock_fds)
 
 
 def deadman(job_root: Path) -> int:
@@ -199,9 +256,33 @@ def _read_run_file(path: Path, job_root: Path) -> list[JobSpec]:
     return specs
 
 
-def _raise_interrupted(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the failed manifest go out
-    raise Interrupted(f"the job was interrupted ({signal.Signals(signum).name}); submit the input again")
+_INTERRUPTED_MESSAGE = "the job was interrupted ({name}); submit the input again"
+_terminating = False  # SIGTERM came: finish (fail) the current job, then exit
+_raise_on_sigterm = True  # False while a warm server waits for a batch
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    global _terminating
+    _terminating = True
+    if _raise_on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the failed manifest go out
+        raise Interrupted(_INTERRUPTED_MESSAGE.format(name=signal.Signals(signum).name))
+
+
+def _terminated() -> bool:
+    return _terminating
+
+
+def _parse_fds(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _close_fds(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 DEADMAN_NAME = ".deadman"
 RUN_PID_NAME = "run.pid"  # written by `launch` in every job directory it starts a run for
+RUN_DONE_NAME = "run.done"  # the pid of the run that finished the job; launch removes it when it claims
 MAX_DEADMAN_BYTES = 4096
 
 
@@ -70,16 +71,29 @@ def should_power_off(
 
 
 def running_job_pids(job_root: Path) -> list[int]:
-    """Pids from <job_root>/*/run.pid that are live `worker.cli` processes (a job, or a batch of them)."""
+    """Pids from <job_root>/*/run.pid that are live `worker.cli` processes (a job, or a batch of them).
+
+    A job whose run.done names the same pid has finished: the process may live on as an idle warm server
+    (worker/server.py), which must not keep the instance up.
+    """
     pids: set[int] = set()
     for pid_file in job_root.glob(f"j-*/{RUN_PID_NAME}"):
         try:
             pid = int(pid_file.read_text().strip())
         except (OSError, ValueError):
             continue
+        if _read_pid(pid_file.with_name(RUN_DONE_NAME)) == pid:
+            continue
         if _is_job_process(pid):
             pids.add(pid)
     return sorted(pids)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def uptime_seconds() -> float | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.deadman import push_deadman
+from worker.deadman import RUN_DONE_NAME, push_deadman
 from worker.errors import ExitCode, Interrupted, JobError, StorageError
 from worker.inputs import COMPUTE_EXTENSION, MAX_INPUT_BYTES, decode_input, display_name, input_extension
 from worker.joblog import flush_handlers, job_logging
@@ -57,14 +57,28 @@ def run_job(spec: JobSpec, job_root: Path, storage: Storage | None = None) -> Ex
     return run_jobs([spec], job_root, storage)[0]
 
 
-def run_jobs(specs: list[JobSpec], job_root: Path, storage: Storage | None = None) -> list[ExitCode]:
+@dataclass
+class WarmState:
+    """What a `run` process keeps from one batch to the next (a warm server, worker/server.py)."""
+
+    models: Any = None  # worker.model.ModelCache once torch is imported
+    storage: Storage | None = None
+    interrupted: Interrupted | None = None  # set: the next batch's jobs fail at once as interrupted
+
+
+def run_jobs(
+    specs: list[JobSpec], job_root: Path, storage: Storage | None = None, warm: WarmState | None = None
+) -> list[ExitCode]:
     """Run the jobs one after another; each writes its own outputs and manifest. Exit codes in spec order.
 
     From the first job's start, the leases of every job not finished yet are renewed, so jobs waiting
     their turn stay alive in the jobs table. After SIGTERM the jobs still to come fail at once as
-    interrupted.
+    interrupted. `warm` carries the loaded models and the S3 client over to the next batch.
     """
     batch = _Batch(job_root, Heartbeat({spec.job_id: spec.lease for spec in specs if spec.lease}))
+    if warm is not None:
+        batch.models, batch.interrupted = warm.models, warm.interrupted
+        storage = storage or warm.storage
     codes: list[ExitCode] = []
     try:
         for spec in specs:
@@ -80,9 +94,22 @@ def run_jobs(specs: list[JobSpec], job_root: Path, storage: Storage | None = Non
                 codes.append(ExitCode.TRANSIENT)
             if job is not None:
                 storage = job.storage  # one S3 client for the batch
+            _mark_done(job_dir)
     finally:
         batch.close()
+        if warm is not None:
+            warm.models, warm.storage = batch.models, storage
     return codes
+
+
+def _mark_done(job_dir: Path) -> None:
+    """run.done = this pid: the dead-man no longer counts this process for the job (worker/deadman.py)."""
+    try:
+        tmp = job_dir / f".{RUN_DONE_NAME}.tmp"
+        tmp.write_text(f"{os.getpid()}\n", encoding="utf-8")
+        os.replace(tmp, job_dir / RUN_DONE_NAME)
+    except OSError:  # a full disk: the process still counts as running until it exits
+        pass
 
 
 class _Batch:

@@ -24,6 +24,7 @@ TABLE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]{3,255}$")  # DynamoDB's rule 
 DEFAULT_MAX_CONCURRENT_JOBS = 4
 MAX_CONCURRENT_JOBS_LIMIT = 64
 DEFAULT_IDLE_SHUTDOWN_SECONDS = 600.0
+DEFAULT_SERVER_LINGER_SECONDS = 60.0  # a finished `run` waits this long for the next batch (worker/server.py)
 MAX_SECONDS = 86_400.0  # upper bound for lease.seconds and idle_shutdown_seconds
 
 
@@ -48,6 +49,7 @@ class JobSpec:
     lease: Lease | None = None  # None: no heartbeat
     max_concurrent_jobs: int = DEFAULT_MAX_CONCURRENT_JOBS  # slots per instance (worker/slots.py)
     idle_shutdown_seconds: float = DEFAULT_IDLE_SHUTDOWN_SECONDS  # dead-man push (worker/deadman.py)
+    server_linger_seconds: float = DEFAULT_SERVER_LINGER_SECONDS  # warm server after the batch; 0: none
 
     @property
     def model_bucket(self) -> str:
@@ -75,6 +77,7 @@ class JobSpec:
             "lease": {"table": self.lease.table, "seconds": self.lease.seconds} if self.lease else None,
             "max_concurrent_jobs": self.max_concurrent_jobs,
             "idle_shutdown_seconds": self.idle_shutdown_seconds,
+            "server_linger_seconds": self.server_linger_seconds,
         }
 
 
@@ -177,6 +180,7 @@ def spec_from_object(raw: object) -> JobSpec:
             raw, "max_concurrent_jobs", DEFAULT_MAX_CONCURRENT_JOBS, MAX_CONCURRENT_JOBS_LIMIT
         ),
         idle_shutdown_seconds=_optional_seconds(raw, "idle_shutdown_seconds", DEFAULT_IDLE_SHUTDOWN_SECONDS),
+        server_linger_seconds=_optional_linger(raw, "server_linger_seconds", DEFAULT_SERVER_LINGER_SECONDS),
     )
 
 
@@ -224,6 +228,21 @@ def _optional_seconds(raw: dict[str, Any], name: str, default: float | None, lab
         raise SpecError(
             f"{label or name} must be a number of seconds from 1 to {MAX_SECONDS:.0f}, got {value!r:.100}"
         )
+    return float(value)
+
+
+def _optional_linger(raw: dict[str, Any], name: str, default: float) -> float:
+    """raw[name] as seconds in [0, MAX_SECONDS] (0 turns the feature off); `default` when absent."""
+    value = raw.get(name)
+    if value is None:
+        return default
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_SECONDS
+    ):
+        raise SpecError(f"{name} must be a number of seconds from 0 to {MAX_SECONDS:.0f}, got {value!r:.100}")
     return float(value)
 
 

@@ -74,7 +74,7 @@ def record_handler(record: SQSRecord) -> None:
             version_id=obj.version_id or current_version(s3_record.s3.bucket.name, unquote_plus(obj.key)),
         )
         try:
-            job_id = accept_upload(upload, settings, jobs, pool, ledger, dispatches.add)
+            job_id = accept_upload(upload, settings, jobs, pool, ledger, dispatches.add, s3)
         except RejectedEvent as exc:
             # Retrying cannot make this event valid; log it and let the rest of the batch go on.
             logger.warning("rejected event", extra={"reason": str(exc), "bucket": upload.bucket})

@@ -70,7 +70,7 @@ def setup(stack, ec2, clock, **env):
 def queue_job(stack, settings, jobs, pool, ledger, key="a.png"):
     placed = []
     job_id = accept_upload(Upload(stack.input_bucket, key, 1, "e", "v1"), settings, jobs, pool, ledger,
-                           lambda job_id, instance_id: placed.append(instance_id))
+                           lambda job_id, instance_id: placed.append(instance_id), boto3.client("s3"))
     return job_id, placed
 
 

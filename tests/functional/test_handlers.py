@@ -136,3 +136,16 @@ def test_a_burst_in_one_batch_is_one_worker_invocation(stack):
     }
     starts = [e for e in InstanceHistory(stack.events_table).events(stack.instance_id) if e["state"] == "start"]
     assert len(starts) == 1
+
+
+def test_an_input_over_the_size_limit_fails_before_any_instance_starts(stack, monkeypatch):
+    monkeypatch.setenv("BATCHWORKER_MAX_INPUT_BYTES", "1000")
+    trigger = load_handler("trigger")
+    trigger.lambda_client = recorder = RecordingLambdaClient()
+    trigger.handler(sqs_event(s3_event(stack.input_bucket, "huge.npy", "v1", size=5000)), LambdaContext())
+    job_id = job_id_for(stack.input_bucket, "huge.npy", "v1")
+    assert stack.job_item(job_id)["status"]["S"] == "FAILED"
+    manifest = json.loads(boto3.client("s3").get_object(
+        Bucket=stack.output_bucket, Key=f"jobs/{job_id}/manifest.json")["Body"].read())
+    assert "over the 1000-byte limit" in manifest["error"]
+    assert recorder.calls == [] and stack.instance_state() == "stopped"

@@ -8,6 +8,9 @@ import io
 import json
 import os
 import re
+import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -20,7 +23,7 @@ from botocore.config import Config
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
-from worker.deadman import read_deadman
+from worker.deadman import read_deadman, running_job_pids
 from worker.errors import ExitCode
 from worker.runner import run_job
 from worker.spec import parse_spec
@@ -520,3 +523,136 @@ def test_one_slot_keeps_two_runs_apart(moto_server, model_bytes, tmp_path):
     (_, first_end, _), (second_start, _, second_wait) = spans
     assert second_start >= first_end - dt.timedelta(milliseconds=10)
     assert second_wait >= 1.0
+
+
+# --- the warm server (worker/server.py) ---------------------------------------------------------------
+
+
+@pytest.fixture
+def job_processes():
+    """Pids of the detached `run` processes a test started; killed (if still jobs) when it ends."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            if b"worker.cli" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+def timed_launch(moto_server: str, job_root: Path, spec, job_processes: list[int]) -> tuple[dict, float]:
+    """Launch one spec and wait for its manifest: (launch reply, seconds from launch to manifest)."""
+    started = time.monotonic()
+    reply = launch_job(moto_server, job_root, spec.to_json())
+    job_processes.append(reply["pid"])
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    key = f"jobs/{spec.job_id}/manifest.json"
+    deadline = started + 90
+    while time.monotonic() < deadline:
+        try:
+            manifest = json.loads(s3.get_object(Bucket=OUTPUT, Key=key)["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            time.sleep(0.02)
+            continue
+        return {**reply, "manifest": manifest}, time.monotonic() - started
+    logs = "\n".join(p.read_text() for p in job_root.glob("*/run.log"))
+    pytest.fail(f"no manifest for {spec.job_id} after 90 s; run.log:\n{logs}")
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not within {timeout} s")
+        time.sleep(0.05)
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        return b"worker.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def offer(socket_path: Path, line: bytes) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(socket_path))
+        sock.sendall(line)
+        return json.loads(sock.makefile("rb").readline())
+
+
+def warm_spec(n: int, linger: float):
+    return make_spec(job_id(n), "warm/digit-3.png", server_linger_seconds=linger)
+
+
+def test_a_warm_server_takes_the_next_batch(moto_server, model_bytes, tmp_path, job_processes):
+    # GIVEN a first job launched on a cold instance, its process lingering 30 s after it
+    s3, _ = server_clients(moto_server)
+    s3.put_object(Bucket=ARTIFACTS, Key="models/digits-cnn.pt", Body=model_bytes)
+    s3.put_object(Bucket=INPUT, Key="warm/digit-3.png", Body=(SAMPLES / "digit-3.png").read_bytes())
+    first, cold = timed_launch(moto_server, tmp_path, warm_spec(50, 30), job_processes)
+    server_socket = tmp_path / ".server.sock"
+    wait_until(server_socket.exists, 10, "the warm server's socket")
+    assert stat.S_IMODE(server_socket.stat().st_mode) == 0o600
+    # AND the idle server does not keep the instance up
+    assert is_alive(first["pid"]) and running_job_pids(tmp_path) == []
+    # WHEN a second job is launched
+    second, warm = timed_launch(moto_server, tmp_path, warm_spec(51, 30), job_processes)
+    # THEN the same process ran it, with the model still loaded, faster
+    assert second["job_id"] == job_id(51) and second["pid"] == first["pid"]
+    assert first["manifest"]["status"] == second["manifest"]["status"] == "succeeded"
+    cold_t, warm_t = first["manifest"]["timings"], second["manifest"]["timings"]
+    assert warm_t["model_load_s"] < 0.5 and warm_t["model_load_s"] < cold_t["model_load_s"]
+    assert warm_t["total_s"] < cold_t["total_s"]
+    assert warm < cold
+    print(f"launch->manifest: cold {cold:.2f} s, warm {warm:.2f} s")
+    assert "model already loaded" in (tmp_path / job_id(51) / "job.log").read_text()
+    assert json.loads((tmp_path / ".batches" / f"{job_id(51)}.json").read_text()) == {"jobs": [job_id(51)]}
+    wait_until(server_socket.exists, 10, "the warm server listening again")
+    # AND a message that is not an offered batch file of this job root is refused
+    batches = tmp_path / ".batches"
+    (batches / f"{job_id(52)}.json").write_text(json.dumps({"jobs": [job_id(52)]}))  # no offer token
+    (batches / "evil.json").write_text("{}")
+    bad_lines = [
+        b"/etc/passwd\n",
+        f"{batches}/../.batches/evil.json\n".encode(),
+        f"{batches}/{job_id(53)}.json\n".encode(),  # no such file
+        f"{batches}/{job_id(52)}.json\n".encode(),  # not offered
+        f"{batches / job_id(51)}.json; touch {tmp_path}/pwned\n".encode(),
+        b"\xff\xfe\n",
+        f"{batches}/{job_id(52)}.json".encode() + b"\nmore\n",
+    ]
+    for line in bad_lines:
+        assert offer(server_socket, line)["accepted"] is False, line
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / job_id(52) / "run.log").exists()
+    assert is_alive(first["pid"])
+    # AND SIGTERM ends the idle server at once, removing its socket
+    os.kill(first["pid"], signal.SIGTERM)
+    wait_until(lambda: not is_alive(first["pid"]), 10, "the server's exit")
+    assert not server_socket.exists()
+
+
+def test_linger_zero_keeps_one_process_per_batch_and_a_server_exits_after_linger(
+    moto_server, model_bytes, tmp_path, job_processes
+):
+    s3, _ = server_clients(moto_server)
+    s3.put_object(Bucket=ARTIFACTS, Key="models/digits-cnn.pt", Body=model_bytes)
+    s3.put_object(Bucket=INPUT, Key="warm/digit-3.png", Body=(SAMPLES / "digit-3.png").read_bytes())
+    # GIVEN a job that asks for no warm server
+    first, _ = timed_launch(moto_server, tmp_path, warm_spec(60, 0), job_processes)
+    # THEN its process exits after the job and never listens
+    wait_until(lambda: not is_alive(first["pid"]), 10, "the run's exit")
+    assert not (tmp_path / ".server.sock").exists()
+    # WHEN the next job lingers 1 s
+    second, _ = timed_launch(moto_server, tmp_path, warm_spec(61, 1), job_processes)
+    # THEN a new process ran it, and it exits about a second after its batch
+    assert second["pid"] != first["pid"] and second["manifest"]["status"] == "succeeded"
+    wait_until(lambda: not is_alive(second["pid"]), 10, "the warm server's exit after linger")
+    assert not (tmp_path / ".server.sock").exists()
+    # AND a third job starts a fresh process again
+    third, _ = timed_launch(moto_server, tmp_path, warm_spec(62, 0), job_processes)
+    assert third["pid"] not in (first["pid"], second["pid"])
+    assert third["manifest"]["status"] == "succeeded"

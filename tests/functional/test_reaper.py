@@ -25,7 +25,8 @@ def parts(stack, **overrides):
 def queue(stack, settings, jobs, pool, ledger, key, invoked=None):
     calls = invoked if invoked is not None else []
     upload = Upload(stack.input_bucket, key, 1, "etag", "v1")
-    return accept_upload(upload, settings, jobs, pool, ledger, lambda job_id, instance_id: calls.append(job_id))
+    return accept_upload(upload, settings, jobs, pool, ledger, lambda job_id, instance_id: calls.append(job_id),
+                         boto3.client("s3"))
 
 
 def test_two_stops_racing_claim_one_stop(stack):

@@ -60,6 +60,11 @@ def test_running_job_pids_are_live_job_processes(tmp_path):
         (tmp_path / "j-000000000000000f").mkdir()
         (tmp_path / "j-000000000000000f" / "run.pid").write_text("garbage")
         assert running_job_pids(tmp_path) == [job.pid]
+        # a job the process finished (run.done names it) does not count: it may idle as a warm server
+        (tmp_path / "j-0000000000000000" / "run.done").write_text(f"{job.pid}\n")
+        assert running_job_pids(tmp_path) == []
+        (tmp_path / "j-0000000000000000" / "run.done").write_text("1\n")  # an earlier run's
+        assert running_job_pids(tmp_path) == [job.pid]
         job.kill()
         job.wait(5)
         assert running_job_pids(tmp_path) == []

@@ -304,7 +304,9 @@ def test_valid_spec_round_trips():
     assert spec.output_key("manifest.json") == "jobs/j-0123456789abcdef/manifest.json"
     assert (spec.model_bucket, spec.model_key) == ("art-bucket", "models/digits-cnn.pt")
     # the optional fields come out with the values the job uses when they are absent
-    defaults = {"lease": None, "max_concurrent_jobs": 4, "idle_shutdown_seconds": 600}
+    defaults = {
+        "lease": None, "max_concurrent_jobs": 4, "idle_shutdown_seconds": 600, "server_linger_seconds": 60
+    }
     assert spec.to_json() == {**VALID_SPEC, **defaults}
     assert parse_spec(json.dumps(spec.to_json())) == spec
 
@@ -315,10 +317,12 @@ def test_optional_fields_round_trip():
         "lease": {"table": "bw-jobs", "seconds": 90},
         "max_concurrent_jobs": 2,
         "idle_shutdown_seconds": 30.5,
+        "server_linger_seconds": 0,
     }
     spec = parse_spec(json.dumps(full))
     assert (spec.lease.table, spec.lease.seconds) == ("bw-jobs", 90.0)
     assert (spec.max_concurrent_jobs, spec.idle_shutdown_seconds) == (2, 30.5)
+    assert spec.server_linger_seconds == 0
     assert spec.to_json() == full
 
 
@@ -341,6 +345,9 @@ def test_optional_fields_round_trip():
         ({"max_concurrent_jobs": 2.5}, "max_concurrent_jobs must be"),
         ({"idle_shutdown_seconds": float("inf")}, "idle_shutdown_seconds must be"),
         ({"idle_shutdown_seconds": "600"}, "idle_shutdown_seconds must be"),
+        ({"server_linger_seconds": -1}, "server_linger_seconds must be"),
+        ({"server_linger_seconds": True}, "server_linger_seconds must be"),
+        ({"server_linger_seconds": float("nan")}, "server_linger_seconds must be"),
     ],
 )
 def test_invalid_spec_is_rejected(change, message):
