@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Protocol
 
 from batchworker.config import Settings
-from batchworker.decisions import StopDecision, place_job, should_stop
+from batchworker.decisions import Placer, StopDecision, should_stop
 from batchworker.errors import BatchworkerError, NoInstanceAvailable, PermanentError, RejectedEvent
 from batchworker.instances import InstancePool
 from batchworker.jobs import JobStore
@@ -59,10 +59,12 @@ def accept_upload(
     ledger: InstanceLedger,
     dispatch: Callable[[str, str], None],
     s3_client,
+    placer: Placer | None = None,
 ) -> str | None:
     """Record the job, place it on an instance (starting one if needed), hand it to `dispatch(job_id, instance_id)`.
 
-    An input over `max_input_bytes` fails at once with a manifest: no GPU starts for it.
+    An input over `max_input_bytes` fails at once with a manifest: no GPU starts for it. A `placer` shared by
+    the uploads of one batch reads the pool and its load once for all of them.
     Returns the job id, or None when this delivery is a duplicate of a job already under way.
     """
     if upload.bucket != settings.input_bucket:
@@ -95,7 +97,8 @@ def accept_upload(
             None, settings, jobs, s3_client,
         )
         return job.job_id
-    placement = place_job(pool.list(), jobs.active(), settings.max_jobs_per_instance)
+    placer = placer or Placer(pool.list(), jobs.active(), settings.max_jobs_per_instance)
+    placement = placer.place(job)
     if placement is None:
         raise NoInstanceAvailable(
             f"no instance carries tag {POOL_TAG_KEY}={settings.pool_tag}; run `terraform apply` to create the pool"
@@ -215,13 +218,11 @@ def fail_job(job: Job, error: str, instance_id: str | None, settings: Settings, 
 def finish_job(
     manifest: dict,
     manifest_key: str,
-    settings: Settings,
     jobs: JobStore,
-    pool: InstancePool,
     ledger: InstanceLedger,
     now: datetime | None = None,
-) -> StopDecision | None:
-    """Record the job's final status, then stop its instance if nothing else needs it."""
+) -> str | None:
+    """Record the job's final status; return the instance it ran on (for `stop_if_idle`), if any."""
     job_id = manifest["job_id"]
     final = JobStatus.SUCCEEDED if manifest["status"] == "succeeded" else JobStatus.FAILED
     error = manifest.get("error") or None
@@ -229,10 +230,9 @@ def finish_job(
         logger.info("job %s already finished (or unknown); status not changed", job_id)
     job = jobs.get(job_id)
     instance_id = (job.instance_id if job else None) or manifest.get("instance_id")
-    if not instance_id:
-        return None
-    ledger.note_activity(instance_id, now)
-    return stop_if_idle(instance_id, f"job {job_id} finished", settings, jobs, pool, ledger, now)
+    if instance_id:
+        ledger.note_activity(instance_id, now)
+    return instance_id
 
 
 def stop_if_idle(

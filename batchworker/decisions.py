@@ -116,6 +116,28 @@ class Placement:
     reason: str
 
 
+class Placer:
+    """Places the jobs of one batch: reads the pool and its load once, then counts its own placements."""
+
+    def __init__(self, instances: Iterable[Instance], active_jobs: Iterable[Job], max_jobs_per_instance: int):
+        self.instances = list(instances)
+        self.jobs = list(active_jobs)
+        self.max_jobs_per_instance = max_jobs_per_instance
+
+    def place(self, job: Job) -> Placement | None:
+        placement = place_job(self.instances, self.jobs, self.max_jobs_per_instance)
+        if placement is not None:
+            self.jobs.append(Job(job.job_id, JobStatus.QUEUED, job.input_bucket, job.input_key,
+                                 instance_id=placement.instance_id))
+            if placement.start:  # started: it counts as up for the rest of the batch
+                self.instances = [
+                    Instance(i.instance_id, InstanceState.PENDING, i.instance_type, i.launch_time)
+                    if i.instance_id == placement.instance_id else i
+                    for i in self.instances
+                ]
+        return placement
+
+
 def place_job(instances: Iterable[Instance], active_jobs: Iterable[Job], max_jobs_per_instance: int) -> Placement | None:
     """Where a new job goes, given the pool and the jobs already placed.
 

@@ -23,7 +23,7 @@ def main() -> int:
     console = Console()
     local_dir = Path(os.environ.get("BATCHWORKER_LOCAL_DIR") or REPO_ROOT / ".local-cloud") / "soak"
     options = LocalOptions(boot_delay_seconds=1, schedule_speedup=20, idle_grace_seconds=10, instance_count=2,
-                           max_jobs_per_instance=2, job_lease_seconds=10)
+                           max_jobs_per_instance=2, job_lease_seconds=60)
     cloud.up(local_dir, options, progress=lambda phase: console.print(f"  local cloud: {phase}"))
     try:
         report = Soak(local_dir).run(args.uploads)

@@ -9,7 +9,7 @@ from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from batchworker.config import Settings
-from batchworker.control import finish_job
+from batchworker.control import finish_job, stop_if_idle
 from batchworker.errors import RejectedEvent
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
@@ -41,14 +41,22 @@ def record_handler(record: SQSRecord) -> None:
         except RejectedEvent as exc:
             logger.warning("not a job manifest; ignored", extra={"reason": str(exc)})
             continue
-        logger.append_keys(job_id=manifest["job_id"])
-        decision = finish_job(manifest, key, settings, jobs, pool, ledger)
-        logger.info(
-            "job finished",
-            extra={"status": manifest["status"], "stop": decision.stop if decision else None},
-        )
+        instance_id = finish_job(manifest, key, jobs, ledger)
+        logger.info("job finished", extra={"job_id": manifest["job_id"], "status": manifest["status"]})
+        if instance_id:
+            finished_on.add(instance_id)
+
+
+finished_on: set[str] = set()
 
 
 @logger.inject_lambda_context
 def handler(event, context):
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+    finished_on.clear()
+    result = process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+    # One stop decision per instance per batch, after every job of the batch is recorded. Should this
+    # fail, the records are already acknowledged: the reaper stops the idle instance on its next pass.
+    for instance_id in sorted(finished_on):
+        decision = stop_if_idle(instance_id, "jobs finished", settings, jobs, pool, ledger)
+        logger.info("stop decision", extra={"instance_id": instance_id, "stop": decision.stop, "reason": decision.reason})
+    return result

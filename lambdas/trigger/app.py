@@ -11,6 +11,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from batchworker.config import Settings
 from batchworker.control import Upload, accept_upload
+from batchworker.decisions import Placer
 from batchworker.errors import RejectedEvent
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
@@ -27,10 +28,19 @@ s3 = boto3.client("s3")
 
 
 class Dispatches:
-    """Jobs accepted in this invocation, per instance: one worker invocation per instance, not per upload."""
+    """Jobs accepted in this invocation, per instance: one worker invocation per instance, not per upload.
+
+    Also holds the batch's Placer, so the pool and its load are read once per batch, not once per upload.
+    """
 
     def __init__(self):
         self.by_instance: dict[str, list[str]] = {}
+        self._placer: Placer | None = None
+
+    def placer(self) -> Placer:
+        if self._placer is None:
+            self._placer = Placer(pool.list(), jobs.active(), settings.max_jobs_per_instance)
+        return self._placer
 
     def add(self, job_id: str, instance_id: str) -> None:
         self.by_instance.setdefault(instance_id, []).append(job_id)
@@ -44,6 +54,7 @@ class Dispatches:
                 Payload=json.dumps({"job_ids": job_ids}).encode(),
             )
         self.by_instance.clear()
+        self._placer = None
 
 
 dispatches = Dispatches()
@@ -74,7 +85,7 @@ def record_handler(record: SQSRecord) -> None:
             version_id=obj.version_id or current_version(s3_record.s3.bucket.name, unquote_plus(obj.key)),
         )
         try:
-            job_id = accept_upload(upload, settings, jobs, pool, ledger, dispatches.add, s3)
+            job_id = accept_upload(upload, settings, jobs, pool, ledger, dispatches.add, s3, dispatches.placer())
         except RejectedEvent as exc:
             # Retrying cannot make this event valid; log it and let the rest of the batch go on.
             logger.warning("rejected event", extra={"reason": str(exc), "bucket": upload.bucket})

@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from batchworker.decisions import place_job, should_stop
+from batchworker.decisions import Placer, place_job, should_stop
 from batchworker.models import Instance, InstanceState, Job, JobStatus
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -72,3 +72,14 @@ def inst(instance_id, state):
 def test_place_job(instances, jobs, limit, expected):
     placement = place_job(instances, jobs, limit)
     assert (None if placement is None else (placement.instance_id, placement.start)) == expected
+
+
+def test_placer_shares_one_start_per_burst_and_spreads_over_the_pool():
+    pool = [inst("a", InstanceState.STOPPED), inst("b", InstanceState.STOPPED)]
+    placer = Placer(pool, [], max_jobs_per_instance=2)
+    placements = [placer.place(job(JobStatus.QUEUED, None, f"j-{n:016x}")) for n in range(5)]
+    assert [(p.instance_id, p.start) for p in placements] == [
+        ("a", True), ("a", False),  # the burst shares a's start until a is full
+        ("b", True), ("b", False),  # then the queue is deeper than a's capacity: start b
+        ("a", False),  # everything full: wait on the least loaded
+    ]
