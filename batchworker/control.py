@@ -12,7 +12,14 @@ from typing import Protocol
 
 from batchworker.config import Settings
 from batchworker.decisions import Placer, StopDecision, should_stop
-from batchworker.errors import BatchworkerError, NoInstanceAvailable, PermanentError, RejectedEvent
+from batchworker.errors import (
+    BatchworkerError,
+    InstanceReadyTimeout,
+    NoInstanceAvailable,
+    PermanentError,
+    RejectedEvent,
+    RetryableError,
+)
 from batchworker.instances import InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
@@ -161,7 +168,8 @@ def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, 
             ):
                 claimed.append(job)
         for batch in batches(claimed, settings, instance_id, launcher.max_spec_bytes):
-            launcher.launch(instance_id, {"jobs": [job_spec(job, settings, instance_id) for job in batch]}, deadline)
+            spec = {"jobs": [job_spec(job, settings, instance_id) for job in batch]}
+            _launch_until(deadline, instance_id, spec, pool, launcher, clock)
             for job in batch:
                 jobs.transition(
                     job.job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED],
@@ -177,6 +185,21 @@ def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, 
         current = jobs.get(job.job_id)
         final[job.job_id] = current.status if current else JobStatus.FAILED
     return final
+
+
+def _launch_until(deadline: float, instance_id: str, spec: dict, pool, launcher, clock) -> dict:
+    """Launch, and launch again after a transient cut-off (the instance stopped under the command).
+
+    A relaunch cannot run a job twice: a job still running on the instance answers `already_running`.
+    """
+    while True:
+        try:
+            return launcher.launch(instance_id, spec, deadline)
+        except RetryableError as exc:
+            if clock() >= deadline:
+                raise InstanceReadyTimeout(f"could not launch on instance {instance_id} in time: {exc}") from exc
+            logger.warning("launch on %s interrupted (%s); starting the instance again if needed", instance_id, exc)
+            pool.ensure_running(instance_id, deadline, reason="relaunch after an interrupted launch")
 
 
 def batches(claimed: list[Job], settings: Settings, instance_id: str, max_spec_bytes: int) -> list[list[Job]]:

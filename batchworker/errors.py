@@ -21,6 +21,10 @@ class InstanceNotReady(RetryableError):
     """The instance is not running yet, or its transport does not answer yet."""
 
 
+class LaunchInterrupted(RetryableError):
+    """The launch command was cut off before it answered (the instance stopped under it)."""
+
+
 class InstanceReadyTimeout(PermanentError):
     """The instance did not become ready within the bounded wait."""
 

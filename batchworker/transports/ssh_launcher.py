@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from batchworker.config import Settings
-from batchworker.errors import DispatchError, InstanceReadyTimeout
+from batchworker.errors import DispatchError, InstanceReadyTimeout, LaunchInterrupted
 from batchworker.transports.ssh import (
     HostKeyMismatch,
     TransportError,
@@ -75,6 +75,10 @@ class SshLauncher:
                         raise DispatchError(f"could not start the job on instance {instance_id}: {exc}") from exc
                     last_problem = f"SSH not ready: {exc}"
                 else:
+                    if result.exit_status == -1:  # no exit status: killed, or the connection dropped
+                        raise LaunchInterrupted(
+                            f"the job launcher on instance {instance_id} was cut off before it answered"
+                        )
                     if result.exit_status != 0:
                         raise DispatchError(
                             f"job launcher on instance {instance_id} exited {result.exit_status}: "

@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError
 
 from batchworker.config import Settings
 from batchworker.control import Upload, accept_upload, dispatch_jobs
-from batchworker.errors import DispatchError, InstanceReadyTimeout
+from batchworker.errors import DispatchError, InstanceReadyTimeout, LaunchInterrupted
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
@@ -37,12 +37,14 @@ class FaultyEc2:
 class RecordingLauncher:
     max_spec_bytes = 1 << 20
 
-    def __init__(self, fail_with: Exception | None = None):
+    def __init__(self, fail_with: Exception | None = None, fail_times: int = 10**6):
         self.launched: list[tuple[str, dict]] = []
         self.fail_with = fail_with
+        self.fail_times = fail_times
 
     def launch(self, instance_id, spec, deadline):
-        if self.fail_with:
+        if self.fail_with and self.fail_times > 0:
+            self.fail_times -= 1
             raise self.fail_with
         self.launched.append((instance_id, spec))
         return {"jobs": [{"job_id": s["job_id"], "pid": 1} for s in spec["jobs"]]}
@@ -155,3 +157,23 @@ def test_ready_timeout_names_the_state(stack):
     with pytest.raises(InstanceReadyTimeout, match="did not reach running"):
         # an instance that never leaves pending: moto has none, so ask for one that is already past the deadline
         pool.ensure_running(stack.instance_id, deadline=-1, reason="test")
+
+
+def test_a_launch_cut_off_by_an_instance_stop_is_relaunched_after_a_restart(stack):
+    # GIVEN a launch that the instance's stop cuts off once (SSH exit status -1)
+    clock = FakeClock()
+    settings, jobs, pool, ledger = setup(stack, boto3.client("ec2"), clock, BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS="300")
+    job_id, _ = queue_job(stack, settings, jobs, pool, ledger)
+    launcher = RecordingLauncher(fail_with=LaunchInterrupted("cut off"), fail_times=1)
+    original = launcher.launch
+
+    def launch_and_stop_once(instance_id, spec, deadline):
+        if launcher.fail_times:
+            boto3.client("ec2").stop_instances(InstanceIds=[instance_id])
+        return original(instance_id, spec, deadline)
+
+    launcher.launch = launch_and_stop_once
+    outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock)
+    # THEN the worker starts the instance again and relaunches: the job runs, it was not failed
+    assert outcome == {job_id: JobStatus.RUNNING}
+    assert len(launcher.launched) == 1 and stack.instance_state() == "running"
