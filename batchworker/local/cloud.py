@@ -68,7 +68,7 @@ def down(local_dir: Path, timeout_seconds: float = 60.0) -> bool:
     if was_running:
         os.kill(pid, 15)
         deadline = time.monotonic() + timeout_seconds
-        while time.monotonic() < deadline and is_alive(pid) and not _is_zombie(pid):
+        while time.monotonic() < deadline and processes.is_running(pid):
             time.sleep(0.2)
     if cloud_id:
         processes.kill_marked(cloud_id)  # whatever the supervisor could not stop, detached jobs included
@@ -85,10 +85,3 @@ def environment(local_dir: Path) -> dict[str, str]:
 def export_lines(env: dict[str, str]) -> str:
     return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in env.items())
 
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True

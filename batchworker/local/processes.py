@@ -75,14 +75,15 @@ def kill_marked(cloud_id: str, timeout_seconds: float = 10.0) -> list[int]:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout_seconds / 2
-        while time.monotonic() < deadline and (pids := [p for p in pids if _alive(p)]):
+        while time.monotonic() < deadline and (pids := [p for p in pids if is_running(p)]):
             time.sleep(0.1)
         if not pids:
             break
     return pids
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
     try:
         os.kill(pid, 0)
         with open(f"/proc/{pid}/stat") as stat:
