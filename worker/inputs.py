@@ -251,12 +251,23 @@ def _decode_npy(path: Path, name: str, model_input: ModelInput) -> Decoded:
         dtype = getattr(array, "dtype", "?")
         raise InputError(f"{name} has dtype {dtype}; expected a numeric (int or float) array")
     batch = _shape_batch(array, name, model_input)
-    values = batch.reshape(len(batch), -1).astype(np.float64)
-    for index, row in enumerate(values):
-        problem = _row_problem(row, model_input)
-        if problem:
-            raise InputError(f"{name} item {index + 1} {problem}; expected {model_input.describe_values()}")
+    values = batch.reshape(len(batch), -1)
+    bad = _rows_with_problems(values, model_input)
+    if bad.any():  # checked for all rows at once; the message names the first bad one
+        index = int(np.argmax(bad))
+        problem = _row_problem(values[index].astype(np.float64), model_input)
+        raise InputError(f"{name} item {index + 1} {problem}; expected {model_input.describe_values()}")
     return Decoded([f"row {i + 1}" for i in range(len(batch))], _scale(batch, model_input))
+
+
+def _rows_with_problems(values: np.ndarray, model_input: ModelInput) -> np.ndarray:
+    """A boolean per row (N x values): True where _row_problem would find something."""
+    bad = ~np.isfinite(values).all(axis=1)
+    top = model_input.array_value_max
+    if top is not None:
+        with np.errstate(invalid="ignore"):
+            bad |= ((values < 0) | (values > top)).any(axis=1)
+    return bad
 
 
 def _shape_batch(array: np.ndarray, name: str, model_input: ModelInput) -> np.ndarray:
