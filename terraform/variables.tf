@@ -140,6 +140,17 @@ variable "event_source_batch_size" {
   }
 }
 
+variable "trigger_batching_window_seconds" {
+  description = "How long the jobs queue's event source mapping gathers uploads before invoking the trigger (0-300 s). 0 (default) dispatches at once: a burst still shares one instance start, since placement sees the instance already starting. Raise it to dispatch a burst in fewer, larger commands at the cost of that much latency. Must be at least 1 when event_source_batch_size is over 10."
+  type        = number
+  default     = 0
+
+  validation {
+    condition     = var.trigger_batching_window_seconds >= 0 && var.trigger_batching_window_seconds <= 300 && floor(var.trigger_batching_window_seconds) == var.trigger_batching_window_seconds
+    error_message = "The trigger_batching_window_seconds must be a whole number from 0 to 300."
+  }
+}
+
 variable "event_source_mappings_enabled" {
   description = "Enable the SQS event source mappings. The local cloud sets false: its own runtime polls the queues (moto's mappings do not run the code)."
   type        = bool

@@ -329,6 +329,8 @@ def test_cross_variable_rules(tf):
     assert variables["max_job_runtime_seconds"]["default"] >= timeouts["worker"]
     # A message comes back from the DLQ only after max_receive_count deliveries.
     assert variables["max_receive_count"]["default"] >= 1
+    # Lambda refuses an SQS batch size over 10 without a batching window.
+    assert variables["event_source_batch_size"]["default"] <= 10 or variables["trigger_batching_window_seconds"]["default"] >= 1
 
 
 # --- every statement says who needs it ------------------------------------------------------------
