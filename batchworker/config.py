@@ -11,6 +11,7 @@ from batchworker.errors import ConfigurationError
 
 ENV_PREFIX = "BATCHWORKER_"
 TRANSPORTS = ("ssm", "ssh")
+IDLE_GRACE_POLICIES = ("adaptive", "fixed")
 # SSM Run Command caps a command's execution timeout at 48 hours.
 SSM_MAX_EXECUTION_TIMEOUT_SECONDS = 172_800
 
@@ -39,8 +40,14 @@ class Settings:
     ssm_output_bucket: str | None = None
     ssm_output_prefix: str = "ssm-output/"
     max_job_runtime_seconds: float = 3600.0
-    # A warm instance waits this long for more work before it stops (the reaper enforces it).
+    # A warm instance waits at most this long for more work before it stops (the reaper enforces it).
     idle_grace_seconds: float = 0.0
+    # "adaptive": wait as long as recent gaps between idle and the next upload made worthwhile (at most
+    # idle_grace_seconds; 0 for isolated jobs); "fixed": always idle_grace_seconds.
+    idle_grace_policy: str = "adaptive"
+    # What a stop and a restart cost in billed seconds (the boot): 60-120 s for a GPU AMI that registers
+    # with SSM; the adaptive grace weighs waiting against it.
+    restart_cost_seconds: float = 90.0
     # A running job renews its lease in the job table; a lease older than this means the job is lost.
     job_lease_seconds: float = 90.0
     # Jobs an instance runs at once; more wait on it for a slot (or start another instance of the pool).
@@ -84,6 +91,11 @@ class Settings:
         if self.transport not in TRANSPORTS:
             raise ConfigurationError(
                 f"{ENV_PREFIX}TRANSPORT must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}"
+            )
+        if self.idle_grace_policy not in IDLE_GRACE_POLICIES:
+            raise ConfigurationError(
+                f"{ENV_PREFIX}IDLE_GRACE_POLICY must be one of {', '.join(IDLE_GRACE_POLICIES)}, "
+                f"got {self.idle_grace_policy!r}"
             )
         if self.max_job_runtime_seconds <= 0:
             raise ConfigurationError(f"{ENV_PREFIX}MAX_JOB_RUNTIME_SECONDS must be > 0")

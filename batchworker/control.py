@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Protocol
 
 from batchworker.config import Settings
-from batchworker.decisions import Placer, StopDecision, should_stop
+from batchworker.decisions import Placer, StopDecision, idle_grace_seconds, should_stop
 from batchworker.errors import (
     BatchworkerError,
     InstanceReadyTimeout,
@@ -20,6 +20,7 @@ from batchworker.errors import (
     RejectedEvent,
     RetryableError,
 )
+from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
@@ -266,13 +267,26 @@ def stop_if_idle(
     pool: InstancePool,
     ledger: InstanceLedger,
     now: datetime | None = None,
+    gaps: IdleGaps | None = None,
 ) -> StopDecision:
-    """Stop the instance when `should_stop` says so and this caller wins the stop claim."""
+    """Stop the instance when `should_stop` says so and this caller wins the stop claim.
+
+    With `gaps`, an idle pool opens a gap there and the adaptive grace learns from the recent ones.
+    """
+    now = now or utc_now()
     entry = ledger.read(instance_id)  # read before the jobs: an assignment after this voids the claim
     instance = pool.get(instance_id)
-    decision = should_stop(
-        now or utc_now(), instance, jobs.active(), settings.idle_grace_seconds, entry.last_activity_at
+    active = jobs.active()
+    if gaps is not None and not active:
+        gaps.note_idle(now)
+    learns = gaps is not None and settings.idle_grace_policy == "adaptive" and settings.idle_grace_seconds > 0
+    grace = idle_grace_seconds(
+        settings.idle_grace_policy,
+        settings.idle_grace_seconds,
+        gaps.recent() if learns else [],
+        settings.restart_cost_seconds,
     )
+    decision = should_stop(now, instance, active, grace, entry.last_activity_at)
     if decision.stop and not ledger.claim_stop(instance_id, entry.generation):
         decision = StopDecision(False, "a job was placed on it meanwhile, or another stop was claimed")
     logger.info("instance %s after %s: %s (%s)", instance_id, cause, "stop" if decision.stop else "keep", decision.reason)

@@ -47,6 +47,35 @@ def should_stop(
     return StopDecision(True, "no queued or running job")
 
 
+RECENT_GAPS = 20  # idle gaps the adaptive grace learns from (the system's record and the simulator)
+
+
+def choose_grace_seconds(recent_gaps_seconds: list[float], cap_seconds: float, reboot_seconds: float) -> float:
+    """The idle grace that would have cost least over the recent idle gaps (ski rental, empirical distribution).
+
+    A gap is the time from the pool going idle to the next upload. Waiting `g` costs the gap itself when it
+    is at most `g` (the instance was still up), else `g` plus a reboot. No history yet: `cap_seconds`.
+    Isolated jobs (gaps far longer than a reboot) learn 0: stop at once; bursts learn to wait for the next file.
+    """
+    if not recent_gaps_seconds:
+        return cap_seconds
+    candidates = sorted({0.0, cap_seconds, *(gap for gap in recent_gaps_seconds if gap <= cap_seconds)})
+
+    def cost(grace: float) -> float:
+        return sum(gap if gap <= grace else grace + reboot_seconds for gap in recent_gaps_seconds)
+
+    return min(candidates, key=lambda grace: (cost(grace), grace))
+
+
+def idle_grace_seconds(
+    policy: str, cap_seconds: float, recent_gaps_seconds: list[float], reboot_seconds: float
+) -> float:
+    """How long an idle instance waits for more work: `fixed` is the cap; `adaptive` learns it (at most the cap)."""
+    if policy == "fixed":
+        return cap_seconds
+    return choose_grace_seconds(recent_gaps_seconds, cap_seconds, reboot_seconds)
+
+
 
 class JobAction(str, Enum):
     KEEP = "keep"

@@ -10,6 +10,7 @@ from datetime import datetime
 from batchworker.config import Settings
 from batchworker.control import fail_job, stop_if_idle
 from batchworker.decisions import JobAction, judge_job
+from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
@@ -33,6 +34,7 @@ def reap(
     s3_client,
     invoke_worker: Callable[[dict], None],
     now: datetime | None = None,
+    gaps: IdleGaps | None = None,
 ) -> ReapReport:
     now = now or utc_now()
     report = ReapReport()
@@ -56,7 +58,7 @@ def reap(
             # Running although its stop was claimed: started by hand, or the stop call was lost. Adopt it
             # with a new generation so that this pass (or the next) can stop it.
             ledger.note_assignment(instance.instance_id, now)
-        decision = stop_if_idle(instance.instance_id, "reaper pass", settings, jobs, pool, ledger, now)
+        decision = stop_if_idle(instance.instance_id, "reaper pass", settings, jobs, pool, ledger, now, gaps)
         if decision.stop:
             report.stopped.append(instance.instance_id)
     return report

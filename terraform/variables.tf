@@ -207,13 +207,24 @@ variable "instance_ready_timeout_seconds" {
 }
 
 variable "idle_grace_seconds" {
-  description = "How long an instance may sit idle (no queued, dispatched or running job) before it is stopped."
+  description = "The longest an instance may sit idle (no queued, dispatched or running job) before it is stopped; see idle_grace_policy."
   type        = number
   default     = 120
 
   validation {
     condition     = var.idle_grace_seconds >= 0
     error_message = "The idle_grace_seconds must be 0 or more."
+  }
+}
+
+variable "idle_grace_policy" {
+  description = "\"adaptive\" (default): an idle instance waits as long as the recent gaps between the pool going idle and the next upload made worthwhile against a reboot, at most idle_grace_seconds (0 for isolated jobs, enough for the next file of a burst). \"fixed\": always idle_grace_seconds."
+  type        = string
+  default     = "adaptive"
+
+  validation {
+    condition     = contains(["adaptive", "fixed"], var.idle_grace_policy)
+    error_message = "The idle_grace_policy must be \"adaptive\" or \"fixed\"."
   }
 }
 

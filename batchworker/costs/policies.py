@@ -59,23 +59,12 @@ def original(concurrency_per_instance: int | None = 4) -> Policy:
 def batchworker(
     idle_grace_seconds: float = 120.0, pool_size: int = 1, concurrency_per_instance: int = 1
 ) -> Policy:
+    """As shipped (idle_grace_policy "adaptive"): the grace is learned from recent gaps, at most the cap."""
     return Policy(
         "batchworker",
         f"this system: a burst shares one start, jobs queue on {pool_size} instance(s) "
-        f"x {concurrency_per_instance} slot(s), idle grace {idle_grace_seconds:g} s",
-        pool_size=pool_size,
-        concurrency_per_instance=concurrency_per_instance,
-        idle_grace_seconds=idle_grace_seconds,
-    )
-
-
-def batchworker_adaptive(
-    idle_grace_seconds: float = 120.0, pool_size: int = 1, concurrency_per_instance: int = 1
-) -> Policy:
-    return Policy(
-        "batchworker-adaptive",
-        f"proposal, not shipped: batchworker with the idle grace learned from recent gaps "
-        f"(at most {idle_grace_seconds:g} s)",
+        f"x {concurrency_per_instance} slot(s), idle grace learned from recent gaps (at most "
+        f"{idle_grace_seconds:g} s)",
         pool_size=pool_size,
         concurrency_per_instance=concurrency_per_instance,
         idle_grace_seconds=idle_grace_seconds,
@@ -83,19 +72,14 @@ def batchworker_adaptive(
     )
 
 
-def choose_grace_seconds(
-    recent_gaps_seconds: list[float], cap_seconds: float, reboot_seconds: float
-) -> float:
-    """The grace that would have cost least over the recent idle gaps (ski rental, empirical distribution).
-
-    A gap is the time from the pool going idle to the next arrival. Waiting `g` costs the gap itself when it
-    is at most `g` (the instance was still up), else `g` plus a reboot. No history yet: `cap_seconds`.
-    """
-    if not recent_gaps_seconds:
-        return cap_seconds
-    candidates = sorted({0.0, cap_seconds, *(gap for gap in recent_gaps_seconds if gap <= cap_seconds)})
-
-    def cost(grace: float) -> float:
-        return sum(gap if gap <= grace else grace + reboot_seconds for gap in recent_gaps_seconds)
-
-    return min(candidates, key=lambda grace: (cost(grace), grace))
+def batchworker_fixed_grace(
+    idle_grace_seconds: float = 120.0, pool_size: int = 1, concurrency_per_instance: int = 1
+) -> Policy:
+    """idle_grace_policy "fixed": every idle instance waits the whole grace."""
+    return Policy(
+        "batchworker-fixed",
+        f"this system with idle_grace_policy = \"fixed\": every idle instance waits {idle_grace_seconds:g} s",
+        pool_size=pool_size,
+        concurrency_per_instance=concurrency_per_instance,
+        idle_grace_seconds=idle_grace_seconds,
+    )

@@ -21,11 +21,11 @@ from batchworker.costs.billing import (
     cost_dollars,
     ebs_dollars,
 )
-from batchworker.costs.policies import Policy, choose_grace_seconds
+from batchworker.costs.policies import Policy
 from batchworker.costs.traces import DAY_SECONDS, TRACES, Trace, build_trace
+from batchworker.decisions import RECENT_GAPS, choose_grace_seconds
 
 EPSILON_SECONDS = 1e-6
-RECENT_GAPS = 20  # idle gaps the adaptive grace learns from
 # Goals of issue 5 for the headline numbers.
 GOAL_SEED_BILLED_OVER_LIMIT = 1.05
 GOAL_BURSTY_BILLED_OVER_BUSY = 1.5
@@ -188,7 +188,7 @@ def simulate_all(
         policies.always_on_9_17(concurrency_per_instance),
         policies.original(),
         policies.batchworker(idle_grace_seconds, pool_size, concurrency_per_instance),
-        policies.batchworker_adaptive(idle_grace_seconds, pool_size, concurrency_per_instance),
+        policies.batchworker_fixed_grace(idle_grace_seconds, pool_size, concurrency_per_instance),
     ]
     result: dict = {
         "parameters": {

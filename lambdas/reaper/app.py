@@ -6,6 +6,7 @@ import boto3
 from aws_lambda_powertools import Logger
 
 from batchworker.config import Settings
+from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
@@ -16,6 +17,7 @@ logger = Logger()
 jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
 ledger = InstanceLedger(settings.instance_events_table)
+gaps = IdleGaps(settings.instance_events_table)
 lambda_client = boto3.client("lambda")
 s3 = boto3.client("s3")
 
@@ -28,7 +30,7 @@ def invoke_worker(payload: dict) -> None:
 
 @logger.inject_lambda_context
 def handler(event, context):
-    report = reap(settings, jobs, pool, ledger, s3, invoke_worker)
+    report = reap(settings, jobs, pool, ledger, s3, invoke_worker, gaps=gaps)
     logger.info("reaper pass", extra={"failed": report.failed, "redispatched": report.redispatched,
                                       "stopped": report.stopped})
     return {"failed": report.failed, "redispatched": report.redispatched, "stopped": report.stopped}

@@ -11,6 +11,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from batchworker.config import Settings
 from batchworker.control import finish_job, stop_if_idle
 from batchworker.errors import RejectedEvent
+from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
@@ -22,6 +23,7 @@ processor = BatchProcessor(event_type=EventType.SQS)
 jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
 ledger = InstanceLedger(settings.instance_events_table)
+gaps = IdleGaps(settings.instance_events_table)
 s3 = boto3.client("s3")
 
 
@@ -57,6 +59,6 @@ def handler(event, context):
     # One stop decision per instance per batch, after every job of the batch is recorded. Should this
     # fail, the records are already acknowledged: the reaper stops the idle instance on its next pass.
     for instance_id in sorted(finished_on):
-        decision = stop_if_idle(instance_id, "jobs finished", settings, jobs, pool, ledger)
+        decision = stop_if_idle(instance_id, "jobs finished", settings, jobs, pool, ledger, gaps=gaps)
         logger.info("stop decision", extra={"instance_id": instance_id, "stop": decision.stop, "reason": decision.reason})
     return result

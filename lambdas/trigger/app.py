@@ -13,6 +13,7 @@ from batchworker.config import Settings
 from batchworker.control import Upload, accept_upload
 from batchworker.decisions import Placer
 from batchworker.errors import RejectedEvent
+from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
@@ -23,6 +24,7 @@ processor = BatchProcessor(event_type=EventType.SQS)
 jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
 ledger = InstanceLedger(settings.instance_events_table)
+gaps = IdleGaps(settings.instance_events_table)
 lambda_client = boto3.client("lambda")
 s3 = boto3.client("s3")
 
@@ -39,6 +41,7 @@ class Dispatches:
 
     def placer(self) -> Placer:
         if self._placer is None:
+            gaps.note_arrival()  # closes the pool's idle gap, if one is open
             self._placer = Placer(pool.list(), jobs.active(), settings.max_jobs_per_instance)
         return self._placer
 

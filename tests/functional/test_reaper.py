@@ -4,9 +4,11 @@ import json
 from datetime import timedelta
 
 import boto3
+import pytest
 
 from batchworker.config import Settings
 from batchworker.control import Upload, accept_upload, stop_if_idle
+from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
@@ -115,4 +117,45 @@ def test_reaper_stops_an_instance_started_by_hand(stack):
     boto3.client("ec2").start_instances(InstanceIds=[stack.instance_id])  # an operator starts it again
     report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append)
     assert report.stopped == [stack.instance_id]
+    assert stack.instance_state() == "stopped"
+
+
+
+def finish_one(stack, settings, jobs, pool, ledger, gaps, key, at):
+    """An upload arrives at `at` (closing the pool's idle gap), its job ends at once, the stop function decides."""
+    gaps.note_arrival(at)
+    job_id = queue(stack, settings, jobs, pool, ledger, key)
+    jobs.transition(job_id, JobStatus.SUCCEEDED, allowed_from=[JobStatus.QUEUED])
+    ledger.note_activity(stack.instance_id, at)
+    return stop_if_idle(stack.instance_id, "jobs finished", settings, jobs, pool, ledger, at, gaps)
+
+
+def test_adaptive_grace_stops_at_once_after_learning_that_jobs_are_isolated(stack):
+    settings, jobs, pool, ledger = parts(stack, BATCHWORKER_IDLE_GRACE_SECONDS="120")
+    gaps = IdleGaps(settings.instance_events_table)
+    start = utc_now()
+    # GIVEN no history yet: the whole 120 s grace keeps the instance up after its job
+    assert finish_one(stack, settings, jobs, pool, ledger, gaps, "first.png", start).stop is False
+    # WHEN the next upload comes 3 hours after the pool went idle (isolated jobs, as in the seed trace)
+    decision = finish_one(stack, settings, jobs, pool, ledger, gaps, "later.png", start + timedelta(hours=3))
+    # THEN that gap is learned and the instance is stopped as soon as the job ends: waiting never paid off
+    assert gaps.recent() == pytest.approx([3 * 3600.0], abs=0.01)
+    assert decision.stop is True and stack.instance_state() == "stopped"
+
+
+def test_adaptive_grace_waits_as_long_as_work_took_to_come_back(stack):
+    settings, jobs, pool, ledger = parts(stack, BATCHWORKER_IDLE_GRACE_SECONDS="120")
+    fixed = Settings.from_env({**stack.env, "BATCHWORKER_TRANSPORT": "ssh", "BATCHWORKER_IDLE_GRACE_SECONDS": "120",
+                               "BATCHWORKER_IDLE_GRACE_POLICY": "fixed"})
+    gaps = IdleGaps(settings.instance_events_table)
+    start = utc_now()
+    # GIVEN uploads that each came 20 s after the pool went idle
+    for n in range(4):
+        assert not finish_one(stack, settings, jobs, pool, ledger, gaps, f"b{n}.png", start + timedelta(seconds=20 * n)).stop
+    assert gaps.recent() == pytest.approx([20.0] * 3, abs=0.01)
+    idle_since = start + timedelta(seconds=60)
+    # THEN the idle instance waits 20 s (the fixed policy would wait 120 s), then stops
+    assert not stop_if_idle(stack.instance_id, "t", settings, jobs, pool, ledger, idle_since + timedelta(seconds=15), gaps).stop
+    assert not stop_if_idle(stack.instance_id, "t", fixed, jobs, pool, ledger, idle_since + timedelta(seconds=25), gaps).stop
+    assert stop_if_idle(stack.instance_id, "t", settings, jobs, pool, ledger, idle_since + timedelta(seconds=25), gaps).stop
     assert stack.instance_state() == "stopped"

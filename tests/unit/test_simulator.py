@@ -5,9 +5,9 @@ import json
 import pytest
 
 from batchworker.costs import policies
-from batchworker.costs.policies import choose_grace_seconds
 from batchworker.costs.simulator import CloudModel, physical_limit_seconds, run_policy, simulate_all
 from batchworker.costs.traces import Trace, TraceJob, build_trace
+from batchworker.decisions import choose_grace_seconds, idle_grace_seconds
 
 MODEL = CloudModel()
 FIXED_BOOT = CloudModel(boot_seconds_range=(90.0, 90.0))
@@ -15,7 +15,7 @@ ALL_POLICIES = (
     policies.always_on_9_17(),
     policies.original(),
     policies.batchworker(),
-    policies.batchworker_adaptive(),
+    policies.batchworker_fixed_grace(),
     policies.batchworker(idle_grace_seconds=0, pool_size=4),
 )
 
@@ -114,3 +114,14 @@ def test_always_on_bills_eight_hours_a_day_and_makes_night_work_wait():
 )
 def test_adaptive_grace(gaps, expected):
     assert choose_grace_seconds(gaps, cap_seconds=120.0, reboot_seconds=90.0) == expected
+    assert idle_grace_seconds("adaptive", 120.0, gaps, 90.0) == expected
+    assert idle_grace_seconds("fixed", 120.0, gaps, 90.0) == 120.0
+
+
+def test_the_shipped_policy_learns_to_stop_isolated_jobs_at_once(traces):
+    # GIVEN the seed's isolated jobs, hours apart WHEN the shipped (adaptive) policy runs them
+    adaptive = run_policy(traces["seed"], policies.batchworker(), MODEL, seed=7)
+    fixed = run_policy(traces["seed"], policies.batchworker_fixed_grace(), MODEL, seed=7)
+    # THEN after the first gap it stops at once, billing less than the fixed 120 s grace, near the limit
+    assert adaptive.billed_seconds < fixed.billed_seconds
+    assert adaptive.billed_over_limit <= 1.05

@@ -251,8 +251,8 @@ def test_ready_timeout_fits_in_the_worker_timeout(tf):
 
 def test_lambda_environment_matches_the_settings_contract(tf):
     environment = tf["locals"]["lambda_environment"]
-    # Every Settings field is set by Terraform, except the one knob kept at its code default.
-    code_only = {"dispatch_command_timeout_seconds", "max_input_bytes"}
+    # Every Settings field is set by Terraform, except the knobs kept at their code defaults.
+    code_only = {"dispatch_command_timeout_seconds", "max_input_bytes", "restart_cost_seconds"}
     expected = {f"BATCHWORKER_{f.name.upper()}" for f in dataclasses.fields(Settings) if f.name not in code_only}
     assert expected | {"POWERTOOLS_SERVICE_NAME"} == set(environment)
     assert environment["BATCHWORKER_TRANSPORT"] == "${var.transport}"
