@@ -223,7 +223,7 @@ class _Job:
             )
         self.outcome.input_version_id = spec.input_version_id or info.version_id
         self.log.info("input downloaded", extra={"bytes": info.size_bytes, "version_id": info.version_id})
-        workload_seconds = parse_workload(self.input_path, name) if ext == COMPUTE_EXTENSION else None
+        workload = parse_workload(self.input_path, name) if ext == COMPUTE_EXTENSION else None
         if self.batch.models is None:
             self.batch.models = ModelCache(self.job_root / MODEL_CACHE_DIR)
         with self.timings.measure("model_load_s"):
@@ -236,10 +236,11 @@ class _Job:
                 "input_source": model.input_source,
             },
         )
-        if workload_seconds is not None:
-            self.log.info("compute workload started", extra={"seconds": workload_seconds})
+        if workload is not None:
+            kind, seconds = workload
+            self.log.info("compute workload started", extra={"workload": kind, "seconds": seconds})
             with self.timings.measure("compute_s"):
-                items, last_batch = run_workload(model, workload_seconds)
+                items, last_batch = run_workload(model, kind, seconds)
             names, probs = [COMPUTE_ITEM], last_batch[:1]  # one row: the last batch's first item
         else:
             with self.timings.measure("inference_s"):  # decoding included: it depends on the input shape

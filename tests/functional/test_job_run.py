@@ -318,7 +318,7 @@ def test_sigterm_gives_a_transient_failed_manifest(moto_server, model_bytes, tmp
 TABLE = "job-jobs"
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 COMPUTE_HINT = (
-    'a .json input must be a compute workload, exactly {"workload": "compute", "seconds": S} '
+    'a .json input must be a compute workload, exactly {"workload": "compute" or "hold", "seconds": S} '
     "with 0 < S <= 3600"
 )
 
@@ -354,8 +354,8 @@ class CountingClient:
         return self.client.update_item(**kwargs)
 
 
-def compute_file(seconds) -> bytes:
-    return json.dumps({"workload": "compute", "seconds": seconds}).encode()
+def compute_file(seconds, workload="compute") -> bytes:
+    return json.dumps({"workload": workload, "seconds": seconds}).encode()
 
 
 def test_lease_heartbeat_marks_the_job_running_and_renews_it(s3, tmp_path, monkeypatch):
@@ -412,10 +412,24 @@ def test_compute_workload_runs_for_its_seconds(s3, tmp_path):
     assert read_deadman(tmp_path).expires_at == pytest.approx(time.time() + 120, abs=10)
 
 
+def test_hold_workload_keeps_its_slot_for_its_seconds_without_burning_the_cpu(s3, tmp_path):
+    s3.put_object(Bucket=INPUT, Key="load/hold.json", Body=compute_file(1.5, "hold"))
+    cpu_before = time.process_time()
+    assert run_job(make_spec(job_id(24), "load/hold.json"), tmp_path) == 0
+    cpu_seconds = time.process_time() - cpu_before
+    manifest = read_json(s3, f"jobs/{job_id(24)}/manifest.json")
+    assert manifest["status"] == "succeeded", manifest["error"]
+    assert manifest["items"] == 64  # one forward pass
+    assert 1.5 <= manifest["timings"]["compute_s"] < 3.0
+    assert cpu_seconds < manifest["timings"]["compute_s"]  # it waited; a compute workload would not
+    assert read_predictions(s3, job_id(24))[0]["item"] == "compute"
+
+
 @pytest.mark.parametrize(
     "body",
     [
         compute_file(0),
+        compute_file(5, "sleep"),
         compute_file(3601),
         compute_file("5"),
         b'{"workload": "train", "seconds": 5}',
