@@ -1,11 +1,14 @@
 """`make bench`: measure the pipeline on the local cloud and write bench-results.json.
 
 Workloads, each measured in this run on this machine:
-- overhead: 50 small jobs uploaded one after another on a warm instance; per job, upload -> manifest
-  minus the job's own compute (decode + forward) minus the boot delay when that job had to boot;
+- overhead: 50 small jobs uploaded one after another (the idle grace keeps the instance warm); per job,
+  upload -> manifest minus the job's own compute (decode + forward) minus the boot delay when it booted;
 - worker vs bare: items/s through the job (download excluded, decode included) over items/s of the bare
   model forward on the same data in this process;
-- pool: a burst of compute-only jobs of fixed duration on 1 instance and on 4 (one job per instance at a time);
+- pool: a burst of "hold" jobs of fixed duration (the slot is held, the host CPU is not: each local
+  instance stands for a machine with its own GPU) on 1 instance and on 4, one job per instance at a time;
+  the same with CPU-burning "compute" jobs is reported too (bounded by this machine's cores);
+- cold cycles: single jobs on a stopped pool with no idle grace, for the stage breakdown up to "stopped";
 - simulator: the cost simulator's headline numbers.
 """
 
@@ -15,8 +18,8 @@ import argparse
 import io
 import json
 import os
-import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,7 +91,42 @@ class Bench:
             states = {i["State"]["Name"] for r in self.ec2.describe_instances()["Reservations"] for i in r["Instances"]}
             if states == {"stopped"}:
                 return
-            time.sleep(0.2)
+            time.sleep(0.1)
+        raise TimeoutError(f"instances not stopped after {timeout} s")
+
+
+class StateWatcher:
+    """Polls the pool's instance states (every 0.1 s) and keeps each change with the time it was seen."""
+
+    def __init__(self, ec2):
+        self.ec2 = ec2
+        self.changes: list[tuple[float, str, str]] = []  # (seen at, instance id, state)
+        self._last: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self):
+        while not self._stop.is_set():
+            seen_at = time.time()
+            for r in self.ec2.describe_instances()["Reservations"]:
+                for i in r["Instances"]:
+                    state = i["State"]["Name"]
+                    if self._last.get(i["InstanceId"]) != state:
+                        self._last[i["InstanceId"]] = state
+                        self.changes.append((seen_at, i["InstanceId"], state))
+            self._stop.wait(0.1)
+
+    def first(self, state: str, after: float, instance_id: str | None = None) -> float | None:
+        return next((t for t, i, s in list(self.changes)
+                     if s == state and t >= after and instance_id in (None, i)), None)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -100,27 +138,47 @@ def digits_png() -> bytes:
 
 
 def overhead(bench: Bench, count: int) -> dict:
-    """Sequential small jobs; the first boots the instance, the idle grace keeps it warm for the rest."""
+    """Sequential small jobs; the idle grace keeps the instance warm between them."""
     rows, stages = [], {k: [] for k in ("trigger", "job_start", "manifest")}
-    for n in range(count):
-        job_id, uploaded_at = bench.put(f"bench/overhead/{n}.png", digits_png())
-        manifest = bench.manifest(job_id)
-        seen_at = time.time()
-        t = manifest["timings"]
-        finished = parse_time(t["finished_at"]).timestamp()
-        compute = t.get("inference_s", 0.0) + t.get("compute_s", 0.0)
-        booted = n == 0
-        rows.append(max(finished, seen_at) - uploaded_at - compute - (BOOT_DELAY_SECONDS if booted else 0.0))
-        job = bench.job(job_id)
-        stages["trigger"].append(parse_time(job["created_at"]).timestamp() - uploaded_at)
-        stages["job_start"].append(parse_time(t["started_at"]).timestamp() - uploaded_at)
-        stages["manifest"].append(seen_at - uploaded_at)
-    warm = rows[1:]
+    with StateWatcher(bench.ec2) as watcher:
+        for n in range(count):
+            job_id, uploaded_at = bench.put(f"bench/overhead/{n}.png", digits_png())
+            manifest = bench.manifest(job_id)
+            seen_at = time.time()
+            t = manifest["timings"]
+            finished = parse_time(t["finished_at"]).timestamp()
+            compute = t.get("inference_s", 0.0) + t.get("compute_s", 0.0)
+            booted = watcher.first("pending", uploaded_at) is not None
+            rows.append(max(finished, seen_at) - uploaded_at - compute - (BOOT_DELAY_SECONDS if booted else 0.0))
+            job = bench.job(job_id)
+            stages["trigger"].append(parse_time(job["created_at"]).timestamp() - uploaded_at)
+            stages["job_start"].append(parse_time(t["started_at"]).timestamp() - uploaded_at)
+            stages["manifest"].append(seen_at - uploaded_at)
     return {
-        "overhead_p50_s": percentile(rows, 50), "overhead_p95_s": percentile(rows, 95),
-        "overhead_warm_p50_s": percentile(warm, 50),
-        "stages": {k: {"p50_s": percentile(v, 50), "p95_s": percentile(v, 95)} for k, v in stages.items()},
+        "overhead_p50_s": percentile(rows, 50), "overhead_p95_s": percentile(rows, 95), "overhead_jobs": count,
+        "stages_warm": {k: {"p50_s": percentile(v, 50), "p95_s": percentile(v, 95)} for k, v in stages.items()},
     }
+
+
+def cold_cycles(bench: Bench, count: int) -> dict:
+    """One job at a time on a stopped pool with no idle grace: every stage, up to the instance stopped."""
+    stages = {k: [] for k in ("trigger", "instance_running", "job_start", "manifest", "stopped")}
+    with StateWatcher(bench.ec2) as watcher:
+        for n in range(count):
+            bench.wait_stopped(120)
+            job_id, uploaded_at = bench.put(f"bench/cold/{n}.png", digits_png())
+            manifest = bench.manifest(job_id)
+            seen_at = time.time()
+            bench.wait_stopped(120)
+            running_at = watcher.first("running", uploaded_at, manifest["instance_id"])
+            stopped_at = watcher.first("stopped", seen_at - 1.0, manifest["instance_id"])
+            stages["trigger"].append(parse_time(bench.job(job_id)["created_at"]).timestamp() - uploaded_at)
+            stages["instance_running"].append(running_at - uploaded_at)
+            stages["job_start"].append(parse_time(manifest["timings"]["started_at"]).timestamp() - uploaded_at)
+            stages["manifest"].append(seen_at - uploaded_at)
+            stages["stopped"].append(stopped_at - uploaded_at)
+    return {"stages_cold": {k: {"p50_s": percentile(v, 50), "p95_s": percentile(v, 95)} for k, v in stages.items()},
+            "cold_cycles": count}
 
 
 def worker_vs_bare(bench: Bench, items: int) -> dict:
@@ -149,19 +207,34 @@ def worker_vs_bare(bench: Bench, items: int) -> dict:
             "worker_items_per_s": job_items_per_s, "bare_items_per_s": bare_items_per_s}
 
 
-def pool_throughput(bench: Bench, jobs: int, seconds: float) -> float:
+def pool_throughput(bench: Bench, workload: str, jobs: int, seconds: float) -> float:
     """Jobs per second for a burst of compute-only jobs of fixed duration (first upload -> last manifest)."""
-    body = json.dumps({"workload": "compute", "seconds": seconds}).encode()
+    body = json.dumps({"workload": workload, "seconds": seconds}).encode()
     started = time.time()
-    ids = [bench.put(f"bench/pool/{n}.json", body)[0] for n in range(jobs)]
+    ids = [bench.put(f"bench/pool-{workload}/{n}.json", body)[0] for n in range(jobs)]
     for job_id in ids:
-        assert bench.manifest(job_id, timeout=600)["status"] == "succeeded", job_id
+        manifest = bench.manifest(job_id, timeout=900)
+        if manifest["status"] != "succeeded":
+            raise RuntimeError(f"pool job {job_id} failed: {manifest.get('error')}")
     return jobs / (time.time() - started)
+
+
+def pools(bench: Bench, args) -> dict[str, float]:
+    """Both pool workloads on this cloud, each starting from a stopped pool."""
+    bench.wait_stopped(180)
+    hold = pool_throughput(bench, "hold", args.pool_jobs, args.pool_seconds)
+    bench.wait_stopped(180)
+    cpu = pool_throughput(bench, "compute", args.cpu_pool_jobs, args.pool_seconds)
+    return {"hold": hold, "compute": cpu}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--jobs", type=int, default=50, help="sequential jobs for the overhead (default 50)")
+    parser.add_argument("--pool-jobs", type=int, default=32, help="hold jobs per pool run (default 32)")
+    parser.add_argument("--cpu-pool-jobs", type=int, default=8, help="CPU-burning jobs per pool run (default 8)")
+    parser.add_argument("--pool-seconds", type=float, default=6.0, help="duration of each pool job (default 6)")
+    parser.add_argument("--cold-cycles", type=int, default=5, help="single cold jobs for the stage breakdown")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results.json")
     args = parser.parse_args()
     base = Path(os.environ.get("BATCHWORKER_LOCAL_DIR") or REPO_ROOT / ".local-cloud")
@@ -172,20 +245,25 @@ def main() -> int:
     sim = simulate_all(days=30, seed=0)
     results["sim_seed_billed_over_limit"] = sim["headline"]["sim_seed_billed_over_limit"]
     results["sim_bursty_billed_over_busy"] = sim["headline"]["sim_bursty_billed_over_busy"]
+    results["sim_bursty_original_billed_over_busy"] = sim["headline"]["sim_bursty_original_billed_over_busy"]
 
-    console.rule("one instance: overhead, throughput, pool baseline")
-    options = LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=60, max_jobs_per_instance=1)
+    console.rule("one instance: pool baseline, overhead, throughput")
+    # The reaper every 6 s (not 60): the idle grace ends on time, so the next pool run starts from stopped.
+    options = LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=60, max_jobs_per_instance=1,
+                           schedule_speedup=10)
     with Bench(base / "bench-1", options) as bench:
+        one = pools(bench, args)
         results.update(overhead(bench, args.jobs))
         results.update(worker_vs_bare(bench, 20000))
-        bench.wait_stopped(5)
-        one = pool_throughput(bench, 8, 4.0)
-    console.rule("four instances: pool throughput")
-    with Bench(base / "bench-4", LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=60,
-                                              instance_count=4, max_jobs_per_instance=1)) as bench:
-        four = pool_throughput(bench, 8, 4.0)
-    results["pool1_jobs_per_s"], results["pool4_jobs_per_s"] = one, four
-    results["pool4_efficiency"] = four / (4 * one)
+    console.rule("four instances: pool throughput, cold stages")
+    options = LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=0, instance_count=4,
+                           max_jobs_per_instance=1)
+    with Bench(base / "bench-4", options) as bench:
+        four = pools(bench, args)
+        results.update(cold_cycles(bench, args.cold_cycles))
+    results["pool1_jobs_per_s"], results["pool4_jobs_per_s"] = one["hold"], four["hold"]
+    results["pool4_efficiency"] = four["hold"] / (4 * one["hold"])
+    results["pool4_efficiency_cpu_bound"] = four["compute"] / (4 * one["compute"])
     results["wall_time_s"] = time.monotonic() - started
     args.out.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -195,7 +273,7 @@ def main() -> int:
     for name, value in results.items():
         if isinstance(value, dict):
             for stage, numbers in value.items():
-                table.add_row(f"stage upload->{stage} p50/p95 s", f"{numbers['p50_s']:.2f} / {numbers['p95_s']:.2f}")
+                table.add_row(f"{name}: upload->{stage} p50/p95 s", f"{numbers['p50_s']:.2f} / {numbers['p95_s']:.2f}")
         else:
             table.add_row(name, f"{value:.3f}")
     Console().print(table)

@@ -31,7 +31,7 @@ def add_parsers(subparsers) -> None:
         "--idle-grace-seconds",
         type=_non_negative_float,
         default=120.0,
-        help="this system's idle grace (default: 120)",
+        help="this system's idle grace: the cap of the adaptive grace, the whole grace of batchworker-fixed (default: 120)",
     )
     p.add_argument(
         "--pool-size", type=_positive_int, default=1, help="instances in this system's pool (default: 1)"
@@ -141,7 +141,7 @@ def simulation_table(result: dict) -> Table:
     table = Table(
         title=(
             f"{p['days']} days, seed {p['seed']}, {p['instance_type']} ${p['hourly_price_dollars']}/h, "
-            f"boot {p['boot_seconds_range'][0]:g}-{p['boot_seconds_range'][1]:g} s, idle grace "
+            f"boot {p['boot_seconds_range'][0]:g}-{p['boot_seconds_range'][1]:g} s, idle grace at most "
             f"{p['idle_grace_seconds']:g} s, pool {p['pool_size']}"
         )
     )

@@ -59,7 +59,7 @@ def plot_comparison(result: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=8, loc="upper right")
     parameters = result["parameters"]
     fig.suptitle(
-        f"billed vs busy GPU time ({days} days, seed {parameters['seed']}, idle grace "
+        f"billed vs busy GPU time ({days} days, seed {parameters['seed']}, idle grace at most "
         f"{parameters['idle_grace_seconds']:g} s, pool {parameters['pool_size']}; label: billed/busy)",
         fontsize=10,
     )
