@@ -170,8 +170,11 @@ def cold_cycles(bench: Bench, count: int) -> dict:
             manifest = bench.manifest(job_id)
             seen_at = time.time()
             bench.wait_stopped(120)
-            running_at = watcher.first("running", uploaded_at, manifest["instance_id"])
-            stopped_at = watcher.first("stopped", seen_at - 1.0, manifest["instance_id"])
+            instance_id = manifest["instance_id"]
+            running_at = watcher.first("running", uploaded_at, instance_id)
+            stopped_at = watcher.first("stopped", running_at or uploaded_at, instance_id)
+            if running_at is None or stopped_at is None:
+                raise RuntimeError(f"cold cycle {n}: {instance_id} never seen running and stopped: {watcher.changes}")
             stages["trigger"].append(parse_time(bench.job(job_id)["created_at"]).timestamp() - uploaded_at)
             stages["instance_running"].append(running_at - uploaded_at)
             stages["job_start"].append(parse_time(manifest["timings"]["started_at"]).timestamp() - uploaded_at)
@@ -255,12 +258,15 @@ def main() -> int:
         one = pools(bench, args)
         results.update(overhead(bench, args.jobs))
         results.update(worker_vs_bare(bench, 20000))
+    results["pool1"] = one
+    args.out.write_text(json.dumps(results, indent=2) + "\n")  # partial, should the second cloud fail
     console.rule("four instances: pool throughput, cold stages")
     options = LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=0, instance_count=4,
                            max_jobs_per_instance=1)
     with Bench(base / "bench-4", options) as bench:
         four = pools(bench, args)
         results.update(cold_cycles(bench, args.cold_cycles))
+    del results["pool1"]
     results["pool1_jobs_per_s"], results["pool4_jobs_per_s"] = one["hold"], four["hold"]
     results["pool4_efficiency"] = four["hold"] / (4 * one["hold"])
     results["pool4_efficiency_cpu_bound"] = four["compute"] / (4 * one["compute"])
