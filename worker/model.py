@@ -12,6 +12,7 @@ Outputs are treated as logits: softmax over dimension 1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +30,8 @@ from worker.inputs import ModelInput
 from worker.spec import parse_s3_uri
 from worker.storage import ObjectInfo, Storage
 
-BATCH_SIZE = 256
+BATCH_SIZE = 256  # CPU
+CUDA_BATCH_SIZE = 1024  # a 16 GB GPU holds far more of a small CNN; larger batches amortise the launches
 MAX_SIDECAR_BYTES = 64 * 1024
 MAX_INPUT_SIDE = 8192
 POLARITY_LIGHT_ON_DARK = "light-on-dark"
@@ -133,12 +135,20 @@ def model_input_from_metadata(meta: dict[str, Any], origin: str) -> ModelInput:
     )
 
 
-def predict(model: LoadedModel, pixels: np.ndarray, batch_size: int = BATCH_SIZE) -> np.ndarray:
-    """Class probabilities, N x classes (float32), computed in batches on the model's device."""
+def predict(model: LoadedModel, pixels: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """Class probabilities, N x classes (float32), computed in batches on the model's device.
+
+    On CUDA each batch goes through pinned memory with a non-blocking copy, and the forward runs under
+    float16 autocast (probabilities are computed in float32). On CPU, 256 items a batch is the measured best.
+    """
+    cuda = model.device.type == "cuda"
+    batch_size = batch_size or (CUDA_BATCH_SIZE if cuda else BATCH_SIZE)
     outputs: list[np.ndarray] = []
-    with torch.inference_mode():
+    precision = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+    with torch.inference_mode(), precision:
         for start in range(0, len(pixels), batch_size):
-            batch = torch.from_numpy(pixels[start : start + batch_size]).to(model.device)
+            batch = torch.from_numpy(pixels[start : start + batch_size])
+            batch = batch.pin_memory().to(model.device, non_blocking=True) if cuda else batch
             try:
                 logits = _logits(model.module(batch))
             except ModelError:
