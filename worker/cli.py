@@ -27,7 +27,7 @@ from worker.deadman import (
     uptime_seconds,
 )
 from worker.errors import ExitCode, Interrupted, SpecError
-from worker.runner import WarmState, job_dir_for, job_root_from_env
+from worker.paths import job_dir_for, job_root_from_env
 from worker.server import BATCHES_DIR, hand_over, serve
 from worker.spec import (
     MAX_BATCH_BYTES,
@@ -176,6 +176,8 @@ def run(path: Path, lock_fds: list[int] | tuple[int, ...] = ()) -> ExitCode:
     global _raise_on_sigterm
     _raise_on_sigterm = True
     signal.signal(signal.SIGTERM, _on_sigterm)
+    from worker.runner import WarmState  # not at the top: `launch` stays free of boto3, NumPy and PIL
+
     job_root = job_root_from_env()
     warm = WarmState()
     try:

@@ -22,24 +22,14 @@ from worker.joblog import flush_handlers, job_logging
 from worker.lease import Heartbeat
 from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest
 from worker.predictions import PREDICTIONS_NAME, write_predictions
+from worker.paths import job_dir_for
 from worker.slots import Slot, acquire_slot
 from worker.spec import JobSpec
 from worker.storage import Storage
 
-JOB_ROOT_ENV = "BATCHWORKER_JOB_ROOT"
 INSTANCE_ID_ENV = "BATCHWORKER_INSTANCE_ID"
-DEFAULT_JOB_ROOT = "~/batchworker-jobs"
 LOG_NAME = "job.log"
 MODEL_CACHE_DIR = ".model-cache"
-
-
-def job_root_from_env() -> Path:
-    return Path(os.environ.get(JOB_ROOT_ENV) or DEFAULT_JOB_ROOT).expanduser()
-
-
-def job_dir_for(job_root: Path, job_id: str) -> Path:
-    """<job_root>/<job_id>; job_id is validated (^j-[0-9a-f]{16}$) before it gets here."""
-    return job_root / job_id
 
 
 @dataclass
