@@ -4,7 +4,7 @@ Workloads, each measured in this run on this machine:
 - overhead: 50 small jobs uploaded one after another (the idle grace keeps the instance warm); per job,
   upload -> manifest minus the job's own compute (decode + forward) minus the boot delay when it booted;
 - worker vs bare: items/s through the job (download excluded, decode included) over items/s of the bare
-  model forward on the same data in this process;
+  model forward on the same data in this process, best of three runs each;
 - pool: a burst of "hold" jobs of fixed duration (the slot is held, the host CPU is not: each local
   instance stands for a machine with its own GPU) on 1 instance and on 4, one job per instance at a time;
   the same with CPU-burning "compute" jobs is reported too (bounded by this machine's cores);
@@ -200,9 +200,11 @@ def worker_vs_bare(bench: Bench, items: int) -> dict:
     data = np.resize(x, (items, 64))
     buffer = io.BytesIO()
     np.save(buffer, data.reshape(items, 8, 8))
-    job_id, _ = bench.put("bench/throughput.npy", buffer.getvalue())
-    manifest = bench.manifest(job_id, poll_seconds=1.0)  # slow polls: moto answering them shares the cores
-    job_items_per_s = manifest["items"] / manifest["timings"]["inference_s"]
+    job_items_per_s = 0.0
+    for attempt in range(3):  # best of three, as for the bare forward below
+        job_id, _ = bench.put(f"bench/throughput-{attempt}.npy", buffer.getvalue())
+        manifest = bench.manifest(job_id, poll_seconds=1.0)  # slow polls: moto answering them shares the cores
+        job_items_per_s = max(job_items_per_s, manifest["items"] / manifest["timings"]["inference_s"])
     model = torch.jit.load(str(MODEL_PATH)).eval()
     tensor = torch.from_numpy(data.reshape(items, 1, 8, 8) / 16.0).float()
     best = float("inf")
