@@ -47,3 +47,10 @@ def test_missing_setting_is_named(missing):
 def test_bad_number_is_named():
     with pytest.raises(ConfigurationError, match="READY_TIMEOUT"):
         Settings.from_env({**REQUIRED, "BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS": "soon"})
+
+
+def test_idle_grace_policy_defaults_to_adaptive_and_rejects_unknown_values():
+    assert Settings.from_env(REQUIRED).idle_grace_policy == "adaptive"
+    assert Settings.from_env({**REQUIRED, "BATCHWORKER_IDLE_GRACE_POLICY": "fixed"}).idle_grace_policy == "fixed"
+    with pytest.raises(ConfigurationError, match="IDLE_GRACE_POLICY must be one of adaptive, fixed"):
+        Settings.from_env({**REQUIRED, "BATCHWORKER_IDLE_GRACE_POLICY": "sometimes"})
