@@ -334,6 +334,9 @@ class InstanceHost:
         try:
             await asyncio.gather(_copy_output(child.stdout, process.stdout),
                                  _copy_output(child.stderr, process.stderr))
+            # EOF applies to the whole channel, stdout and stderr alike: send it only once both are
+            # drained, or output still in flight on the other stream is dropped.
+            _write_eof(process.stdout)
             returncode = await child.wait()
         finally:
             feeder.cancel()
@@ -368,11 +371,13 @@ async def _copy_output(source: asyncio.StreamReader, target: asyncssh.SSHWriter)
             await target.drain()
         except (OSError, asyncssh.Error):
             writing = False
-    if writing:
-        try:
-            target.write_eof()
-        except (OSError, asyncssh.Error):
-            pass
+
+
+def _write_eof(target: asyncssh.SSHWriter) -> None:
+    try:
+        target.write_eof()
+    except (OSError, asyncssh.Error):
+        pass  # the session went away
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,6 +240,15 @@ def test_large_stdout_and_stderr_do_not_deadlock(cloud: Cloud, host: Host) -> No
     assert result.stderr == b"\0" * 64 * 1024
 
 
+def test_stdout_after_stderr_closes_still_arrives(cloud: Cloud, host: Host) -> None:
+    # SSH has one EOF per channel: closing stderr must not cut off what stdout writes afterwards.
+    start_and_wait(cloud, host)
+
+    result = host.run(cloud, "exec 2>&-; sleep 0.3; echo END", timeout=10)
+
+    assert (result.exit_status, result.stdout, result.stderr) == (0, b"END\n", b"")
+
+
 def test_command_timeout(cloud: Cloud, host: Host) -> None:
     start_and_wait(cloud, host)
     started = time.monotonic()
