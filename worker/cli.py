@@ -28,7 +28,7 @@ from worker.deadman import (
 )
 from worker.errors import ExitCode, Interrupted, SpecError
 from worker.paths import job_dir_for, job_root_from_env
-from worker.server import BATCHES_DIR, hand_over, serve
+from worker.server import BATCHES_DIR, Offered, Server, ServerRole, claim_role, hand_over
 from worker.spec import (
     MAX_BATCH_BYTES,
     MAX_SPEC_BYTES,
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_parser.add_argument("spec_path", type=Path, help="a job's spec.json or a batch file from launch")
     run_parser.add_argument("--lock-fds", default="", help=argparse.SUPPRESS)  # from launch: run.lock fds
+    run_parser.add_argument("--server-fds", default="", help=argparse.SUPPRESS)  # from launch: ServerRole
     commands.add_parser(
         "deadman",
         help='print "expired" and exit 0 when the dead-man timer ran out and no job runs; else "alive", 1',
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(launch(sys.stdin.buffer, job_root_from_env()))
     if args.command == "deadman":
         return deadman(job_root_from_env())
-    return int(run(args.spec_path, _parse_fds(args.lock_fds)))
+    server_fds = _parse_fds(args.server_fds)
+    role = ServerRole(*server_fds) if len(server_fds) == 2 else None
+    return int(run(args.spec_path, _parse_fds(args.lock_fds), role))
 
 
 def launch(stdin: BinaryIO, job_root: Path) -> ExitCode:
@@ -136,27 +139,40 @@ def _start(specs: list[JobSpec], job_root: Path, locks: dict[str, int]) -> int:
     _write_private(batch_path, json.dumps({"jobs": [spec.job_id for spec in specs]}) + "\n")
     lock_fds = [locks[spec.job_id] for spec in specs]
     if max(spec.server_linger_seconds for spec in specs) > 0:
-        pid = hand_over(job_root, batch_path, lock_fds, lambda pid: _record_pid(specs, job_root, pid))
+        pid = hand_over(job_root, batch_path, lock_fds,
+                        lambda: _read_pid(job_dir_for(job_root, specs[0].job_id) / RUN_PID_NAME))
         if pid is not None:
             return pid
     return _start_run(specs, job_root, batch_path, lock_fds)
 
 
 def _start_run(specs: list[JobSpec], job_root: Path, batch_path: Path, lock_fds: list[int]) -> int:
-    """Start `run` detached for the claimed jobs (their locks pass to it) and record its pid per job."""
+    """Start `run` detached for the claimed jobs (their locks pass to it) and record its pid per job.
+
+    When no process serves the job root, the new `run` gets the server role (worker/server.py) with it.
+    """
     first_dir = job_dir_for(job_root, specs[0].job_id)
     command = [sys.executable, "-m", "worker.cli", "run", "--lock-fds", ",".join(map(str, lock_fds))]
-    with (first_dir / RUN_LOG_NAME).open("ab") as run_log:
-        process = subprocess.Popen(  # keys travel in spec.json files, never on a command line
-            [*command, str(batch_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=run_log,
-            stderr=subprocess.STDOUT,
-            cwd=first_dir,
-            start_new_session=True,  # survives the SSH session's hangup
-            close_fds=True,
-            pass_fds=tuple(lock_fds),  # the child inherits the locks and holds them until its batch ends
-        )
+    role = claim_role(job_root) if max(spec.server_linger_seconds for spec in specs) > 0 else None
+    inherited = list(lock_fds)  # the child inherits the locks and holds them until its batch ends
+    if role is not None:
+        command += ["--server-fds", f"{role.lock_fd},{role.listener_fd}"]
+        inherited += [role.lock_fd, role.listener_fd]
+    try:
+        with (first_dir / RUN_LOG_NAME).open("ab") as run_log:
+            process = subprocess.Popen(  # keys travel in spec.json files, never on a command line
+                [*command, str(batch_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=run_log,
+                stderr=subprocess.STDOUT,
+                cwd=first_dir,
+                start_new_session=True,  # survives the SSH session's hangup
+                close_fds=True,
+                pass_fds=tuple(inherited),
+            )
+    finally:
+        if role is not None:
+            role.close()  # the child holds its own copies
     _record_pid(specs, job_root, process.pid)
     return process.pid
 
@@ -166,43 +182,108 @@ def _record_pid(specs: list[JobSpec], job_root: Path, pid: int) -> None:
         _write_private(job_dir_for(job_root, spec.job_id) / RUN_PID_NAME, f"{pid}\n")
 
 
-def run(path: Path, lock_fds: list[int] | tuple[int, ...] = ()) -> ExitCode:
+def run(path: Path, lock_fds: list[int] | tuple[int, ...] = (), role: ServerRole | None = None) -> ExitCode:
     """Run a job (path: its spec.json) or a batch (path: {"jobs": [job_id, ...]}, each job's spec.json in
     its job directory) in the foreground; the exit code tells the caller whether a retry can help.
 
-    lock_fds (the jobs' run.lock, from launch) are closed when the batch ends. Then, unless the specs say
-    server_linger_seconds 0 or SIGTERM came, the process lingers as the warm server (worker/server.py).
+    lock_fds (the jobs' run.lock, from launch) are closed when the batch ends. Unless the specs say
+    server_linger_seconds 0, the process is the job root's warm server (worker/server.py) from the start,
+    with the role launch claimed for it or one it claims: it runs the batches it takes after its own, then
+    lingers for more until idle that long or SIGTERM.
     """
     global _raise_on_sigterm
     _raise_on_sigterm = True
     signal.signal(signal.SIGTERM, _on_sigterm)
-    from worker.runner import WarmState  # not at the top: `launch` stays free of boto3, NumPy and PIL
-
     job_root = job_root_from_env()
-    warm = WarmState()
     try:
         specs = _read_run_file(path, job_root)
-        code = _run_specs(specs, job_root, warm)
     except (OSError, SpecError) as exc:
+        _close_fds(lock_fds)
+        if role is not None:
+            role.close()
         _print_error(f"cannot read the job spec {path}: {exc}")
         return ExitCode.FAILED
+    linger = max(spec.server_linger_seconds for spec in specs)
+    if linger <= 0 and role is not None:
+        role.close()
+    server = _open_server(job_root, role) if linger > 0 else None  # before the slow imports
+    from worker.runner import WarmState  # not at the top: `launch` stays free of boto3, NumPy and PIL
+
+    warm = WarmState()
+    try:
+        code = _run_specs(specs, job_root, warm)
     finally:
         _close_fds(lock_fds)
-    linger = max(spec.server_linger_seconds for spec in specs)
-    if linger > 0 and not _terminating:
-        _raise_on_sigterm = False  # idle: SIGTERM only ends the wait
-        try:
-            serve(job_root, linger, lambda batch, fds: _serve_batch(batch, fds, job_root, warm), _terminated)
-        except Interrupted:  # SIGTERM while reading an offered batch
-            pass
+    if linger > 0 and server is None and not _terminating:
+        server = _open_server(job_root, None)  # the server of the time has gone: be the next one
+    if server is not None:
+        _serve(server, linger, job_root, warm)
     return code
 
 
-def _run_specs(specs: list[JobSpec], job_root: Path, warm: WarmState) -> ExitCode:
+def _open_server(job_root: Path, role: ServerRole | None) -> Server | None:
+    return Server.open(job_root, role, lambda batch, busy: _admit(batch, busy, job_root),
+                       lambda offered: _taken(offered, job_root), _terminated)
+
+
+def _admit(batch_path: Path, busy: bool, job_root: Path) -> bool:
+    """Idle: take any batch. Busy: only one that would wait for the instance's only slot anyway."""
+    if not busy:
+        return True
+    try:
+        specs = _read_run_file(batch_path, job_root)
+    except (OSError, SpecError):
+        return False  # a process of its own reports the problem
+    return all(spec.max_concurrent_jobs == 1 for spec in specs)
+
+
+def _taken(offered: Offered, job_root: Path) -> None:
+    """A batch this process took: its jobs' run.pid name this process (before launch hears of it), and
+    their leases are renewed from now on, while the batch waits its turn (worker/lease.py)."""
+    import boto3  # the `run` process only
+
+    from worker.lease import Heartbeat, make_client
+
+    specs = _read_run_file(offered.batch_path, job_root)
+    _record_pid(specs, job_root, os.getpid())
+    leases = {spec.job_id: spec.lease for spec in specs if spec.lease}
+    if leases:  # the listener thread's own session: boto3's default one is not thread-safe
+        heartbeat = Heartbeat(leases, client=make_client(boto3.session.Session()))
+        heartbeat.start()
+        offered.context = heartbeat
+
+
+def _serve(server: Server, linger: float, job_root: Path, warm: WarmState) -> None:
+    """Run the batches the server takes until it is idle for `linger` seconds or SIGTERM, then close it."""
+    global _raise_on_sigterm
+    try:
+        while not _terminating:
+            _raise_on_sigterm = False  # idle: SIGTERM only ends the wait
+            offered = server.next_batch(linger)
+            if offered is None:
+                break
+            next_linger = _serve_batch(offered, job_root, warm)
+            if next_linger is not None:
+                linger = next_linger
+    except Interrupted:  # SIGTERM between two batches
+        pass
+    finally:
+        # Taken but not run (SIGTERM, or offered as the linger ran out): nobody else will run them.
+        for offered in server.close():
+            _serve_batch(offered, job_root, warm)
+
+
+def _run_specs(
+    specs: list[JobSpec], job_root: Path, warm: WarmState, offered: Offered | None = None
+) -> ExitCode:
     from worker.runner import run_jobs
 
     try:
-        codes = run_jobs(specs, job_root, warm=warm)
+        if offered is None:
+            codes = run_jobs(specs, job_root, warm=warm)
+        else:  # its time in the server's queue counts as waiting for the slot
+            codes = run_jobs(specs, job_root, warm=warm, heartbeat=offered.context,
+                             waiting_since=(offered.taken_at_utc, offered.taken_at))
     except OSError as exc:  # the job directory itself is unusable: no log, no manifest
         _print_error(f"cannot set up the job directory: {exc}")
         return ExitCode.TRANSIENT
@@ -211,23 +292,25 @@ def _run_specs(specs: list[JobSpec], job_root: Path, warm: WarmState) -> ExitCod
     return ExitCode.FAILED if ExitCode.FAILED in codes else ExitCode.SUCCEEDED
 
 
-def _serve_batch(path: Path, lock_fds: list[int], job_root: Path, warm: WarmState) -> float | None:
-    """A batch a warm server took: run it like `run` does; the linger its specs ask for after it."""
+def _serve_batch(offered: Offered, job_root: Path, warm: WarmState) -> float | None:
+    """A batch the warm server took: run it like `run` does; the linger its specs ask for after it."""
     global _raise_on_sigterm
     _raise_on_sigterm = True
     try:
-        if _terminating:  # SIGTERM while taking it: its jobs fail at once, each with a manifest
+        if _terminating:  # SIGTERM came: its jobs fail at once, each with a manifest
             warm.interrupted = Interrupted(_INTERRUPTED_MESSAGE.format(name="SIGTERM"))
         try:
-            specs = _read_run_file(path, job_root)
+            specs = _read_run_file(offered.batch_path, job_root)
         except (OSError, SpecError) as exc:
-            _print_error(f"cannot read the job spec {path}: {exc}")
+            _print_error(f"cannot read the job spec {offered.batch_path}: {exc}")
+            if offered.context is not None:
+                offered.context.stop()
             return None
-        _run_specs(specs, job_root, warm)
+        _run_specs(specs, job_root, warm, offered)
         return max(spec.server_linger_seconds for spec in specs)
     finally:
         _raise_on_sigterm = False
-        _close_fds(lock_fds)
+        _close_fds(offered.lock_fds)
 
 
 def deadman(job_root: Path) -> int:

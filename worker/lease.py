@@ -25,10 +25,11 @@ RENEWALS_PER_LEASE = 3  # renew every lease.seconds / 3: two renewals may fail b
 logger = logging.getLogger("worker.lease")
 
 
-def make_client() -> Any:
-    """A DynamoDB client from the default session (AWS_ENDPOINT_URL locally, the instance profile on AWS)."""
+def make_client(session: boto3.session.Session | None = None) -> Any:
+    """A DynamoDB client (AWS_ENDPOINT_URL locally, the instance profile on AWS), from the default session
+    or, outside the main thread, from a session of the caller's own (sessions are not thread-safe)."""
     config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=10)
-    return boto3.client("dynamodb", config=config)
+    return (session or boto3).client("dynamodb", config=config)
 
 
 def iso_utc(moment: dt.datetime) -> str:

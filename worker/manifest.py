@@ -39,6 +39,11 @@ class Timings:
     _started_monotonic: float = field(default_factory=time.monotonic)
     _total_s: float | None = None
 
+    @classmethod
+    def since(cls, started_at: dt.datetime, started_monotonic: float) -> "Timings":
+        """Timings of a job that began earlier (taken into a warm server's queue then)."""
+        return cls(started_at=started_at, _started_monotonic=started_monotonic)
+
     @contextlib.contextmanager
     def measure(self, phase: str) -> Iterator[None]:
         started = time.monotonic()

@@ -7,10 +7,12 @@ Output order under output.prefix: predictions.csv, job.log, then manifest.json l
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,15 +59,23 @@ class WarmState:
 
 
 def run_jobs(
-    specs: list[JobSpec], job_root: Path, storage: Storage | None = None, warm: WarmState | None = None
+    specs: list[JobSpec],
+    job_root: Path,
+    storage: Storage | None = None,
+    warm: WarmState | None = None,
+    heartbeat: Heartbeat | None = None,
+    waiting_since: tuple[dt.datetime, float] | None = None,
 ) -> list[ExitCode]:
     """Run the jobs one after another; each writes its own outputs and manifest. Exit codes in spec order.
 
-    From the first job's start, the leases of every job not finished yet are renewed, so jobs waiting
-    their turn stay alive in the jobs table. After SIGTERM the jobs still to come fail at once as
-    interrupted. `warm` carries the loaded models and the S3 client over to the next batch.
+    From the first job's start (or earlier, by the given `heartbeat`), the leases of every job not
+    finished yet are renewed, so jobs waiting their turn stay alive in the jobs table. After SIGTERM the
+    jobs still to come fail at once as interrupted. `warm` carries the loaded models and the S3 client over
+    to the next batch. `waiting_since` (UTC, monotonic): when a warm server took the batch to run after
+    its current one; the first job's timings start there and count the wait as slot_wait_s.
     """
-    batch = _Batch(job_root, Heartbeat({spec.job_id: spec.lease for spec in specs if spec.lease}))
+    leases = {spec.job_id: spec.lease for spec in specs if spec.lease}
+    batch = _Batch(job_root, heartbeat or Heartbeat(leases))
     if warm is not None:
         batch.models, batch.interrupted = warm.models, warm.interrupted
         storage = storage or warm.storage
@@ -77,7 +87,7 @@ def run_jobs(
             job: _Job | None = None
             try:
                 with job_logging(spec.job_id, job_dir / LOG_NAME) as logger:
-                    job = _Job(spec, batch, job_dir, storage, logger)
+                    job = _Job(spec, batch, job_dir, storage, logger, waiting_since if not codes else None)
                     codes.append(job.run())
             except Interrupted as exc:  # SIGTERM outside the job's own error handling (its last uploads)
                 batch.interrupted = exc
@@ -127,7 +137,8 @@ class _Batch:
 
 class _Job:
     def __init__(
-        self, spec: JobSpec, batch: _Batch, job_dir: Path, storage: Storage | None, logger: logging.Logger
+        self, spec: JobSpec, batch: _Batch, job_dir: Path, storage: Storage | None, logger: logging.Logger,
+        waiting_since: tuple[dt.datetime, float] | None = None,
     ) -> None:
         self.spec = spec
         self.batch = batch
@@ -135,7 +146,8 @@ class _Job:
         self.job_dir = job_dir
         self.storage = storage
         self.log = logger
-        self.timings = Timings()
+        self.timings = Timings.since(*waiting_since) if waiting_since else Timings()
+        self.queued_seconds = time.monotonic() - waiting_since[1] if waiting_since else 0.0
         self.outcome = _Outcome(input_version_id=spec.input_version_id)
         self.device = "unknown"
         self.instance_id = spec.instance_id or os.environ.get(INSTANCE_ID_ENV) or None
@@ -183,6 +195,9 @@ class _Job:
         spec = self.spec
         ext = input_extension(spec.input_key)  # before waiting or downloading: unsupported types fail fast
         name = display_name(spec.input_key)
+        if self.queued_seconds:
+            self.timings.seconds["slot_wait_s"] += self.queued_seconds
+            self.log.info("waited in the warm server's queue", extra={"waited_s": round(self.queued_seconds, 3)})
         with self.timings.measure("slot_wait_s"):
             slot = self.batch.hold_slot(spec.max_concurrent_jobs)
         if slot is not None:

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import boto3
@@ -227,7 +228,9 @@ def moto_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).close()
+    yield url  # the reset: moto's backends are per Python process, shared by every server it starts
     server.stop()
 
 
@@ -517,14 +520,20 @@ def test_launch_runs_a_batch_in_one_process(moto_server, model_bytes, tmp_path):
 
 
 def test_one_slot_keeps_two_runs_apart(moto_server, model_bytes, tmp_path):
-    # GIVEN two compute jobs launched separately on an instance that allows one job at a time
-    s3, _ = server_clients(moto_server)
+    # GIVEN two DISPATCHED compute jobs launched separately on an instance that allows one job at a time
+    s3, ddb = server_clients(moto_server)
     s3.put_object(Bucket=ARTIFACTS, Key="models/digits-cnn.pt", Body=model_bytes)
     s3.put_object(Bucket=INPUT, Key="load/two.json", Body=compute_file(2))
     jobs = [job_id(40), job_id(41)]
-    for job in jobs:
-        launch_job(moto_server, tmp_path, make_spec(job, "load/two.json", max_concurrent_jobs=1).to_json())
-    # THEN one waits for the other's slot: their device time does not overlap
+    create_jobs_table(ddb, dict.fromkeys(jobs, "DISPATCHED"))
+    lease = {"table": TABLE, "seconds": 3}
+    replies = [
+        launch_job(moto_server, tmp_path, make_spec(job, "load/two.json", max_concurrent_jobs=1, lease=lease).to_json())
+        for job in jobs
+    ]
+    # THEN the second waits in the first one's process (torch and the model loaded), not in a new one
+    assert replies[0]["pid"] == replies[1]["pid"]
+    # AND their device time does not overlap; the wait counts as the second's slot wait
     manifests = wait_for_manifests(s3, jobs, tmp_path)
     spans = sorted(
         (
@@ -537,6 +546,10 @@ def test_one_slot_keeps_two_runs_apart(moto_server, model_bytes, tmp_path):
     (_, first_end, _), (second_start, _, second_wait) = spans
     assert second_start >= first_end - dt.timedelta(milliseconds=10)
     assert second_wait >= 1.0
+    assert "waited in the warm server's queue" in (tmp_path / jobs[1] / "job.log").read_text()
+    # AND the waiting job's lease was taken while the first still ran
+    assert parse_iso(job_item(ddb, jobs[1])["running_since"]) < parse_iso(manifests[jobs[0]]["timings"]["finished_at"])
+    os.kill(replies[0]["pid"], signal.SIGTERM)  # the idle warm server
 
 
 # --- the warm server (worker/server.py) ---------------------------------------------------------------
