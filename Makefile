@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install build demo test test-fast soak bench clean
+.PHONY: install build lint demo test test-fast soak bench clean
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,10 @@ build: install
 demo: build
 	$(PY) scripts/demo.py
 
-test: build
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: build lint
 	bash scripts/check_terraform.sh
 	$(PY) -m pytest -ra
 

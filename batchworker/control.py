@@ -16,7 +16,6 @@ from batchworker.errors import (
     BatchworkerError,
     InstanceReadyTimeout,
     NoInstanceAvailable,
-    PermanentError,
     RejectedEvent,
     RetryableError,
 )

@@ -123,10 +123,8 @@ def show_hops(deployment, inputs, all_jobs, pool) -> None:
         start = max((t for t in starts if t <= (started or finished)), default=None)
         stop = min((t for t in stops if t >= finished), default=None)
 
-        def since(moment):
-            return f"{(moment - uploaded).total_seconds():.2f}" if moment else "-"
-
-        hops.add_row(path.name, since(created), since(start), since(started), since(finished), since(stop))
+        hops.add_row(path.name, *(f"{(moment - uploaded).total_seconds():.2f}" if moment else "-"
+                                  for moment in (created, start, started, finished, stop)))
     console.print(hops)
     console.print("(S3 LastModified has one-second resolution; the instance start row is the start request.)")
 

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits

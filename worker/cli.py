@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from worker.deadman import (
     RUN_DONE_NAME,
@@ -37,6 +37,9 @@ from worker.spec import (
     parse_launch_request,
     parse_spec,
 )
+
+if TYPE_CHECKING:  # imported late at run time: `launch` stays free of boto3, NumPy and PIL
+    from worker.runner import WarmState
 
 SPEC_NAME = "spec.json"
 RUN_LOG_NAME = "run.log"

@@ -23,7 +23,7 @@ def write_predictions(path: Path, items: list[str], probs: np.ndarray) -> None:
         if with_probs:
             header += [f"prob_{k}" for k in range(classes)]
         writer.writerow(header)
-        for item, label, row in zip(items, labels, probs):
+        for item, label, row in zip(items, labels, probs, strict=True):
             line = [item, int(label), f"{row[label]:.6f}"]
             if with_probs:
                 line += [f"{p:.6f}" for p in row]

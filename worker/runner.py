@@ -23,8 +23,8 @@ from worker.inputs import COMPUTE_EXTENSION, MAX_INPUT_BYTES, decode_input, disp
 from worker.joblog import flush_handlers, job_logging
 from worker.lease import Heartbeat
 from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest
-from worker.predictions import PREDICTIONS_NAME, write_predictions
 from worker.paths import job_dir_for
+from worker.predictions import PREDICTIONS_NAME, write_predictions
 from worker.slots import Slot, acquire_slot
 from worker.spec import JobSpec
 from worker.storage import Storage

@@ -20,7 +20,7 @@ def plot_comparison(result: dict, path: Path) -> None:
     traces = result["traces"]
     days = result["parameters"]["days"]
     fig, axes = plt.subplots(1, len(traces), figsize=(5.2 * len(traces), 4.8), squeeze=False)
-    for ax, (name, trace) in zip(axes[0], traces.items()):
+    for ax, (name, trace) in zip(axes[0], traces.items(), strict=True):
         policies = list(trace["policies"])
         billed = [trace["policies"][p]["billed_seconds"] / 3600 / days for p in policies]
         busy = [trace["policies"][p]["busy_seconds"] / 3600 / days for p in policies]
@@ -34,7 +34,7 @@ def plot_comparison(result: dict, path: Path) -> None:
             linewidth=1,
             label="physical limit",
         )
-        for x, policy in zip(positions, policies):
+        for x, policy in zip(positions, policies, strict=True):
             ratio = trace["policies"][policy]["billed_over_busy"]
             ax.annotate(
                 f"{ratio:.2f}x",

@@ -19,8 +19,9 @@ class LocalCloudError(BatchworkerError):
     """The local cloud could not be started, found or stopped."""
 
 
-def up(local_dir: Path, options: LocalOptions = LocalOptions(), timeout_seconds: float = 600.0, progress=None) -> dict:
-    """Start the local cloud in the background and return its state once it is ready."""
+def up(local_dir: Path, options: LocalOptions | None = None, timeout_seconds: float = 600.0, progress=None) -> dict:
+    """Start the local cloud in the background (default options unless given); its state once ready."""
+    options = options or LocalOptions()
     state = read_state(local_dir)
     if state and state.get("status") == "ready" and is_alive(state.get("pid")):
         return state

@@ -115,7 +115,7 @@ class Soak:
         with ThreadPoolExecutor(max_workers=8) as upload_pool:
             for start in range(0, len(keys), 50):
                 chunk = keys[start:start + 50]
-                for key, job_id in zip(chunk, upload_pool.map(lambda k: self.put(k, bodies[k], report), chunk)):
+                for key, job_id in zip(chunk, upload_pool.map(lambda k: self.put(k, bodies[k], report), chunk), strict=True):
                     jobs[job_id] = key
                 for point, fault in fault_points.items():
                     if start <= point < start + 50:

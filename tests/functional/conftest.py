@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 

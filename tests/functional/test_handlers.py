@@ -6,7 +6,13 @@ import boto3
 
 from batchworker.instances import InstanceHistory
 from batchworker.models import job_id_for
-from tests.functional.handler_support import LambdaContext, RecordingLambdaClient, load_handler, s3_event, sqs_event
+from tests.functional.handler_support import (
+    LambdaContext,
+    RecordingLambdaClient,
+    load_handler,
+    s3_event,
+    sqs_event,
+)
 
 
 def test_trigger_records_job_starts_instance_and_invokes_worker(stack):

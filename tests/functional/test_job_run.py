@@ -127,7 +127,7 @@ def test_bundled_samples_are_predicted(s3, tmp_path):
         rows = read_predictions(s3, job)
         assert list(rows[0])[:4] == ["item", "label", "confidence", "prob_0"] and "prob_9" in rows[0]
         assert len(rows) == len(truth)
-        correct += sum(int(row["label"]) == label for row, label in zip(rows, truth))
+        correct += sum(int(row["label"]) == label for row, label in zip(rows, truth, strict=True))
         total += len(truth)
         if name == "digits.zip":
             assert [row["item"] for row in rows] == [f"digits/{i:02d}.png" for i in range(1, 5)]
@@ -492,7 +492,7 @@ def test_launch_runs_a_batch_in_one_process(moto_server, model_bytes, tmp_path):
     create_jobs_table(ddb, dict.fromkeys(jobs, "DISPATCHED"))
     lease = {"table": TABLE, "seconds": 30}
     keys = ["overlap/long.json", "batch/digits.npy", "batch/digits.csv", "batch/digit-3.png"]
-    specs = [make_spec(job, key, lease=lease).to_json() for job, key in zip(jobs, keys)]
+    specs = [make_spec(job, key, lease=lease).to_json() for job, key in zip(jobs, keys, strict=True)]
     alone = launch_job(moto_server, tmp_path, specs[0])
     # WHEN all four are launched as one batch
     reply = launch_job(moto_server, tmp_path, {"jobs": specs})

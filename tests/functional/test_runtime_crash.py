@@ -23,7 +23,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -107,10 +106,10 @@ def is_running(pid: int) -> bool:
     return state != "Z"  # an orphan nobody reaps stays a zombie: dead all the same
 
 
-def start_runtime(moto_url: str, code_dir: Path, state_dir: Path, log: Path) -> subprocess.Popen:
+def start_runtime(endpoint: str, code_dir: Path, state_dir: Path, log: Path) -> subprocess.Popen:
     env = {
         **os.environ,
-        "AWS_ENDPOINT_URL": moto_url,
+        "AWS_ENDPOINT_URL": endpoint,
         "AWS_DEFAULT_REGION": REGION,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",

@@ -22,7 +22,7 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 # a "7": the top bar and a diagonal, on the 0-16 scale
 SEVEN = np.zeros((8, 8))
 SEVEN[1, 1:7] = 16
-for row, col in zip(range(2, 8), (6, 5, 5, 4, 3, 3)):
+for row, col in zip(range(2, 8), (6, 5, 5, 4, 3, 3), strict=True):
     SEVEN[row, col] = 12
 
 

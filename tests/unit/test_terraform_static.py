@@ -26,8 +26,6 @@ import pytest
 
 from batchworker.config import Settings
 
-from batchworker.config import Settings
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERRAFORM_DIR = REPO_ROOT / "terraform"
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_lambdas.py"
