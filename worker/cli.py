@@ -27,7 +27,8 @@ from worker.deadman import (
     uptime_seconds,
 )
 from worker.errors import ExitCode, Interrupted, SpecError
-from worker.paths import job_dir_for, job_root_from_env
+from worker.paths import RUN_LOCK_NAME, job_dir_for, job_root_from_env
+from worker.prune import prune_job_root
 from worker.server import BATCHES_DIR, Offered, Server, ServerRole, claim_role, hand_over
 from worker.spec import (
     MAX_BATCH_BYTES,
@@ -43,7 +44,6 @@ if TYPE_CHECKING:  # imported late at run time: `launch` stays free of boto3, Nu
 
 SPEC_NAME = "spec.json"
 RUN_LOG_NAME = "run.log"
-RUN_LOCK_NAME = "run.lock"  # held (flock) by the `run` process (or warm server) running the job's batch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +111,10 @@ def launch(stdin: BinaryIO, job_root: Path) -> ExitCode:
         for lock_fd in locks.values():
             os.close(lock_fd)
     print(json.dumps({"jobs": replies} if is_batch else replies[0]), flush=True)
+    try:
+        prune_job_root(job_root)  # at most hourly; after the answer, which the caller already has
+    except OSError as exc:
+        _print_error(f"pruning old job directories failed: {exc}")
     return ExitCode.SUCCEEDED
 
 

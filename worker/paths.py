@@ -7,6 +7,7 @@ from pathlib import Path
 
 JOB_ROOT_ENV = "BATCHWORKER_JOB_ROOT"
 DEFAULT_JOB_ROOT = "~/batchworker-jobs"
+RUN_LOCK_NAME = "run.lock"  # held (flock) by the `run` process (or warm server) running the job's batch
 
 
 def job_root_from_env() -> Path:

@@ -244,6 +244,11 @@ def test_launch_detaches_and_the_job_uploads_its_manifest(moto_server, model_byt
     s3.put_object(Bucket=INPUT, Key="batch/digits.npy", Body=(SAMPLES / "digits.npy").read_bytes())
     job = job_id(9)
     spec = json.dumps(make_spec(job, "batch/digits.npy").to_json())
+    stale = tmp_path / job_id(10)  # a job finished long ago on this instance: launch prunes it
+    stale.mkdir()
+    (stale / "manifest.json").write_text("{}")
+    for path in (stale / "manifest.json", stale):
+        os.utime(path, (time.time() - 8 * 24 * 3600,) * 2)
     env = {**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": moto_server, "BATCHWORKER_JOB_ROOT": str(tmp_path)}
     command = [str(Path(sys.executable).with_name("batchworker-job")), "launch"]
     # WHEN launch gets the spec on stdin
@@ -252,6 +257,7 @@ def test_launch_detaches_and_the_job_uploads_its_manifest(moto_server, model_byt
     assert launched.returncode == 0, launched.stderr.decode()
     reply = json.loads(launched.stdout)
     assert reply["job_id"] == job and isinstance(reply["pid"], int)
+    assert not stale.exists()
     command_line = Path(f"/proc/{reply['pid']}/cmdline").read_bytes().decode(errors="replace")
     assert "batch/digits.npy" not in command_line
     # AND launching the same job again while it runs starts nothing new
