@@ -630,8 +630,10 @@ def test_a_warm_server_takes_the_next_batch(moto_server, model_bytes, tmp_path, 
     server_socket = tmp_path / ".server.sock"
     wait_until(server_socket.exists, 10, "the warm server's socket")
     assert stat.S_IMODE(server_socket.stat().st_mode) == 0o600
-    # AND the idle server does not keep the instance up
-    assert is_alive(first["pid"]) and running_job_pids(tmp_path) == []
+    # AND once the job is done (run.done comes just after the manifest), the idle server does not keep the
+    # instance up
+    wait_until(lambda: running_job_pids(tmp_path) == [], 10, "the job's run.done")
+    assert is_alive(first["pid"])
     # WHEN a second job is launched
     second, warm = timed_launch(moto_server, tmp_path, warm_spec(51, 30), job_processes)
     # THEN the same process ran it, with the model still loaded, faster
