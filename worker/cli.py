@@ -145,7 +145,7 @@ def _start(specs: list[JobSpec], job_root: Path, locks: dict[str, int]) -> int:
     batch_path = batches / f"{specs[0].job_id}.json"
     _write_private(batch_path, json.dumps({"jobs": [spec.job_id for spec in specs]}) + "\n")
     lock_fds = [locks[spec.job_id] for spec in specs]
-    if max(spec.server_linger_seconds for spec in specs) > 0:
+    if _linger(specs) > 0:
         pid = hand_over(job_root, batch_path, lock_fds,
                         lambda: _read_pid(job_dir_for(job_root, specs[0].job_id) / RUN_PID_NAME))
         if pid is not None:
@@ -160,7 +160,7 @@ def _start_run(specs: list[JobSpec], job_root: Path, batch_path: Path, lock_fds:
     """
     first_dir = job_dir_for(job_root, specs[0].job_id)
     command = [sys.executable, "-m", "worker.cli", "run", "--lock-fds", ",".join(map(str, lock_fds))]
-    role = claim_role(job_root) if max(spec.server_linger_seconds for spec in specs) > 0 else None
+    role = claim_role(job_root) if _linger(specs) > 0 else None
     inherited = list(lock_fds)  # the child inherits the locks and holds them until its batch ends
     if role is not None:
         command += ["--server-fds", f"{role.lock_fd},{role.listener_fd}"]
@@ -182,6 +182,11 @@ def _start_run(specs: list[JobSpec], job_root: Path, batch_path: Path, lock_fds:
             role.close()  # the child holds its own copies
     _record_pid(specs, job_root, process.pid)
     return process.pid
+
+
+def _linger(specs: list[JobSpec]) -> float:
+    """How long the batch's process serves after it (0: no warm server): the longest any spec asks for."""
+    return max(spec.server_linger_seconds for spec in specs)
 
 
 def _record_pid(specs: list[JobSpec], job_root: Path, pid: int) -> None:
@@ -210,7 +215,7 @@ def run(path: Path, lock_fds: list[int] | tuple[int, ...] = (), role: ServerRole
             role.close()
         _print_error(f"cannot read the job spec {path}: {exc}")
         return ExitCode.FAILED
-    linger = max(spec.server_linger_seconds for spec in specs)
+    linger = _linger(specs)
     if linger <= 0 and role is not None:
         role.close()
     server = _open_server(job_root, role) if linger > 0 else None  # before the slow imports
@@ -314,7 +319,7 @@ def _serve_batch(offered: Offered, job_root: Path, warm: WarmState) -> float | N
                 offered.context.stop()
             return None
         _run_specs(specs, job_root, warm, offered)
-        return max(spec.server_linger_seconds for spec in specs)
+        return _linger(specs)
     finally:
         _raise_on_sigterm = False
         _close_fds(offered.lock_fds)
