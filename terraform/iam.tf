@@ -77,11 +77,12 @@ data "aws_iam_policy_document" "trigger" {
     resources = local.jobs_table_arns
   }
 
-  # trigger: record the instance starts it requests, and note the assignment in the instance's ledger
-  # item (UpdateItem), which voids a stop claimed before it.
+  # trigger: record the instance starts it requests, note the assignment in the instance's ledger
+  # item (UpdateItem), which voids a stop claimed before it, and read the pool's idle-gap record
+  # (GetItem, IdleGaps.note_arrival) before placing a batch.
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"]
+    actions   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"]
     resources = local.instance_events_table_arns
   }
 

@@ -838,3 +838,13 @@ def test_readme_lists_every_input_and_output(tf):
         assert f"| `{name}` |" in inputs, f"terraform/README.md: input {name} missing"
     for name in tf["output"]:
         assert f"| `{name}` |" in outputs, f"terraform/README.md: output {name} missing"
+
+
+def test_trigger_may_read_the_pool_idle_gap_record(tf):
+    # GIVEN the trigger's placer reads the pool's idle gaps (IdleGaps.note_arrival -> get_item)
+    source = (REPO_ROOT / "batchworker" / "idle_gaps.py").read_text()
+    assert "get_item(" in source
+    # THEN the trigger role grants dynamodb:GetItem on the instance-events table (the blocker of issue 11)
+    statements = _blocks(tf["data"]["aws_iam_policy_document"]["trigger"], "statement")
+    (events,) = [s for s in statements if s.get("sid") == "InstanceEventsTable"]
+    assert "dynamodb:GetItem" in _actions(events)
