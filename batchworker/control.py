@@ -229,13 +229,23 @@ def job_spec(job: Job, settings: Settings, instance_id: str) -> dict:
         # The job renews this lease while it runs; the reaper fails jobs whose lease expires.
         "lease": {"table": settings.jobs_table, "seconds": settings.job_lease_seconds},
         "max_concurrent_jobs": settings.max_jobs_per_instance,
+        # The instance kills the job at its cap (worker/runtime_cap.py); the reaper's check is the backstop.
+        "max_runtime_seconds": settings.max_job_runtime_seconds,
     }
 
 
-def fail_job(job: Job, error: str, instance_id: str | None, settings: Settings, jobs: JobStore, s3_client) -> None:
-    logger.error("job %s failed before it started: %s", job.job_id, error)
+def fail_job(job: Job, error: str, instance_id: str | None, settings: Settings, jobs: JobStore, s3_client) -> bool:
+    """Fail the job with a control-plane manifest, unless a manifest ended it first; True when this one did.
+
+    The manifest goes first and only once (a conditional write): a job still running past its cap cannot
+    write "succeeded" over it later, and the table never says FAILED beside a "succeeded" manifest.
+    """
+    if write_manifest(s3_client, settings.output_bucket, failed_manifest(job, error, instance_id)) is None:
+        logger.warning("job %s already has a manifest; it decides the job's status, not: %s", job.job_id, error)
+        return False
+    logger.error("job %s failed by the control plane: %s", job.job_id, error)
     jobs.transition(job.job_id, JobStatus.FAILED, allowed_from=ACTIVE_STATUSES, error=error)
-    write_manifest(s3_client, settings.output_bucket, failed_manifest(job, error, instance_id))
+    return True
 
 
 def finish_job(
@@ -249,8 +259,12 @@ def finish_job(
     job_id = manifest["job_id"]
     final = JobStatus.SUCCEEDED if manifest["status"] == "succeeded" else JobStatus.FAILED
     error = manifest.get("error") or None
-    if not jobs.transition(job_id, final, allowed_from=ACTIVE_STATUSES, error=error, manifest_key=manifest_key):
-        logger.info("job %s already finished (or unknown); status not changed", job_id)
+    # The manifest is written once, so it is the final word: a table that says otherwise follows it.
+    other_final = JobStatus.FAILED if final is JobStatus.SUCCEEDED else JobStatus.SUCCEEDED
+    if not jobs.transition(
+        job_id, final, allowed_from=[*ACTIVE_STATUSES, other_final], error=error, manifest_key=manifest_key
+    ):
+        logger.info("job %s already %s (or unknown); status not changed", job_id, final.value)
     job = jobs.get(job_id)
     instance_id = (job.instance_id if job else None) or manifest.get("instance_id")
     if instance_id:

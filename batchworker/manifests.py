@@ -6,12 +6,17 @@ import json
 import re
 from datetime import datetime
 
+from botocore.exceptions import ClientError
+
 from batchworker.errors import RejectedEvent
 from batchworker.models import Job, isoformat, manifest_key, utc_now
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 MANIFEST_KEY_PATTERN = re.compile(r"^jobs/(j-[0-9a-f]{16})/manifest\.json$")
 JOB_ID_PATTERN = re.compile(r"^j-[0-9a-f]{16}$")
+# If-None-Match on an existing key. (A 409 ConditionalRequestConflict, two writes in flight, is raised: the
+# caller's retry then meets the winner's manifest.)
+MANIFEST_EXISTS_CODES = frozenset({"PreconditionFailed", "412"})
 
 
 def failed_manifest(job: Job, error: str, instance_id: str | None, now: datetime | None = None) -> dict:
@@ -30,14 +35,25 @@ def failed_manifest(job: Job, error: str, instance_id: str | None, now: datetime
     }
 
 
-def write_manifest(s3_client, bucket: str, manifest: dict) -> str:
+def write_manifest(s3_client, bucket: str, manifest: dict) -> str | None:
+    """Write the job's manifest unless it has one: the first final word stands (S3 conditional write).
+
+    Returns the key, or None when a manifest was already there (the job, or another control-plane step, ended
+    the job first); the job table then follows that manifest (batchworker.control.finish_job).
+    """
     key = manifest_key(manifest["job_id"])
-    s3_client.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=json.dumps(manifest, indent=2).encode(),
-        ContentType="application/json",
-    )
+    try:
+        s3_client.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=json.dumps(manifest, indent=2).encode(),
+            ContentType="application/json",
+            IfNoneMatch="*",
+        )
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in MANIFEST_EXISTS_CODES:
+            return None
+        raise
     return key
 
 

@@ -25,9 +25,10 @@ from worker.lease import Heartbeat
 from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest
 from worker.paths import job_dir_for
 from worker.predictions import PREDICTIONS_NAME, write_predictions
+from worker.runtime_cap import RuntimeCap, over_cap_error, wait_to_be_killed
 from worker.slots import Slot, acquire_slot
 from worker.spec import JobSpec
-from worker.storage import Storage
+from worker.storage import AlreadyWritten, Storage
 
 INSTANCE_ID_ENV = "BATCHWORKER_INSTANCE_ID"
 LOG_NAME = "job.log"
@@ -152,6 +153,7 @@ class _Job:
         self.device = "unknown"
         self.instance_id = spec.instance_id or os.environ.get(INSTANCE_ID_ENV) or None
         self.input_path: Path | None = None
+        self.cap: RuntimeCap | None = None
 
     def run(self) -> ExitCode:
         self.log.info(
@@ -165,6 +167,9 @@ class _Job:
         )
         self._push_deadman()
         self.batch.heartbeat.start()  # with the first job: its log records the first renewals
+        if self.spec.max_runtime_seconds is not None:
+            self.cap = RuntimeCap(self.spec.max_runtime_seconds, self._write_over_cap_manifest)
+            self.cap.arm()
         try:
             if self.batch.interrupted is not None:
                 raise self.batch.interrupted
@@ -261,8 +266,35 @@ class _Job:
         self.outcome.outputs.append(key)
         self.outcome.items = items
 
+    def _write_over_cap_manifest(self) -> None:
+        """On the cap's watchdog thread: the failed manifest of a job past its maximum runtime."""
+        spec = self.spec
+        self.batch.heartbeat.finish(spec.job_id)
+        error = over_cap_error(spec.max_runtime_seconds or 0)
+        self.log.error("maximum runtime reached", extra={"max_runtime_s": spec.max_runtime_seconds})
+        flush_handlers()
+        storage = self.storage or Storage()
+        outputs = []
+        try:
+            storage.upload_file(self.job_dir / LOG_NAME, spec.output_bucket, spec.output_key(LOG_NAME),
+                                "application/x-ndjson")
+            outputs.append(spec.output_key(LOG_NAME))
+        except (StorageError, OSError) as exc:
+            self.log.warning("job.log upload failed", extra={"error": str(exc)})
+        self.timings.finish()
+        manifest = build_manifest(
+            spec, status=JobStatus.FAILED, outputs=outputs, error=error, timings=self.timings, items=0,
+            device=self.device, input_version_id=self.outcome.input_version_id, instance_id=self.instance_id,
+        )
+        try:
+            storage.put_json(spec.output_bucket, spec.output_key(MANIFEST_NAME), manifest, only_if_absent=True)
+        except AlreadyWritten:
+            self.log.warning("the job already had a manifest (the control plane ended it); not replaced")
+
     def _finish(self) -> ExitCode:
         spec, outcome = self.spec, self.outcome
+        if self.cap is not None and not self.cap.settle():
+            wait_to_be_killed()  # the cap fired: its failed manifest is the job's last word
         self.batch.heartbeat.finish(spec.job_id)  # the manifest ends the job for the control plane
         self.log.info(
             "uploading job.log and manifest",
@@ -304,7 +336,15 @@ class _Job:
         if self.storage is None:
             return ExitCode.TRANSIENT
         try:
-            self.storage.put_json(spec.output_bucket, spec.output_key(MANIFEST_NAME), manifest)
+            self.storage.put_json(spec.output_bucket, spec.output_key(MANIFEST_NAME), manifest, only_if_absent=True)
+        except AlreadyWritten:
+            # The control plane ended the job first (past its cap, or given up as lost): its manifest stands,
+            # so the job table and the output keep agreeing.
+            self.log.warning(
+                "the job already has a manifest (the control plane ended it); this run's result is not recorded",
+                extra={"status": outcome.status.value},
+            )
+            return ExitCode.FAILED
         except StorageError as exc:
             self.log.error("manifest upload failed", extra={"error": str(exc), "transient": exc.transient})
             return ExitCode.TRANSIENT

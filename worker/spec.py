@@ -26,6 +26,7 @@ MAX_CONCURRENT_JOBS_LIMIT = 64
 DEFAULT_IDLE_SHUTDOWN_SECONDS = 600.0
 DEFAULT_SERVER_LINGER_SECONDS = 60.0  # a finished `run` waits this long for the next batch (worker/server.py)
 MAX_SECONDS = 86_400.0  # upper bound for lease.seconds and idle_shutdown_seconds
+MAX_RUNTIME_SECONDS = 172_800.0  # max_job_runtime_seconds' own bound (48 h, the SSM Run Command limit)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class JobSpec:
     max_concurrent_jobs: int = DEFAULT_MAX_CONCURRENT_JOBS  # slots per instance (worker/slots.py)
     idle_shutdown_seconds: float = DEFAULT_IDLE_SHUTDOWN_SECONDS  # dead-man push (worker/deadman.py)
     server_linger_seconds: float = DEFAULT_SERVER_LINGER_SECONDS  # warm server after the batch; 0: none
+    max_runtime_seconds: float | None = None  # the job is killed past this (worker/runtime_cap.py); None: no cap
 
     @property
     def model_bucket(self) -> str:
@@ -78,6 +80,7 @@ class JobSpec:
             "max_concurrent_jobs": self.max_concurrent_jobs,
             "idle_shutdown_seconds": self.idle_shutdown_seconds,
             "server_linger_seconds": self.server_linger_seconds,
+            "max_runtime_seconds": self.max_runtime_seconds,
         }
 
 
@@ -181,6 +184,11 @@ def spec_from_object(raw: object) -> JobSpec:
         ),
         idle_shutdown_seconds=_optional_seconds(raw, "idle_shutdown_seconds", DEFAULT_IDLE_SHUTDOWN_SECONDS),
         server_linger_seconds=_optional_linger(raw, "server_linger_seconds", DEFAULT_SERVER_LINGER_SECONDS),
+        max_runtime_seconds=(
+            _optional_seconds(raw, "max_runtime_seconds", None, limit=MAX_RUNTIME_SECONDS)
+            if raw.get("max_runtime_seconds") is not None
+            else None
+        ),
     )
 
 
@@ -214,8 +222,10 @@ def _optional_int(raw: dict[str, Any], name: str, default: int, limit: int) -> i
     return value
 
 
-def _optional_seconds(raw: dict[str, Any], name: str, default: float | None, label: str = "") -> float:
-    """raw[name] as seconds in [1, MAX_SECONDS]; `default` when absent (required when default is None)."""
+def _optional_seconds(
+    raw: dict[str, Any], name: str, default: float | None, label: str = "", limit: float = MAX_SECONDS
+) -> float:
+    """raw[name] as seconds in [1, limit]; `default` when absent (required when default is None)."""
     value = raw.get(name)
     if value is None and default is not None:
         return default
@@ -223,10 +233,10 @@ def _optional_seconds(raw: dict[str, Any], name: str, default: float | None, lab
         not isinstance(value, (int, float))
         or isinstance(value, bool)
         or not math.isfinite(value)
-        or not 1 <= value <= MAX_SECONDS
+        or not 1 <= value <= limit
     ):
         raise SpecError(
-            f"{label or name} must be a number of seconds from 1 to {MAX_SECONDS:.0f}, got {value!r:.100}"
+            f"{label or name} must be a number of seconds from 1 to {limit:.0f}, got {value!r:.100}"
         )
     return float(value)
 

@@ -19,7 +19,17 @@ from worker.errors import InputError, StorageError, printable
 CHUNK_BYTES = 1024 * 1024
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchVersion", "404", "NotFound"})
 _DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden", "AllAccessDisabled"})
-_PERMANENT_CODES = _MISSING_CODES | _DENIED_CODES | frozenset({"InvalidObjectState", "InvalidArgument"})
+_EXISTS_CODES = frozenset({"PreconditionFailed", "412"})  # If-None-Match: * on a key that exists
+_PERMANENT_CODES = (
+    _MISSING_CODES | _DENIED_CODES | _EXISTS_CODES | frozenset({"InvalidObjectState", "InvalidArgument"})
+)
+
+
+class AlreadyWritten(StorageError):
+    """A write-once object (the manifest) was already there: the first writer's word stands."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
 
 
 @dataclass(frozen=True)
@@ -105,10 +115,17 @@ class Storage:
         with translate_errors("write", bucket, key), path.open("rb") as body:
             self._s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
 
-    def put_json(self, bucket: str, key: str, document: dict[str, Any]) -> None:
+    def put_json(self, bucket: str, key: str, document: dict[str, Any], *, only_if_absent: bool = False) -> None:
+        """Upload a JSON document; with only_if_absent, AlreadyWritten when the key exists (written once)."""
         body = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        with translate_errors("write", bucket, key):
-            self._s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json")
+        condition = {"IfNoneMatch": "*"} if only_if_absent else {}
+        try:
+            with translate_errors("write", bucket, key):
+                self._s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json", **condition)
+        except StorageError as exc:
+            if only_if_absent and _error_code(exc.__cause__) in _EXISTS_CODES:
+                raise AlreadyWritten(f"{describe(bucket, key)} already exists; it was not replaced") from exc
+            raise
 
 
 @contextlib.contextmanager
@@ -141,6 +158,10 @@ def translate_errors(action: str, bucket: str, key: str) -> Iterator[None]:
     except (ConnectionError, TimeoutError) as exc:
         message = f"could not {action} {where}: {type(exc).__name__}; retry later"
         raise StorageError(message, transient=True) from exc
+
+
+def _error_code(exc: BaseException | None) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
 
 
 def _too_large(size_bytes: int, max_bytes: int) -> str:

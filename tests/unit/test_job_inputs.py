@@ -305,7 +305,8 @@ def test_valid_spec_round_trips():
     assert (spec.model_bucket, spec.model_key) == ("art-bucket", "models/digits-cnn.pt")
     # the optional fields come out with the values the job uses when they are absent
     defaults = {
-        "lease": None, "max_concurrent_jobs": 4, "idle_shutdown_seconds": 600, "server_linger_seconds": 60
+        "lease": None, "max_concurrent_jobs": 4, "idle_shutdown_seconds": 600, "server_linger_seconds": 60,
+        "max_runtime_seconds": None,
     }
     assert spec.to_json() == {**VALID_SPEC, **defaults}
     assert parse_spec(json.dumps(spec.to_json())) == spec
@@ -318,11 +319,12 @@ def test_optional_fields_round_trip():
         "max_concurrent_jobs": 2,
         "idle_shutdown_seconds": 30.5,
         "server_linger_seconds": 0,
+        "max_runtime_seconds": 3600,
     }
     spec = parse_spec(json.dumps(full))
     assert (spec.lease.table, spec.lease.seconds) == ("bw-jobs", 90.0)
     assert (spec.max_concurrent_jobs, spec.idle_shutdown_seconds) == (2, 30.5)
-    assert spec.server_linger_seconds == 0
+    assert spec.server_linger_seconds == 0 and spec.max_runtime_seconds == 3600.0
     assert spec.to_json() == full
 
 
@@ -348,6 +350,8 @@ def test_optional_fields_round_trip():
         ({"server_linger_seconds": -1}, "server_linger_seconds must be"),
         ({"server_linger_seconds": True}, "server_linger_seconds must be"),
         ({"server_linger_seconds": float("nan")}, "server_linger_seconds must be"),
+        ({"max_runtime_seconds": 0}, "max_runtime_seconds must be"),
+        ({"max_runtime_seconds": "60"}, "max_runtime_seconds must be"),
     ],
 )
 def test_invalid_spec_is_rejected(change, message):
