@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from batchworker.errors import ConfigurationError
+from batchworker.jobpkg.config import NAME_PATTERN
 
 ENV_PREFIX = "BATCHWORKER_"
 TRANSPORTS = ("ssm", "ssh")
@@ -56,6 +57,10 @@ class Settings:
     max_input_bytes: int = 100 * 1024 * 1024
     # Dispatch attempts before a job that never started is failed.
     max_attempts: int = 3
+    # Job packages live in the artifacts bucket (job-packages/<name>/); uploads outside any `<name>/`
+    # folder of a deployed package run default_job. Unset: every upload runs the built-in model_uri job.
+    artifacts_bucket: str | None = None
+    default_job: str | None = None
 
     @property
     def stuck_after_seconds(self) -> float:
@@ -97,6 +102,14 @@ class Settings:
                 f"{ENV_PREFIX}IDLE_GRACE_POLICY must be one of {', '.join(IDLE_GRACE_POLICIES)}, "
                 f"got {self.idle_grace_policy!r}"
             )
+        if self.default_job is not None:
+            if not NAME_PATTERN.match(self.default_job):
+                raise ConfigurationError(
+                    f"{ENV_PREFIX}DEFAULT_JOB must be a job package name (^[a-z][a-z0-9-]{{0,39}}$), "
+                    f"got {self.default_job!r}"
+                )
+            if not self.artifacts_bucket:
+                raise ConfigurationError(f"{ENV_PREFIX}ARTIFACTS_BUCKET must be set when {ENV_PREFIX}DEFAULT_JOB is")
         if self.max_job_runtime_seconds <= 0:
             raise ConfigurationError(f"{ENV_PREFIX}MAX_JOB_RUNTIME_SECONDS must be > 0")
         # ssm_document is checked where it is used (SsmLauncher), so trigger and stop do not need it.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
@@ -21,6 +21,7 @@ from batchworker.errors import (
 )
 from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstancePool
+from batchworker.jobpkg.registry import PackageRegistry
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
 from batchworker.manifests import failed_manifest, write_manifest
@@ -33,6 +34,7 @@ from batchworker.models import (
     output_prefix,
     utc_now,
 )
+from batchworker.routing import PackageLookup, UploadRefused, route_upload
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class Upload:
     size_bytes: int | None = None
     etag: str | None = None
     version_id: str | None = None
+    # S3 user metadata of the object (lowercase keys without x-amz-meta-): `param-<name>` job parameters.
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def job_id(self) -> str:
@@ -67,17 +71,27 @@ def accept_upload(
     dispatch: Callable[[str, str], None],
     s3_client,
     placer: Placer | None = None,
+    packages: PackageLookup | None = None,
 ) -> str | None:
     """Record the job, place it on an instance (starting one if needed), hand it to `dispatch(job_id, instance_id)`.
 
-    An input over `max_input_bytes` fails at once with a manifest: no GPU starts for it. A `placer` shared by
-    the uploads of one batch reads the pool and its load once for all of them.
+    With a `default_job`, the upload is routed to a job package first and pinned to its current version and
+    resolved parameters. An input over `max_input_bytes`, an extension the package does not accept, a bad
+    parameter or a missing package fail at once with a manifest: no GPU starts for them. A `placer` and
+    `packages` shared by the uploads of one batch read the pool, its load and each package once for all.
     Returns the job id, or None when this delivery is a duplicate of a job already under way.
     """
     if upload.bucket != settings.input_bucket:
         raise RejectedEvent(f"event from bucket {upload.bucket!r}; only {settings.input_bucket!r} makes jobs")
     if not upload.key or upload.key.endswith("/"):
         raise RejectedEvent(f"key {upload.key!r} is a folder marker, not a file")
+    route, refusal = None, None
+    if settings.default_job:
+        packages = packages or PackageLookup(PackageRegistry(settings.artifacts_bucket, s3_client))
+        try:
+            route = route_upload(upload.key, upload.metadata, settings.default_job, packages)
+        except UploadRefused as exc:
+            refusal = str(exc)
     job = Job(
         job_id=upload.job_id,
         status=JobStatus.QUEUED,
@@ -85,6 +99,8 @@ def accept_upload(
         input_key=upload.key,
         input_version=upload.version_id,
         input_size_bytes=upload.size_bytes,
+        package=route.package.to_spec() if route else None,
+        params=route.params if route else None,
     )
     if not jobs.create_queued(job):
         existing = jobs.get(job.job_id)
@@ -103,6 +119,9 @@ def accept_upload(
             "split it into smaller files (or raise max_input_bytes)",
             None, settings, jobs, s3_client,
         )
+        return job.job_id
+    if refusal is not None:
+        fail_job(job, refusal, None, settings, jobs, s3_client)
         return job.job_id
     placer = placer or Placer(pool.list(), jobs.active(), settings.max_jobs_per_instance)
     placement = placer.place(job)
@@ -220,7 +239,7 @@ def batches(claimed: list[Job], settings: Settings, instance_id: str, max_spec_b
 
 
 def job_spec(job: Job, settings: Settings, instance_id: str) -> dict:
-    return {
+    spec = {
         "job_id": job.job_id,
         "input": {"bucket": job.input_bucket, "key": job.input_key, "version_id": job.input_version},
         "output": {"bucket": settings.output_bucket, "prefix": output_prefix(job.job_id)},
@@ -232,6 +251,11 @@ def job_spec(job: Job, settings: Settings, instance_id: str) -> dict:
         # The instance kills the job at its cap (worker/runtime_cap.py); the reaper's check is the backstop.
         "max_runtime_seconds": settings.max_job_runtime_seconds,
     }
+    if job.package:
+        # Pinned when the upload was accepted; the instance fetches this exact archive.
+        spec["package"] = dict(job.package)
+        spec["params"] = dict(job.params or {})
+    return spec
 
 
 def fail_job(job: Job, error: str, instance_id: str | None, settings: Settings, jobs: JobStore, s3_client) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
@@ -41,6 +42,12 @@ class JobStore:
             item["input_size_bytes"] = {"N": str(job.input_size_bytes)}
         if job.instance_id:
             item["instance_id"] = {"S": job.instance_id}
+        if job.package:
+            # Pinned at acceptance: a deploy while the job waits does not change what it runs.
+            item["package_name"] = {"S": job.package["name"]}
+            item["package_version"] = {"S": job.package["version"]}
+            item["package_uri"] = {"S": job.package["uri"]}
+            item["params"] = {"S": json.dumps(job.params or {})}
         try:
             self.client.put_item(
                 TableName=self.table_name,
@@ -172,6 +179,11 @@ def _to_job(item: dict) -> Job:
         retries=n("retries") or 0,
         running_since=s("running_since"),
         lease_expires_at=s("lease_expires_at"),
+        package=(
+            {"name": s("package_name"), "version": s("package_version"), "uri": s("package_uri")}
+            if "package_name" in item else None
+        ),
+        params=json.loads(item["params"]["S"]) if "params" in item else None,
     )
 
 

@@ -22,7 +22,7 @@ MANIFEST_EXISTS_CODES = frozenset({"PreconditionFailed", "412"})
 def failed_manifest(job: Job, error: str, instance_id: str | None, now: datetime | None = None) -> dict:
     """The manifest the control plane writes when the job never got to write its own."""
     stamp = isoformat(now or utc_now())
-    return {
+    manifest = {
         "job_id": job.job_id,
         "status": "failed",
         "input": {"bucket": job.input_bucket, "key": job.input_key, "version_id": job.input_version},
@@ -33,6 +33,10 @@ def failed_manifest(job: Job, error: str, instance_id: str | None, now: datetime
         "instance_id": instance_id,
         "written_by": "control-plane",
     }
+    if job.package:
+        manifest["package"] = dict(job.package)
+        manifest["params"] = dict(job.params or {})
+    return manifest
 
 
 def write_manifest(s3_client, bucket: str, manifest: dict) -> str | None:

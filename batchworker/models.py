@@ -67,6 +67,10 @@ class Job:
     retries: int = 0  # dispatches the reaper ordered after a loss or a stuck dispatch
     running_since: str | None = None
     lease_expires_at: str | None = None
+    # The job package it was pinned to when accepted ({"name", "version", "uri"}) and its resolved
+    # parameters; None for the built-in job (no default_job configured).
+    package: dict | None = None
+    params: dict | None = None
 
     @property
     def output_prefix(self) -> str:

@@ -113,6 +113,27 @@ data "aws_iam_policy_document" "trigger" {
     resources = ["${aws_s3_bucket.this["input"].arn}/*"]
   }
 
+  # trigger: route each upload to a job package: read the package's pointer (current.json) or
+  # Terraform's bundled record (bundled.json), with the config the upload is checked against.
+  statement {
+    sid       = "ReadJobPackagePointers"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.this["artifacts"].arn}/job-packages/*"]
+  }
+
+  # trigger: list deployed package names, only to suggest one when a key's folder names none.
+  statement {
+    sid       = "ListJobPackages"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.this["artifacts"].arn]
+
+    condition {
+      test     = "StringEquals"
+      variable = "s3:prefix"
+      values   = ["job-packages/"]
+    }
+  }
+
   # trigger: fail an input over max_input_bytes with a manifest, before any instance starts.
   statement {
     sid       = "WriteRejectedManifests"
@@ -432,6 +453,14 @@ data "aws_iam_policy_document" "gpu" {
     sid       = "ReadModel"
     actions   = ["s3:GetObject"]
     resources = ["arn:${local.partition}:s3:::${local.model_object_path}"]
+  }
+
+  # instance (job): download the job package archive a job is pinned to (content-addressed,
+  # job-packages/<name>/<sha256>.tar.gz; pointers and configs stay unreadable to it).
+  statement {
+    sid       = "ReadJobPackageArchives"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.this["artifacts"].arn}/job-packages/*.tar.gz"]
   }
 
   # instance (job): upload predictions, job.log and manifest.json under jobs/<job_id>/.

@@ -52,6 +52,8 @@ locals {
     BATCHWORKER_POOL_TAG                       = var.name_prefix
     BATCHWORKER_WORKER_FUNCTION                = "${var.name_prefix}-worker"
     BATCHWORKER_MODEL_URI                      = local.model_uri
+    BATCHWORKER_ARTIFACTS_BUCKET               = aws_s3_bucket.this["artifacts"].id
+    BATCHWORKER_DEFAULT_JOB                    = var.default_job
     BATCHWORKER_PARAMETER_PREFIX               = local.parameter_prefix
     BATCHWORKER_SSH_USER                       = var.ssh_user
     BATCHWORKER_JOB_COMMAND                    = var.job_command

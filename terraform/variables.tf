@@ -98,6 +98,17 @@ variable "model_uri" {
   }
 }
 
+variable "default_job" {
+  description = "Job package that runs every upload outside a `<name>/` folder of a deployed package (docs/jobs.md). Empty: every upload runs the built-in model_uri job, and job packages are off."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = can(regex("^([a-z][a-z0-9-]{0,39})?$", var.default_job))
+    error_message = "The default_job must be empty or a job package name: a lowercase letter, then up to 39 lowercase letters, digits or '-'."
+  }
+}
+
 variable "job_package_dir" {
   description = "Directory holding the job package (the instance side, `batchworker-job`) and its job-package.json, built by scripts/build_lambdas.py. Null means <module>/../build/job."
   type        = string

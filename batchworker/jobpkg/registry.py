@@ -3,6 +3,8 @@
     job-packages/<name>/<sha256>.tar.gz   the archive (content-addressed, never overwritten)
     job-packages/<name>/<sha256>.json     its parsed job.toml (JobConfig.to_dict) and archive facts
     job-packages/<name>/current.json      the pointer: current version, its config, when, and earlier versions
+    job-packages/<name>/bundled.json      written by Terraform for the default job: the version to use while
+                                          no `job deploy` of that name has made a pointer
 
 The pointer is replaced only with a conditional write (If-Match on the ETag read, If-None-Match for the first
 deploy), so of two deploys or rollbacks racing on one name exactly one wins and the other is told.
@@ -26,6 +28,7 @@ from batchworker.models import isoformat, utc_now
 
 PREFIX = "job-packages/"
 POINTER_NAME = "current.json"
+BUNDLED_NAME = "bundled.json"
 MAX_HISTORY = 50  # earlier versions kept in the pointer, for rollback
 MAX_POINTER_BYTES = 1024 * 1024
 
@@ -37,8 +40,9 @@ class PackageRef:
     name: str
     version: str  # sha256 of the archive
     uri: str  # s3://<artifacts>/job-packages/<name>/<version>.tar.gz
-    deployed_at: str
+    deployed_at: str  # "" for a bundled version
     config: JobConfig
+    source: str = "deploy"  # "deploy", "rollback" or "bundled" (Terraform's, no pointer yet)
 
     def to_spec(self) -> dict:
         """The job spec's `package` field."""
@@ -70,6 +74,9 @@ class PackageRegistry:
     def pointer_key(self, name: str) -> str:
         return f"{self.prefix}{name}/{POINTER_NAME}"
 
+    def bundled_key(self, name: str) -> str:
+        return f"{self.prefix}{name}/{BUNDLED_NAME}"
+
     def archive_uri(self, name: str, version: str) -> str:
         return f"s3://{self.bucket}/{self.archive_key(name, version)}"
 
@@ -99,7 +106,9 @@ class PackageRegistry:
         if not NAME_PATTERN.match(name):
             return None
         pointer, _ = self._read_pointer(name)
-        return self._ref(pointer) if pointer else None
+        if pointer:
+            return self._ref(pointer)
+        return self._bundled(name)
 
     def require(self, name: str) -> PackageRef:
         ref = self.current(name)
@@ -137,22 +146,28 @@ class PackageRegistry:
         """Make the version before the current one current again (once per earlier deploy)."""
         pointer, etag = self._read_pointer(name)
         if not pointer:
-            raise PackageNotFound(f"no job package {name!r} is deployed; nothing to roll back")
-        if not pointer.get("history"):
-            raise PackageNotFound(
-                f"job package {name!r} has no version before {pointer['version'][:12]}; nothing to roll back to"
-            )
-        previous = pointer["history"][-1]["version"]
+            raise PackageNotFound(f"no job package {name!r} was deployed with `job deploy`; nothing to roll back")
+        if pointer.get("history"):
+            previous = pointer["history"][-1]["version"]
+        else:
+            # Before the first `job deploy` of the default job there was Terraform's bundled version.
+            bundled = self._bundled(name)
+            if bundled is None or bundled.version == pointer["version"]:
+                raise PackageNotFound(
+                    f"job package {name!r} has no version before {pointer['version'][:12]}; nothing to roll back to"
+                )
+            previous = bundled.version
         config = self.read_config(name, previous)
         return self._move_pointer(name, previous, config, now, "rollback", pointer, etag)
 
     def _move_pointer(self, name, version, config, now, action, pointer: dict | None, etag: str | None) -> DeployResult:
         """Replace the pointer read as (`pointer`, `etag`); DeployConflict when it changed since that read."""
-        previous = pointer["version"] if pointer else None
+        current = self._ref(pointer) if pointer else self._bundled(name)
+        previous = current.version if current else None
         if previous == version and action == "deploy":
-            return DeployResult(self._ref(pointer), previous, changed=False)
+            return DeployResult(current, previous, changed=False)
         history = list(pointer.get("history", [])) if pointer else []
-        if action == "rollback":
+        if action == "rollback" and history:
             history.pop()
         elif pointer:
             history.append({"version": previous, "deployed_at": pointer["deployed_at"]})
@@ -179,8 +194,24 @@ class PackageRegistry:
         return DeployResult(self._ref(new), previous, changed=True)
 
     def _read_pointer(self, name: str) -> tuple[dict | None, str | None]:
+        return self._read_json(self.pointer_key(name))
+
+    def _bundled(self, name: str) -> PackageRef | None:
+        bundled, _ = self._read_json(self.bundled_key(name))
+        if not bundled:
+            return None
+        return PackageRef(
+            name=name,
+            version=bundled["version"],
+            uri=self.archive_uri(name, bundled["version"]),
+            deployed_at="",
+            config=JobConfig.from_dict(bundled["config"], origin=f"{name} bundled version {bundled['version'][:12]}"),
+            source="bundled",
+        )
+
+    def _read_json(self, key: str) -> tuple[dict | None, str | None]:
         try:
-            response = self.s3.get_object(Bucket=self.bucket, Key=self.pointer_key(name))
+            response = self.s3.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if _code(exc) in ("NoSuchKey", "404"):
                 return None, None
@@ -220,6 +251,7 @@ class PackageRegistry:
             uri=pointer["uri"],
             deployed_at=pointer["deployed_at"],
             config=JobConfig.from_dict(pointer["config"], origin=f"{name} version {pointer['version'][:12]}"),
+            source=pointer.get("action", "deploy"),
         )
 
 

@@ -15,8 +15,10 @@ from batchworker.decisions import Placer
 from batchworker.errors import RejectedEvent
 from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstanceHistory, InstancePool
+from batchworker.jobpkg.registry import PackageRegistry
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
+from batchworker.routing import PackageLookup
 
 settings = Settings.from_env()
 logger = Logger()
@@ -27,23 +29,31 @@ ledger = InstanceLedger(settings.instance_events_table)
 gaps = IdleGaps(settings.instance_events_table)
 lambda_client = boto3.client("lambda")
 s3 = boto3.client("s3")
+registry = PackageRegistry(settings.artifacts_bucket, s3) if settings.default_job else None
 
 
 class Dispatches:
     """Jobs accepted in this invocation, per instance: one worker invocation per instance, not per upload.
 
-    Also holds the batch's Placer, so the pool and its load are read once per batch, not once per upload.
+    Also holds the batch's Placer and package lookup, so the pool, its load and each package pointer are read
+    once per batch, not once per upload.
     """
 
     def __init__(self):
         self.by_instance: dict[str, list[str]] = {}
         self._placer: Placer | None = None
+        self._packages: PackageLookup | None = None
 
     def placer(self) -> Placer:
         if self._placer is None:
             gaps.note_arrival()  # closes the pool's idle gap, if one is open
             self._placer = Placer(pool.list(), jobs.active(), settings.max_jobs_per_instance)
         return self._placer
+
+    def packages(self) -> PackageLookup | None:
+        if self._packages is None and registry is not None:
+            self._packages = PackageLookup(registry)
+        return self._packages
 
     def add(self, job_id: str, instance_id: str) -> None:
         self.by_instance.setdefault(instance_id, []).append(job_id)
@@ -58,19 +68,25 @@ class Dispatches:
             )
         self.by_instance.clear()
         self._placer = None
+        self._packages = None
 
 
 dispatches = Dispatches()
 
 
-def current_version(bucket: str, key: str) -> str | None:
-    """The object's version when the event lacks it (moto's events never carry versionId; S3's do)."""
-    if bucket != settings.input_bucket:
-        return None
+def object_facts(bucket: str, key: str, version_id: str | None) -> tuple[str | None, dict[str, str]]:
+    """The object's version (moto's events never carry versionId; S3's do) and its user metadata.
+
+    The metadata holds `param-<name>` job parameters; it is read only when job packages are on.
+    """
+    if bucket != settings.input_bucket or (version_id and registry is None):
+        return version_id, {}
+    extra = {"VersionId": version_id} if version_id else {}
     try:
-        return s3.head_object(Bucket=bucket, Key=key).get("VersionId")
+        head = s3.head_object(Bucket=bucket, Key=key, **extra)
     except s3.exceptions.ClientError:
-        return None
+        return version_id, {}
+    return version_id or head.get("VersionId"), head.get("Metadata", {})
 
 
 def record_handler(record: SQSRecord) -> None:
@@ -80,15 +96,16 @@ def record_handler(record: SQSRecord) -> None:
         return
     for s3_record in S3Event(body).records:
         obj = s3_record.s3.get_object
+        bucket, key = s3_record.s3.bucket.name, unquote_plus(obj.key)  # S3 (and moto) URL-encode keys in events
+        version_id, metadata = object_facts(bucket, key, obj.version_id or None)
         upload = Upload(
-            bucket=s3_record.s3.bucket.name,
-            key=unquote_plus(obj.key),  # S3 (and moto) URL-encode keys in events
-            size_bytes=obj.size,
-            etag=obj.etag or None,
-            version_id=obj.version_id or current_version(s3_record.s3.bucket.name, unquote_plus(obj.key)),
+            bucket=bucket, key=key, size_bytes=obj.size, etag=obj.etag or None, version_id=version_id,
+            metadata=metadata,
         )
         try:
-            job_id = accept_upload(upload, settings, jobs, pool, ledger, dispatches.add, s3, dispatches.placer())
+            job_id = accept_upload(
+                upload, settings, jobs, pool, ledger, dispatches.add, s3, dispatches.placer(), dispatches.packages()
+            )
         except RejectedEvent as exc:
             # Retrying cannot make this event valid; log it and let the rest of the batch go on.
             logger.warning("rejected event", extra={"reason": str(exc), "bucket": upload.bucket})

@@ -54,3 +54,22 @@ def test_idle_grace_policy_defaults_to_adaptive_and_rejects_unknown_values():
     assert Settings.from_env({**REQUIRED, "BATCHWORKER_IDLE_GRACE_POLICY": "fixed"}).idle_grace_policy == "fixed"
     with pytest.raises(ConfigurationError, match="IDLE_GRACE_POLICY must be one of adaptive, fixed"):
         Settings.from_env({**REQUIRED, "BATCHWORKER_IDLE_GRACE_POLICY": "sometimes"})
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ({"BATCHWORKER_DEFAULT_JOB": "Digits", "BATCHWORKER_ARTIFACTS_BUCKET": "art"}, ["DEFAULT_JOB", "'Digits'"]),
+        ({"BATCHWORKER_DEFAULT_JOB": "digits"}, ["ARTIFACTS_BUCKET"]),
+    ],
+)
+def test_default_job_needs_a_valid_name_and_the_artifacts_bucket(extra, words):
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({**REQUIRED, **extra})
+    for word in words:
+        assert word in str(raised.value)
+
+
+def test_job_packages_are_off_without_default_job():
+    settings = Settings.from_env({**REQUIRED, "BATCHWORKER_DEFAULT_JOB": "", "BATCHWORKER_ARTIFACTS_BUCKET": "art"})
+    assert settings.default_job is None and settings.artifacts_bucket == "art"
