@@ -14,6 +14,8 @@ from batchworker.local.paths import TERRAFORM_DIR, local_dir
 from batchworker.local.state import client_environment, is_alive, read_state
 
 FIELDS = ("input_bucket", "output_bucket", "jobs_table", "instance_events_table", "pool_tag")
+# Only the `job` commands need these; they come from the same sources as FIELDS.
+OPTIONAL_FIELDS = ("artifacts_bucket",)
 
 
 @dataclass(frozen=True)
@@ -23,11 +25,20 @@ class Deployment:
     jobs_table: str
     instance_events_table: str
     pool_tag: str
+    artifacts_bucket: str | None = None
     endpoint_url: str | None = None
     region: str | None = None
 
     def client(self, service: str):
         return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region)
+
+    def require_artifacts_bucket(self) -> str:
+        if not self.artifacts_bucket:
+            raise ConfigurationError(
+                "cannot find the deployment's artifacts bucket (job packages live there): "
+                "`eval \"$(batchworker local env)\"`, set BATCHWORKER_ARTIFACTS_BUCKET, or pass --artifacts-bucket"
+            )
+        return self.artifacts_bucket
 
 
 def resolve(overrides: dict[str, str | None]) -> Deployment:
@@ -53,13 +64,18 @@ def resolve(overrides: dict[str, str | None]) -> Deployment:
         )
     return Deployment(
         **{name: values[name] for name in FIELDS},
+        **{name: values[name] for name in OPTIONAL_FIELDS if name in values},
         endpoint_url=values.get("endpoint_url"),
         region=values.get("region"),
     )
 
 
 def _from_environment(environ) -> dict[str, str]:
-    found = {name: environ["BATCHWORKER_" + name.upper()] for name in FIELDS if environ.get("BATCHWORKER_" + name.upper())}
+    found = {
+        name: environ["BATCHWORKER_" + name.upper()]
+        for name in FIELDS + OPTIONAL_FIELDS
+        if environ.get("BATCHWORKER_" + name.upper())
+    }
     if environ.get("AWS_ENDPOINT_URL"):
         found["endpoint_url"] = environ["AWS_ENDPOINT_URL"]
     return found
@@ -89,7 +105,7 @@ def _from_terraform() -> dict[str, str]:
         outputs = {name: value["value"] for name, value in json.loads(result.stdout).items()}
     except (OSError, subprocess.SubprocessError, ValueError):
         return {}
-    found = {name: outputs[name] for name in FIELDS if isinstance(outputs.get(name), str)}
+    found = {name: outputs[name] for name in FIELDS + OPTIONAL_FIELDS if isinstance(outputs.get(name), str)}
     if outputs.get("region"):
         found["region"] = outputs["region"]
     return found

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from batchworker.cli import costs_cmd, transfer
-from batchworker.cli.client import FIELDS, resolve
+from batchworker.cli import costs_cmd, job_cmd, transfer
+from batchworker.cli.client import FIELDS, OPTIONAL_FIELDS, resolve
 from batchworker.cli.follow import follow
 from batchworker.cli.views import render, take_snapshot
 from batchworker.errors import BatchworkerError
@@ -41,13 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_argument_group(
         "deployment (default: environment, then a running local cloud, then terraform outputs)"
     )
-    for name in FIELDS:
+    for name in FIELDS + OPTIONAL_FIELDS:
         where.add_argument("--" + name.replace("_", "-"), dest=name, metavar=name.upper())
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("submit", help="upload files; each becomes a job")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     p.add_argument("--key-prefix", default="", help="prefix for the object keys (default: none)")
+    p.add_argument("--job", metavar="NAME", help="run the deployed job package NAME (uploads under NAME/)")
+    p.add_argument("--param", action="append", default=[], metavar="K=V",
+                   help="job parameter (S3 metadata param-K); repeat for more")
     p.add_argument("--wait", action="store_true", help="follow the jobs and download their results")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for results with --wait")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait with --wait")
@@ -68,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(command=cmd_logs)
 
     costs_cmd.add_parsers(sub)
+    job_cmd.add_parsers(sub, deployment_of)
 
     local = sub.add_parser("local", help="the local cloud (moto + terraform + local Lambda runtime + SSH hosts)")
     local_sub = local.add_subparsers(required=True, metavar="ACTION")
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def deployment_of(args):
-    return resolve({name: getattr(args, name) for name in FIELDS})
+    return resolve({name: getattr(args, name) for name in FIELDS + OPTIONAL_FIELDS})
 
 
 def cmd_submit(args) -> int:
@@ -95,10 +99,13 @@ def cmd_submit(args) -> int:
     if missing:
         err.print(f"[red]error:[/red] not a file: {', '.join(missing)}")
         return 2
+    params = job_cmd.parse_params(args.param)
+    job_cmd.check_submission(deployment, args.job, params, [path.name for path in args.files])
+    prefix = f"{args.job}/" if args.job else ""
     named = {}
     for path in args.files:
-        key = args.key_prefix + path.name
-        job_id = transfer.upload(deployment, path, key)
+        key = prefix + args.key_prefix + path.name
+        job_id = transfer.upload(deployment, path, key, metadata={f"param-{k}": v for k, v in params.items()})
         named[job_id] = path.name
         err.print(f"uploaded {path} -> s3://{deployment.input_bucket}/{key}  job {job_id}")
     if not args.wait:

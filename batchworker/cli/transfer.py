@@ -14,11 +14,11 @@ class ResultsNotFound(BatchworkerError):
     """The job has written nothing (yet) under its output prefix."""
 
 
-def upload(deployment: Deployment, path: Path, key: str) -> str:
-    """Upload one file; return the job id the trigger will give it."""
+def upload(deployment: Deployment, path: Path, key: str, metadata: dict[str, str] | None = None) -> str:
+    """Upload one file (with S3 user `metadata`, e.g. param-<name>); return the job id the trigger will give it."""
     s3 = deployment.client("s3")
     with open(path, "rb") as body:
-        response = s3.put_object(Bucket=deployment.input_bucket, Key=key, Body=body)
+        response = s3.put_object(Bucket=deployment.input_bucket, Key=key, Body=body, Metadata=metadata or {})
     return job_id_for(deployment.input_bucket, key, response.get("VersionId") or response.get("ETag"))
 
 

@@ -83,4 +83,5 @@ def client_environment(state: dict) -> dict[str, str]:
         "BATCHWORKER_JOBS_TABLE": outputs["jobs_table"],
         "BATCHWORKER_INSTANCE_EVENTS_TABLE": outputs["instance_events_table"],
         "BATCHWORKER_POOL_TAG": outputs["pool_tag"],
+        "BATCHWORKER_ARTIFACTS_BUCKET": outputs["artifacts_bucket"],
     }
