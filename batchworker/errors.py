@@ -39,3 +39,7 @@ class RejectedEvent(PermanentError):
 
 class DispatchError(PermanentError):
     """The job could not be started on the instance."""
+
+
+class UsageError(BatchworkerError):
+    """The command line names something ambiguous or missing; the message says what to give instead."""

@@ -184,6 +184,8 @@ def _to_job(item: dict) -> Job:
             if "package_name" in item else None
         ),
         params=json.loads(item["params"]["S"]) if "params" in item else None,
+        items_done=n("items_done"),
+        items_total=n("items_total"),
     )
 
 

@@ -71,6 +71,8 @@ class Job:
     # parameters; None for the built-in job (no default_job configured).
     package: dict | None = None
     params: dict | None = None
+    items_done: int | None = None  # progress the job's lease heartbeat reports, when its runner counts items
+    items_total: int | None = None
 
     @property
     def output_prefix(self) -> str:

@@ -11,7 +11,7 @@ import boto3
 
 from batchworker.errors import ConfigurationError
 from batchworker.local.paths import TERRAFORM_DIR, local_dir
-from batchworker.local.state import client_environment, is_alive, read_state
+from batchworker.local.state import client_environment, is_ready, read_state
 
 FIELDS = ("input_bucket", "output_bucket", "jobs_table", "instance_events_table", "pool_tag")
 # Only the `job` commands need these; they come from the same sources as FIELDS.
@@ -83,7 +83,7 @@ def _from_environment(environ) -> dict[str, str]:
 
 def _from_local_cloud() -> dict[str, str]:
     state = read_state(local_dir())
-    if not state or state.get("status") != "ready" or not is_alive(state.get("pid")):
+    if not is_ready(state):
         return {}
     env = client_environment(state)
     found = _from_environment(env)

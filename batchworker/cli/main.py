@@ -10,15 +10,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from batchworker.cli import costs_cmd, job_cmd, transfer
+from batchworker.cli import costs_cmd, job_cmd, status_table, transfer
 from batchworker.cli.client import FIELDS, OPTIONAL_FIELDS, resolve
 from batchworker.cli.follow import follow
-from batchworker.cli.views import render, take_snapshot
+from batchworker.cli.views import take_snapshot
 from batchworker.errors import BatchworkerError
 from batchworker.local import cloud
 from batchworker.local.paths import local_dir
 from batchworker.local.state import LocalOptions
-from batchworker.models import JobStatus
+from batchworker.models import JobStatus, utc_now
 
 out = Console()
 err = Console(stderr=True)
@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(command=cmd_submit)
 
     p = sub.add_parser("status", help="instances and jobs")
-    p.add_argument("job", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("job", nargs="?", help="a job id, or the start of one as the table shows it")
+    p.add_argument("--json", action="store_true", help="every value in full, as JSON")
+    p.add_argument("--limit", type=int, default=30, help="jobs in the table, active then newest (0: all; default 30)")
     p.set_defaults(command=cmd_status)
 
     p = sub.add_parser("results", help="download a job's outputs and manifest")
@@ -128,7 +129,7 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(snapshot.to_json(), indent=2))
     else:
-        render(snapshot, out)
+        status_table.render(snapshot.instances, snapshot.jobs, out, utc_now(), limit=args.limit)
     return 0
 
 

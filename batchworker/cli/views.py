@@ -1,13 +1,11 @@
-"""What the CLI shows about jobs and instances: one snapshot, as JSON or as tables."""
+"""What the CLI shows about jobs and instances: one snapshot, as JSON (all values) or as tables (status_table)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rich.console import Console
-from rich.table import Table
-
 from batchworker.cli.client import Deployment
+from batchworker.errors import UsageError
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
 from batchworker.models import Instance, Job
@@ -39,6 +37,9 @@ def job_json(job: Job) -> dict:
         "attempts": job.attempts,
         "error": job.error,
         "manifest_key": job.manifest_key,
+        "running_since": job.running_since,
+        "items_done": job.items_done,
+        "items_total": job.items_total,
     }
 
 
@@ -57,24 +58,16 @@ def take_snapshot(deployment: Deployment, job_ids: list[str] | None = None) -> S
     if job_ids:
         found = [jobs.get(job_id) for job_id in job_ids]
         selected = [job for job in found if job is not None]
+        if len(selected) < len(job_ids):  # short ids, as `status` prints them
+            every = jobs.all()
+            selected = [job for job_id in job_ids for job in _by_prefix(every, job_id)]
     else:
         selected = jobs.all()
     return Snapshot(pool.list(), selected)
 
 
-def render(snapshot: Snapshot, console: Console) -> None:
-    instances = Table(title="instances")
-    for column in ("instance", "state", "type"):
-        instances.add_column(column)
-    for instance in snapshot.instances:
-        instances.add_row(instance.instance_id, instance.state.value, instance.instance_type)
-    console.print(instances)
-    jobs = Table(title="jobs")
-    for column in ("job", "status", "input", "instance", "attempts", "updated", "error"):
-        jobs.add_column(column, overflow="fold")
-    for job in snapshot.jobs:
-        jobs.add_row(
-            job.job_id, job.status.value, job.input_key, job.instance_id or "-", str(job.attempts),
-            job.updated_at, (job.error or "")[:120],
-        )
-    console.print(jobs)
+def _by_prefix(jobs: list[Job], job_id: str) -> list[Job]:
+    matches = [job for job in jobs if job.job_id.startswith(job_id)]
+    if len(matches) > 1:
+        raise UsageError(f"{job_id} matches {len(matches)} jobs; give more of the id")
+    return matches

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from batchworker.errors import BatchworkerError
 from batchworker.local import processes
-from batchworker.local.state import LocalOptions, client_environment, is_alive, read_state
+from batchworker.local.state import LocalOptions, client_environment, is_ready, is_running, read_state
 
 
 class LocalCloudError(BatchworkerError):
@@ -23,9 +24,11 @@ def up(local_dir: Path, options: LocalOptions | None = None, timeout_seconds: fl
     """Start the local cloud in the background (default options unless given); its state once ready."""
     options = options or LocalOptions()
     state = read_state(local_dir)
-    if state and state.get("status") == "ready" and is_alive(state.get("pid")):
+    if is_ready(state):
         return state
-    if state and is_alive(state.get("pid")):
+    if state and state.get("status") == "stopped":
+        _wait_exited(state, 30.0)  # `down` from elsewhere: its supervisor is past shutdown, finishing its exit
+    if is_running(state):
         raise LocalCloudError(f"a local cloud is still {state.get('phase')} in {local_dir}; run `batchworker local down`")
     local_dir.mkdir(parents=True, exist_ok=True)
     (local_dir / "state.json").unlink(missing_ok=True)
@@ -65,20 +68,27 @@ def down(local_dir: Path, timeout_seconds: float = 60.0) -> bool:
     if not state:
         return False
     pid, cloud_id = state.get("pid"), state.get("cloud_id")
-    was_running = is_alive(pid)
+    was_running = is_running(state)
     if was_running:
-        os.kill(pid, 15)
-        deadline = time.monotonic() + timeout_seconds
-        while time.monotonic() < deadline and processes.is_running(pid):
-            time.sleep(0.2)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        _wait_exited(state, timeout_seconds)
     if cloud_id:
         processes.kill_marked(cloud_id)  # whatever the supervisor could not stop, detached jobs included
     return was_running
 
 
+def _wait_exited(state: dict, timeout_seconds: float) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline and is_running(state):
+        time.sleep(0.1)
+
+
 def environment(local_dir: Path) -> dict[str, str]:
     state = read_state(local_dir)
-    if not state or state.get("status") != "ready" or not is_alive(state.get("pid")):
+    if not is_ready(state):
         raise LocalCloudError("the local cloud is not running; start it with `batchworker local up`")
     return client_environment(state)
 

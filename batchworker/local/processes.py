@@ -83,10 +83,20 @@ def kill_marked(cloud_id: str, timeout_seconds: float = 10.0) -> list[int]:
 
 
 def is_running(pid: int) -> bool:
-    """Alive and not a zombie waiting to be reaped."""
+    """Alive and not a zombie waiting to be reaped (init may reap late: `os.kill(pid, 0)` succeeds on a zombie)."""
     try:
-        os.kill(pid, 0)
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def carries_marker(pid: int, cloud_id: str) -> bool:
+    """Whether the process belongs to this local cloud (a pid in an old state file may have been reused)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):  # gone, or exiting
+        return False
+    except PermissionError:
+        return True  # another user's process: cannot tell, assume it is the cloud's
+    return f"{CLOUD_MARKER}={cloud_id}".encode() in environ.split(b"\0")

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from batchworker.local import processes
+
 LOCAL_REGION = "us-east-1"
 LOCAL_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
@@ -59,16 +61,16 @@ def write_state(local_dir: Path, state: dict) -> None:
     os.replace(tmp, state_path(local_dir))
 
 
-def is_alive(pid: int | None) -> bool:
-    if not pid:
+def is_running(state: dict | None) -> bool:
+    """The one liveness check of a local cloud: its supervisor is alive, not a zombie, and this cloud's own."""
+    pid = (state or {}).get("pid")
+    if not pid or not processes.is_running(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return not state.get("cloud_id") or processes.carries_marker(pid, state["cloud_id"])
+
+
+def is_ready(state: dict | None) -> bool:
+    return bool(state) and state.get("status") == "ready" and is_running(state)
 
 
 def client_environment(state: dict) -> dict[str, str]:

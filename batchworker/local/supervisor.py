@@ -84,6 +84,8 @@ class Supervisor:
         key_file = self.publish_client_key(outputs["ssh_private_key_parameter"])
         self.phase("starting lambda runtime")
         runtime_dir = self.local_dir / "lambda-runtime"
+        # A restart in the same folder: a ready file left by the last cloud must not pass for this one's.
+        (runtime_dir / "lambda-runtime.json").unlink(missing_ok=True)
         runtime = processes.spawn(
             [sys.executable, "-m", "batchworker.local.lambda_runtime", "--code-dir", str(LAMBDA_BUILD_DIR),
              "--state-dir", str(runtime_dir), "--schedule-speedup", str(self.options.schedule_speedup)],
@@ -93,6 +95,7 @@ class Supervisor:
         hosts = []
         for instance_id in outputs["instance_ids"]:
             host_dir = self.local_dir / "instances" / instance_id
+            (host_dir / "ready.json").unlink(missing_ok=True)
             host = processes.spawn(
                 [sys.executable, "-m", "batchworker.local.instance_host", "--instance-id", instance_id,
                  "--parameter-prefix", outputs["parameter_prefix"], "--state-dir", str(host_dir),

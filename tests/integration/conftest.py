@@ -7,6 +7,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,26 @@ from batchworker.local import processes
 from batchworker.local.state import read_state
 
 CLI = str(Path(sys.executable).parent / "batchworker")
+RESTART_TEST = "test_restart.py::test_local_down_then_up_at_once_three_times"
+RESTART_CYCLES = pytest.StashKey[tuple[subprocess.Popen, Path]]()
+
+
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection: start the cycles only when their test will run
+def pytest_collection_modifyitems(session, config, items):
+    """The restart cycles run in the background from the start (four `local up`, ~1.5 min each, mostly Terraform
+    waiting); their test runs last and checks them, so they cost the suite little wall time."""
+    restart = [item for item in items if item.nodeid.endswith(RESTART_TEST)]
+    if not restart or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item not in restart] + restart
+    work = Path(tempfile.mkdtemp(prefix="batchworker-restart-cycles-"))
+    log = open(work / "cycles.log", "wb")  # noqa: SIM115 - the background process writes to it
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.restart_cycles", "--local-dir", str(work / "local-cloud"),
+         "--report", str(work / "report.json")],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(Path(__file__).parents[2]),
+    )
+    config.stash[RESTART_CYCLES] = (process, work)
 
 
 @dataclass
