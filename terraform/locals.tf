@@ -25,6 +25,19 @@ locals {
   job_package_pointer  = "${local.parameter_prefix}/job-package"
   ssh_endpoint_pattern = "${local.parameter_prefix}/instances/*/ssh-endpoint"
 
+  # The default job package from scripts/bundle_default_job.py (make build): build/default-job/ holds
+  # <sha256>.tar.gz, <sha256>.json, bundled.json and the index default-job.json ({"name", "version"}).
+  # Without a build there is nothing to ship, and `job deploy` is the only way to deploy it.
+  default_job_bundle_dir = coalesce(var.default_job_bundle_dir, "${path.module}/../build/default-job")
+  default_job_bundle = (fileexists("${local.default_job_bundle_dir}/default-job.json")
+    ? jsondecode(file("${local.default_job_bundle_dir}/default-job.json"))
+  : null)
+  default_job_bundle_files = local.default_job_bundle == null ? {} : {
+    "${local.default_job_bundle.version}.tar.gz" = "application/gzip"
+    "${local.default_job_bundle.version}.json"   = "application/json"
+    "bundled.json"                               = "application/json"
+  }
+
   # SSM Run Command output (stdout/stderr of the run-job document) lands here, in the output bucket.
   ssm_output_prefix = "ssm-output/"
   ssm_document_name = "${var.name_prefix}-run-job"

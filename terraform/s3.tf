@@ -170,3 +170,18 @@ resource "aws_s3_object" "job_package" {
 
   depends_on = [aws_s3_bucket_server_side_encryption_configuration.this, aws_s3_bucket_versioning.this]
 }
+
+# The default job package (docs/jobs.md): its archive and config under their content address, and
+# bundled.json, the version the trigger runs while no `batchworker job deploy` of that name made a
+# pointer (current.json, which Terraform never touches). All three are immutable for one build.
+resource "aws_s3_object" "default_job" {
+  for_each = local.default_job_bundle_files
+
+  bucket       = aws_s3_bucket.this["artifacts"].id
+  key          = "job-packages/${local.default_job_bundle.name}/${each.key}"
+  source       = "${local.default_job_bundle_dir}/${each.key}"
+  etag         = filemd5("${local.default_job_bundle_dir}/${each.key}")
+  content_type = each.value
+
+  depends_on = [aws_s3_bucket_server_side_encryption_configuration.this, aws_s3_bucket_versioning.this]
+}

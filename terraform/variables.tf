@@ -109,6 +109,12 @@ variable "default_job" {
   }
 }
 
+variable "default_job_bundle_dir" {
+  description = "Directory holding the default job package built by scripts/bundle_default_job.py (make build). Null means <module>/../build/default-job; nothing is uploaded when it holds no default-job.json."
+  type        = string
+  default     = null
+}
+
 variable "job_package_dir" {
   description = "Directory holding the job package (the instance side, `batchworker-job`) and its job-package.json, built by scripts/build_lambdas.py. Null means <module>/../build/job."
   type        = string

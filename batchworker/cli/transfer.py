@@ -30,16 +30,26 @@ def download_results(deployment: Deployment, job_id: str, out_dir: Path) -> list
         Bucket=deployment.output_bucket, Prefix=output_prefix(job_id)
     ):
         for obj in page.get("Contents", []):
-            name = obj["Key"][len(output_prefix(job_id)):]
-            # Output keys come from the job; keep every file inside the job's own folder.
-            if not name or "/" in name or name in (".", ".."):
+            path = local_path(target, obj["Key"][len(output_prefix(job_id)):])
+            if path is None:
                 continue
-            target.mkdir(parents=True, exist_ok=True)
-            s3.download_file(deployment.output_bucket, obj["Key"], str(target / name))
-            written.append(target / name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(deployment.output_bucket, obj["Key"], str(path))
+            written.append(path)
     if not written:
         raise ResultsNotFound(f"job {job_id} has no results yet; check `batchworker status {job_id}`")
     return written
+
+
+def local_path(target: Path, name: str) -> Path | None:
+    """Where output `name` (e.g. `outputs/a/b.png`) goes under `target`; None for a name that would leave it.
+
+    Output keys come from the job's code: every part must be a plain name, never `..`, `.`, empty or absolute.
+    """
+    parts = name.split("/")
+    if not name or any(part in ("", ".", "..") or "\\" in part or "\x00" in part for part in parts):
+        return None
+    return target.joinpath(*parts)
 
 
 def read_manifest(deployment: Deployment, job_id: str) -> dict | None:

@@ -95,8 +95,7 @@ class PackageRegistry:
                 str(archive.path), self.bucket, self.archive_key(name, version),
                 ExtraArgs={"ContentType": "application/gzip"},
             )
-        record = {"config": config.to_dict(), "archive": {"size_bytes": archive.size_bytes, "files": len(archive.files)}}
-        self._put_json(self.config_key(name, version), record, if_none_match=True)
+        self._put_json(self.config_key(name, version), version_record(config, archive), if_none_match=True)
         pointer, etag = self._read_pointer(name)
         result = self._move_pointer(name, version, config, now, "deploy", pointer, etag)
         return DeployResult(result.ref, result.previous_version, result.changed, archive)
@@ -167,8 +166,9 @@ class PackageRegistry:
         if previous == version and action == "deploy":
             return DeployResult(current, previous, changed=False)
         history = list(pointer.get("history", [])) if pointer else []
-        if action == "rollback" and history:
-            history.pop()
+        if action == "rollback":
+            if history:  # else it returns to the bundled version, which is no entry of the history
+                history.pop()
         elif pointer:
             history.append({"version": previous, "deployed_at": pointer["deployed_at"]})
         new = {
@@ -226,7 +226,7 @@ class PackageRegistry:
             conditions["IfNoneMatch"] = "*"
         try:
             self.s3.put_object(
-                Bucket=self.bucket, Key=key, Body=json.dumps(data, indent=2, sort_keys=True).encode(),
+                Bucket=self.bucket, Key=key, Body=dumps(data),
                 ContentType="application/json", **conditions,
             )
         except ClientError as exc:
@@ -253,6 +253,21 @@ class PackageRegistry:
             config=JobConfig.from_dict(pointer["config"], origin=f"{name} version {pointer['version'][:12]}"),
             source=pointer.get("action", "deploy"),
         )
+
+
+def version_record(config: JobConfig, archive: ArchiveInfo) -> dict:
+    """What `<sha256>.json` holds beside each archive."""
+    return {"config": config.to_dict(), "archive": {"size_bytes": archive.size_bytes, "files": len(archive.files)}}
+
+
+def bundled_record(config: JobConfig, archive: ArchiveInfo) -> dict:
+    """What Terraform puts at `bundled.json` for the default job (scripts/bundle_default_job.py builds it)."""
+    return {"name": config.name, "version": archive.sha256, "config": config.to_dict()}
+
+
+def dumps(data: dict) -> bytes:
+    """The one JSON form of registry records: the same record is the same bytes (and S3 ETag)."""
+    return json.dumps(data, indent=2, sort_keys=True).encode()
 
 
 def _code(exc: ClientError) -> str:

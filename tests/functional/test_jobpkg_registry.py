@@ -1,6 +1,7 @@
 """The package registry in the artifacts bucket, under in-process moto."""
 
 from datetime import datetime, timezone
+from pathlib import Path
 
 import boto3
 import pytest
@@ -135,3 +136,33 @@ def test_racing_first_deploys_one_wins(s3, tmp_path):
         registry.deploy(package(tmp_path / "q", body="class Job: 1\n"), now=at(1))
     del registry._read_pointer
     assert registry.current("wordstats").version == first
+
+
+def ship_like_terraform(s3, bundle_dir, index):
+    """What terraform/s3.tf aws_s3_object.default_job does with scripts/bundle_default_job.py's output."""
+    for name in (f"{index['version']}.tar.gz", f"{index['version']}.json", "bundled.json"):
+        s3.upload_file(str(bundle_dir / name), BUCKET, f"job-packages/{index['name']}/{name}")
+
+
+def test_bundled_default_job_until_a_deploy_and_back_by_rollback(s3, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from bundle_default_job import bundle
+
+    # GIVEN Terraform shipped the bundled default job (no pointer yet)
+    root = package(tmp_path / "digits", name="digits")
+    index = bundle(root, tmp_path / "bundle")
+    assert bundle(root, tmp_path / "bundle2") == index  # same folder, same version
+    ship_like_terraform(s3, tmp_path / "bundle", index)
+    registry = PackageRegistry(BUCKET, s3)
+    ref = registry.current("digits")
+    assert (ref.version, ref.source, ref.deployed_at) == (index["version"], "bundled", "")
+    assert registry.names() == ["digits"]
+    # WHEN a new version is deployed, it wins; a rollback returns to the bundled version
+    new = registry.deploy(package(tmp_path / "digits", name="digits", body="class Job: 2\n"), now=at(0))
+    assert new.previous_version == index["version"] and registry.current("digits").version == new.ref.version
+    back = registry.rollback("digits", now=at(1))
+    assert back.ref.version == index["version"] and registry.current("digits").source == "rollback"
+    with pytest.raises(PackageNotFound):
+        registry.rollback("digits")
