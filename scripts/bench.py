@@ -1,15 +1,24 @@
 """`make bench`: measure the pipeline on the local cloud and write bench-results.json.
 
-Workloads, each measured in this run on this machine:
-- overhead: 50 small jobs uploaded one after another (the idle grace keeps the instance warm); per job,
+Every measurement runs REPETITIONS times, round-robin with the other measurements of its cloud (A, B, A, B,
+...: a slow minute on a shared machine hits every measurement, not one), and each number is published as
+the median of its repetitions, with `<key>_min` and `<key>_max` beside it. Goals are judged on the median.
+
+Cloud "one" (1 instance, idle grace 60 s):
+- overhead: small jobs uploaded one after another (the idle grace keeps the instance warm); per job,
   upload -> manifest minus the job's own compute (decode + forward) minus the boot delay when it booted;
 - worker vs bare: items/s through the job (download excluded, decode included) over items/s of the bare
-  model forward on the same data in this process, best of three runs each;
+  model forward on the same data in this process, the job then the bare loop in each repetition.
+Cloud "four" (4 instances, no idle grace, one job per instance at a time):
 - pool: a burst of "hold" jobs of fixed duration (the slot is held, the host CPU is not: each local
-  instance stands for a machine with its own GPU) on 1 instance and on 4, one job per instance at a time;
-  the same with CPU-burning "compute" jobs is reported too (bounded by this machine's cores);
-- cold cycles: single jobs on a stopped pool with no idle grace, for the stage breakdown up to "stopped";
-- simulator: the cost simulator's headline numbers.
+  instance stands for a machine with its own GPU) on 1 instance (the other three untagged, so the pool
+  does not see them) then on all 4, each from a stopped pool; the same with CPU-burning "compute" jobs is
+  reported too (bounded by this machine's cores);
+- cold: single jobs on a stopped pool, for the stage breakdown up to "stopped" and cold_start_overhead_s.
+The cost simulator's numbers are a seeded model, not a measurement: computed once.
+
+Adding a key: write `@measure("one" | "four") def name(bench, args) -> dict` that measures ONE repetition
+and returns numbers (for a ratio, measure both sides inside and return the ratio); nothing else to wire.
 """
 
 from __future__ import annotations
@@ -18,8 +27,11 @@ import argparse
 import io
 import json
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import boto3
@@ -29,12 +41,36 @@ from rich.table import Table
 
 from batchworker.costs.simulator import simulate_all
 from batchworker.local import cloud
-from batchworker.local.paths import MODEL_PATH, REPO_ROOT
 from batchworker.local.state import LocalOptions, client_environment, read_state
-from batchworker.models import job_id_for, parse_time
+from batchworker.models import POOL_TAG_KEY, job_id_for, parse_time
 
 console = Console(stderr=True)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 BOOT_DELAY_SECONDS = 2.0
+REPETITIONS = 3
+CLOUDS = {
+    # The reaper every 6 s (not 60): the idle grace ends on time, so the next run starts from stopped.
+    "one": LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=60, max_jobs_per_instance=1,
+                        schedule_speedup=10),
+    "four": LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=0, instance_count=4,
+                         max_jobs_per_instance=1),
+}
+GOALS = {  # key: (comparison, goal), judged on the median
+    "overhead_p50_s": ("<=", 1.0), "overhead_p95_s": ("<=", 2.0), "worker_vs_bare_ratio": (">=", 0.9),
+    "pool4_efficiency": (">=", 0.85), "cold_start_overhead_s": ("<=", 0.5),
+    "sim_seed_billed_over_limit": ("<=", 1.05), "sim_bursty_billed_over_busy": ("<=", 1.5),
+}
+
+Measurement = Callable[["Bench", argparse.Namespace], dict]
+MEASUREMENTS: dict[str, list[Measurement]] = {name: [] for name in CLOUDS}
+
+
+def measure(cloud_name: str) -> Callable[[Measurement], Measurement]:
+    """Register a measurement of one repetition on the named cloud."""
+    def register(function: Measurement) -> Measurement:
+        MEASUREMENTS[cloud_name].append(function)
+        return function
+    return register
 
 
 class Bench:
@@ -51,6 +87,7 @@ class Bench:
         self.s3 = session.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
         self.ddb = session.client("dynamodb", endpoint_url=env["AWS_ENDPOINT_URL"])
         self.ec2 = session.client("ec2", endpoint_url=env["AWS_ENDPOINT_URL"])
+        self.instance_ids = sorted(self.states())
         return self
 
     def __exit__(self, *exc):
@@ -85,22 +122,20 @@ class Bench:
         item = self.ddb.get_item(TableName=self.env["BATCHWORKER_JOBS_TABLE"], Key={"job_id": {"S": job_id}})["Item"]
         return {k: next(iter(v.values())) for k, v in item.items()}
 
-    def history(self) -> list[dict]:
-        items = []
-        for r in self.ec2.describe_instances()["Reservations"]:
-            for i in r["Instances"]:
-                items += self.ddb.query(
-                    TableName=self.env["BATCHWORKER_INSTANCE_EVENTS_TABLE"], KeyConditionExpression="instance_id = :i",
-                    ExpressionAttributeValues={":i": {"S": i["InstanceId"]}})["Items"]
-        return [{k: next(iter(v.values())) for k, v in item.items()} for item in items if "state" in item]
-
-    def wait_stopped(self, timeout: float = 120) -> None:
+    def wait_stopped(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if set(self.states().values()) == {"stopped"}:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"instances not stopped after {timeout} s")
+
+    def use_instances(self, count: int) -> None:
+        """Only the first `count` instances carry the pool tag: the control plane finds the pool by tag."""
+        tagged, untagged = self.instance_ids[:count], self.instance_ids[count:]
+        self.ec2.create_tags(Resources=tagged, Tags=[{"Key": POOL_TAG_KEY, "Value": self.env["BATCHWORKER_POOL_TAG"]}])
+        if untagged:
+            self.ec2.delete_tags(Resources=untagged, Tags=[{"Key": POOL_TAG_KEY}])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -111,12 +146,18 @@ def digits_png() -> bytes:
     return (REPO_ROOT / "samples" / "digit-3.png").read_bytes()
 
 
-def overhead(bench: Bench, count: int) -> dict:
+def stage_summary(stages: dict[str, list[float]]) -> dict:
+    return {k: {"p50_s": percentile(v, 50), "p95_s": percentile(v, 95)} for k, v in stages.items()}
+
+
+@measure("one")
+def overhead(bench: Bench, args) -> dict:
     """Sequential small jobs; the idle grace keeps the instance warm between them."""
     rows, stages = [], {k: [] for k in ("trigger", "job_start", "manifest")}
-    for n in range(count):
+    rep = time.time_ns()  # a new key per repetition: a new object, a new job
+    for n in range(args.jobs):
         booted = set(bench.states().values()) == {"stopped"}  # this job has to start the instance
-        job_id, uploaded_at = bench.put(f"bench/overhead/{n}.png", digits_png())
+        job_id, uploaded_at = bench.put(f"bench/overhead/{rep}-{n}.png", digits_png())
         manifest = bench.manifest(job_id)
         seen_at = time.time()
         t = manifest["timings"]
@@ -127,21 +168,106 @@ def overhead(bench: Bench, count: int) -> dict:
         stages["trigger"].append(parse_time(job["created_at"]).timestamp() - uploaded_at)
         stages["job_start"].append(parse_time(t["started_at"]).timestamp() - uploaded_at)
         stages["manifest"].append(seen_at - uploaded_at)
+    return {"overhead_p50_s": percentile(rows, 50), "overhead_p95_s": percentile(rows, 95),
+            "stages_warm": stage_summary(stages)}
+
+
+@measure("one")
+def worker_vs_bare(bench: Bench, args) -> dict:
+    """The job's items/s (decode included, download excluded) over the bare forward's items/s, same data."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from batchworker.local.paths import MODEL_PATH
+    from worker.model import BATCH_SIZE
+
+    items = args.items
+    data = np.resize(load_digits().data.astype(np.uint8), (items, 64))  # values 0-16: uint8 keeps the upload small
+    buffer = io.BytesIO()
+    np.save(buffer, data.reshape(items, 8, 8))
+    job_id, _ = bench.put(f"bench/throughput-{time.time_ns()}.npy", buffer.getvalue())
+    manifest = bench.manifest(job_id, poll_seconds=1.0)  # slow polls: moto answering them shares the cores
+    job_items_per_s = manifest["items"] / manifest["timings"]["inference_s"]
+    model = torch.jit.load(str(MODEL_PATH)).eval()
+    tensor = torch.from_numpy(data.reshape(items, 1, 8, 8).astype(np.float32) / 16.0)
+    with torch.inference_mode():
+        for chunk in torch.split(tensor[:BATCH_SIZE * 2], BATCH_SIZE):  # warm-up, as the job's model is warm
+            torch.softmax(model(chunk), dim=1)
+        started = time.perf_counter()
+        for chunk in torch.split(tensor, BATCH_SIZE):  # the job's batch size: the ratio is the job's overhead
+            torch.softmax(model(chunk), dim=1)
+        bare_items_per_s = items / (time.perf_counter() - started)
+    return {"worker_vs_bare_ratio": job_items_per_s / bare_items_per_s,
+            "worker_items_per_s": job_items_per_s, "bare_items_per_s": bare_items_per_s}
+
+
+def pool_run(bench: Bench, workload: str, instances: int, jobs: int, seconds: float) -> tuple[float, dict]:
+    """Jobs per second for a burst of compute-only jobs on `instances` instances, from a stopped pool (first
+    upload -> last manifest), and where the time went on the instance that finished last."""
+    bench.wait_stopped()
+    bench.use_instances(instances)
+    body = json.dumps({"workload": workload, "seconds": seconds}).encode()
+    started = time.time()
+    ids = [bench.put(f"bench/pool-{workload}-{instances}/{started}-{n}.json", body)[0] for n in range(jobs)]
+    manifests = []
+    for job_id in ids:
+        manifests.append(bench.manifest(job_id, timeout=900, poll_seconds=0.2))
+        if manifests[-1]["status"] != "succeeded":
+            raise RuntimeError(f"pool job {job_id} failed: {manifests[-1].get('error')}")
+    ended = time.time()
+    bench.wait_stopped()
+    bench.use_instances(len(bench.instance_ids))
+    return jobs / (ended - started), critical_path(manifests, started, ended)
+
+
+def critical_path(manifests: list[dict], started: float, ended: float) -> dict:
+    """The run's time on the instance that finished last: its start (boot, process, first dispatch), the jobs'
+    own work (compute plus download/upload/manifest), the gaps between one job's end and the next one's start
+    (dispatch round trips, hand-offs), and the tail until the client saw the last manifest."""
+    by_instance: dict[str, list[tuple[float, float, dict]]] = {}
+    for manifest in manifests:
+        t = manifest["timings"]
+        busy_from = parse_time(t["started_at"]).timestamp() + t.get("slot_wait_s", 0.0)
+        by_instance.setdefault(manifest["instance_id"], []).append(
+            (busy_from, parse_time(t["finished_at"]).timestamp(), t))
+    runs = sorted(max(by_instance.values(), key=lambda jobs: max(end for _, end, _ in jobs)), key=lambda r: r[0])
+    compute = sum(t.get("compute_s", 0.0) for _, _, t in runs)
     return {
-        "overhead_p50_s": percentile(rows, 50), "overhead_p95_s": percentile(rows, 95), "overhead_jobs": count,
-        "stages_warm": {k: {"p50_s": percentile(v, 50), "p95_s": percentile(v, 95)} for k, v in stages.items()},
+        "start_s": runs[0][0] - started,
+        "compute_s": compute,
+        "job_io_s": sum(end - begin for begin, end, _ in runs) - compute,
+        "gaps_s": sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in pairwise(runs)),
+        "tail_s": ended - runs[-1][1],
+        "jobs_on_it": float(len(runs)),
+        "most_jobs_on_an_instance": float(max(len(jobs) for jobs in by_instance.values())),
     }
 
 
-def cold_cycles(bench: Bench, count: int) -> dict:
+@measure("four")
+def pool_hold(bench: Bench, args) -> dict:
+    one, one_path = pool_run(bench, "hold", 1, args.pool_jobs, args.pool_seconds)
+    four, four_path = pool_run(bench, "hold", 4, args.pool_jobs, args.pool_seconds)
+    return {"pool4_efficiency": four / (4 * one), "pool1_jobs_per_s": one, "pool4_jobs_per_s": four,
+            "pool1_critical_path": one_path, "pool4_critical_path": four_path}
+
+
+@measure("four")
+def pool_cpu(bench: Bench, args) -> dict:
+    one, _ = pool_run(bench, "compute", 1, args.cpu_pool_jobs, args.cpu_pool_seconds)
+    four, _ = pool_run(bench, "compute", 4, args.cpu_pool_jobs, args.cpu_pool_seconds)
+    return {"pool4_efficiency_cpu_bound": four / (4 * one)}
+
+
+@measure("four")
+def cold_cycles(bench: Bench, args) -> dict:
     """One job at a time on a stopped pool with no idle grace: every stage, up to the instance stopped.
 
     One loop polls the instance states and the manifest every 50 ms, so each time is seen within ~0.1 s.
     """
     stages = {k: [] for k in ("trigger", "instance_running", "job_start", "manifest", "stopped")}
-    for n in range(count):
+    for n in range(args.cold_cycles):
         bench.wait_stopped(120)
-        job_id, uploaded_at = bench.put(f"bench/cold/{n}.png", digits_png())
+        job_id, uploaded_at = bench.put(f"bench/cold/{time.time_ns()}-{n}.png", digits_png())
         running_at: dict[str, float] = {}
         manifest, seen_at, stopped_at = None, 0.0, None
         deadline = time.monotonic() + 180
@@ -163,112 +289,99 @@ def cold_cycles(bench: Bench, count: int) -> dict:
         stages["job_start"].append(parse_time(manifest["timings"]["started_at"]).timestamp() - uploaded_at)
         stages["manifest"].append(seen_at - uploaded_at)
         stages["stopped"].append(stopped_at - uploaded_at)
-    return {"stages_cold": {k: {"p50_s": percentile(v, 50), "p95_s": percentile(v, 95)} for k, v in stages.items()},
-            "cold_cycles": count}
+    return {"cold_start_overhead_s": percentile(stages["job_start"], 50) - BOOT_DELAY_SECONDS,
+            "stages_cold": stage_summary(stages)}
 
 
-def worker_vs_bare(bench: Bench, items: int) -> dict:
-    """The job's items/s (decode included, download excluded) over the bare forward's items/s, same data."""
-    import torch
-    from sklearn.datasets import load_digits
-
-    from worker.model import BATCH_SIZE
-
-    data = np.resize(load_digits().data.astype(np.uint8), (items, 64))  # values 0-16: uint8 keeps the upload small
-    buffer = io.BytesIO()
-    np.save(buffer, data.reshape(items, 8, 8))
-    job_items_per_s = 0.0
-    for attempt in range(3):  # best of three, as for the bare forward below
-        job_id, _ = bench.put(f"bench/throughput-{attempt}.npy", buffer.getvalue())
-        manifest = bench.manifest(job_id, poll_seconds=1.0)  # slow polls: moto answering them shares the cores
-        job_items_per_s = max(job_items_per_s, manifest["items"] / manifest["timings"]["inference_s"])
-    model = torch.jit.load(str(MODEL_PATH)).eval()
-    tensor = torch.from_numpy(data.reshape(items, 1, 8, 8).astype(np.float32) / 16.0)
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(3):
-            started = time.perf_counter()
-            for chunk in torch.split(tensor, BATCH_SIZE):  # the job's batch size: the ratio is the job's overhead
-                torch.softmax(model(chunk), dim=1)
-            best = min(best, time.perf_counter() - started)
-    bare_items_per_s = items / best
-    return {"worker_vs_bare_ratio": job_items_per_s / bare_items_per_s,
-            "worker_items_per_s": job_items_per_s, "bare_items_per_s": bare_items_per_s}
+def summarize(repetitions: list[dict]) -> dict:
+    """Median of every number over the repetitions; top-level numbers also get `_min` and `_max`."""
+    summary: dict = {}
+    for key in repetitions[0]:
+        values = [rep[key] for rep in repetitions if key in rep]
+        if isinstance(values[0], dict):
+            summary[key] = {k: v for k, v in summarize(values).items() if not k.endswith(("_min", "_max"))}
+        else:
+            summary[key] = statistics.median(values)
+            summary[f"{key}_min"], summary[f"{key}_max"] = min(values), max(values)
+    return summary
 
 
-def pool_throughput(bench: Bench, workload: str, jobs: int, seconds: float) -> float:
-    """Jobs per second for a burst of compute-only jobs of fixed duration (first upload -> last manifest)."""
-    body = json.dumps({"workload": workload, "seconds": seconds}).encode()
-    started = time.time()
-    ids = [bench.put(f"bench/pool-{workload}/{n}.json", body)[0] for n in range(jobs)]
-    for job_id in ids:
-        manifest = bench.manifest(job_id, timeout=900)
-        if manifest["status"] != "succeeded":
-            raise RuntimeError(f"pool job {job_id} failed: {manifest.get('error')}")
-    return jobs / (time.time() - started)
+def run_cloud(name: str, base: Path, args, results: dict) -> None:
+    console.rule(f"cloud {name!r}: {', '.join(f.__name__ for f in MEASUREMENTS[name])}")
+    per_measurement: dict[str, list[dict]] = {f.__name__: [] for f in MEASUREMENTS[name]}
+    with Bench(base / f"bench-{name}", CLOUDS[name]) as bench:
+        for rep in range(args.repetitions):
+            for function in MEASUREMENTS[name]:
+                started = time.monotonic()
+                values = function(bench, args)
+                per_measurement[function.__name__].append(values)
+                shown = {k: round(v, 3) for k, v in values.items() if isinstance(v, float)}
+                console.print(f"  [{rep + 1}/{args.repetitions}] {function.__name__} "
+                              f"({time.monotonic() - started:.0f} s): {shown}")
+    for reps in per_measurement.values():
+        results.update(summarize(reps))
 
 
-def pools(bench: Bench, args) -> dict[str, float]:
-    """Both pool workloads on this cloud, each starting from a stopped pool."""
-    bench.wait_stopped(180)
-    hold = pool_throughput(bench, "hold", args.pool_jobs, args.pool_seconds)
-    bench.wait_stopped(180)
-    cpu = pool_throughput(bench, "compute", args.cpu_pool_jobs, args.pool_seconds)
-    return {"hold": hold, "compute": cpu}
+def verdicts(results: dict) -> dict[str, str]:
+    judged = {}
+    for key, (comparison, goal) in GOALS.items():
+        if key in results:
+            value = results[key]
+            met = value <= goal if comparison == "<=" else value >= goal
+            judged[key] = f"{'met' if met else 'MISSED'} ({comparison} {goal})"
+    return judged
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--jobs", type=int, default=50, help="sequential jobs for the overhead (default 50)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repetitions", type=int, default=REPETITIONS, help=f"default {REPETITIONS}")
+    parser.add_argument("--jobs", type=int, default=17, help="sequential jobs per overhead repetition (default 17)")
+    parser.add_argument("--items", type=int, default=100_000, help="items in the worker-vs-bare .npy (default 100,000)")
     parser.add_argument("--pool-jobs", type=int, default=32, help="hold jobs per pool run (default 32)")
-    parser.add_argument("--cpu-pool-jobs", type=int, default=8, help="CPU-burning jobs per pool run (default 8)")
-    parser.add_argument("--pool-seconds", type=float, default=6.0, help="duration of each pool job (default 6)")
-    parser.add_argument("--cold-cycles", type=int, default=5, help="single cold jobs for the stage breakdown")
+    parser.add_argument("--pool-seconds", type=float, default=6.0, help="duration of each hold job (default 6)")
+    parser.add_argument("--cpu-pool-jobs", type=int, default=4, help="CPU-burning jobs per pool run (default 4)")
+    parser.add_argument("--cpu-pool-seconds", type=float, default=4.0, help="duration of each CPU job (default 4)")
+    parser.add_argument("--cold-cycles", type=int, default=3, help="cold jobs per repetition (default 3)")
+    parser.add_argument("--clouds", nargs="+", choices=list(CLOUDS), default=list(CLOUDS))
+    parser.add_argument("--only", nargs="+", metavar="MEASUREMENT", help="run only these measurements (by name)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results.json")
     args = parser.parse_args()
     base = Path(os.environ.get("BATCHWORKER_LOCAL_DIR") or REPO_ROOT / ".local-cloud")
-    results: dict = {}
+    results: dict = {"repetitions": args.repetitions, "load_average_at_start": os.getloadavg()[0]}
     started = time.monotonic()
 
-    console.rule("simulator")
-    sim = simulate_all(days=30, seed=0)
-    results["sim_seed_billed_over_limit"] = sim["headline"]["sim_seed_billed_over_limit"]
-    results["sim_bursty_billed_over_busy"] = sim["headline"]["sim_bursty_billed_over_busy"]
-    results["sim_bursty_original_billed_over_busy"] = sim["headline"]["sim_bursty_original_billed_over_busy"]
+    sim = simulate_all(days=30, seed=0)["headline"]  # a seeded model: one run, the same numbers every time
+    for key in ("sim_seed_billed_over_limit", "sim_bursty_billed_over_busy", "sim_bursty_original_billed_over_busy"):
+        results[key] = results[f"{key}_min"] = results[f"{key}_max"] = sim[key]
 
-    console.rule("one instance: pool baseline, overhead, throughput")
-    # The reaper every 6 s (not 60): the idle grace ends on time, so the next pool run starts from stopped.
-    options = LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=60, max_jobs_per_instance=1,
-                           schedule_speedup=10)
-    with Bench(base / "bench-1", options) as bench:
-        one = pools(bench, args)
-        results.update(overhead(bench, args.jobs))
-        results.update(worker_vs_bare(bench, 100_000))  # ~1 s a run: steadier than 20,000
-    results["pool1"] = one
-    args.out.write_text(json.dumps(results, indent=2) + "\n")  # partial, should the second cloud fail
-    console.rule("four instances: pool throughput, cold stages")
-    options = LocalOptions(boot_delay_seconds=BOOT_DELAY_SECONDS, idle_grace_seconds=0, instance_count=4,
-                           max_jobs_per_instance=1)
-    with Bench(base / "bench-4", options) as bench:
-        four = pools(bench, args)
-        results.update(cold_cycles(bench, args.cold_cycles))
-    del results["pool1"]
-    results["pool1_jobs_per_s"], results["pool4_jobs_per_s"] = one["hold"], four["hold"]
-    results["pool4_efficiency"] = four["hold"] / (4 * one["hold"])
-    results["pool4_efficiency_cpu_bound"] = four["compute"] / (4 * one["compute"])
-    results["wall_time_s"] = time.monotonic() - started
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    if args.only:
+        for name in CLOUDS:
+            MEASUREMENTS[name] = [f for f in MEASUREMENTS[name] if f.__name__ in args.only]
+    for name in [name for name in args.clouds if MEASUREMENTS[name]]:
+        run_cloud(name, base, args, results)
+        results["wall_time_s"] = time.monotonic() - started
+        results["load_average_at_end"] = os.getloadavg()[0]
+        results["verdicts"] = verdicts(results)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")  # partial, should a later cloud fail
 
-    table = Table(title=f"bench ({args.out.name})")
+    table = Table(title=f"bench ({args.out.name}): median [min - max] of {args.repetitions}")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_column("goal")
     for name, value in results.items():
-        if isinstance(value, dict):
+        if name.endswith(("_min", "_max")) or name == "verdicts":
+            continue
+        if isinstance(value, dict) and name.startswith("stages_"):
             for stage, numbers in value.items():
-                table.add_row(f"{name}: upload->{stage} p50/p95 s", f"{numbers['p50_s']:.2f} / {numbers['p95_s']:.2f}")
+                table.add_row(f"{name} upload->{stage} p50/p95 s", f"{numbers['p50_s']:.2f} / {numbers['p95_s']:.2f}")
+        elif isinstance(value, dict):
+            table.add_row(name, ", ".join(f"{k} {v:.2f}" for k, v in value.items()))
+        elif f"{name}_min" in results:
+            table.add_row(name, f"{value:.3f} [{results[name + '_min']:.3f} - {results[name + '_max']:.3f}]",
+                          results["verdicts"].get(name, ""))
         else:
-            table.add_row(name, f"{value:.3f}")
-    Console().print(table)
+            table.add_row(name, f"{value:.3f}" if isinstance(value, float) else str(value))
+    Console(width=max(Console().width, 120)).print(table)
     return 0
 
 
