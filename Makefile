@@ -18,6 +18,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 build: install
 	$(PY) scripts/build_lambdas.py
 	$(PY) scripts/train_model.py
+	@# The example job packages' models (the digits package ships the CNN above).
+	install -D -m 0644 build/model/digits-cnn.pt examples/jobs/digits/weights/digits-cnn.pt
+	$(PY) examples/jobs/tabular/train.py
 
 demo: build
 	$(PY) scripts/demo.py

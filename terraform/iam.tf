@@ -16,7 +16,7 @@ locals {
   instance_events_table_arns = [aws_dynamodb_table.instance_events.arn]
 
   # Attributes the instance's lease renewal touches (the key included), for dynamodb:Attributes.
-  job_lease_attributes = ["job_id", "status", "lease_expires_at", "updated_at", "running_since"]
+  job_lease_attributes = ["job_id", "status", "lease_expires_at", "updated_at", "running_since", "items_done", "items_total"]
 
   use_ssh        = var.transport == "ssh"
   use_ssm        = var.transport == "ssm"

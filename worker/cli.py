@@ -27,6 +27,7 @@ from worker.deadman import (
     uptime_seconds,
 )
 from worker.errors import ExitCode, Interrupted, SpecError
+from worker.hosts import HostPool
 from worker.paths import RUN_LOCK_NAME, job_dir_for, job_root_from_env
 from worker.prune import prune_job_root
 from worker.server import BATCHES_DIR, Offered, Server, ServerRole, claim_role, hand_over
@@ -218,35 +219,47 @@ def run(path: Path, lock_fds: list[int] | tuple[int, ...] = (), role: ServerRole
     linger = _linger(specs)
     if linger <= 0 and role is not None:
         role.close()
-    server = _open_server(job_root, role) if linger > 0 else None  # before the slow imports
+    hosts = HostPool()  # the job packages' warm handler processes, one per (version, environment)
+    hosts.expect(spec.package.version for spec in specs if spec.package is not None)
+    server = _open_server(job_root, role, hosts) if linger > 0 else None  # before the slow imports
     from worker.runner import WarmState  # not at the top: `launch` stays free of boto3, NumPy and PIL
 
-    warm = WarmState()
+    warm = WarmState(hosts=hosts)
     try:
-        code = _run_specs(specs, job_root, warm)
+        try:
+            code = _run_specs(specs, job_root, warm)
+        finally:
+            _close_fds(lock_fds)
+        if linger > 0 and server is None and not _terminating:
+            server = _open_server(job_root, None, hosts)  # the server of the time has gone: be the next one
+        if server is not None:
+            _serve(server, linger, job_root, warm)
     finally:
-        _close_fds(lock_fds)
-    if linger > 0 and server is None and not _terminating:
-        server = _open_server(job_root, None)  # the server of the time has gone: be the next one
-    if server is not None:
-        _serve(server, linger, job_root, warm)
+        hosts.close()
     return code
 
 
-def _open_server(job_root: Path, role: ServerRole | None) -> Server | None:
-    return Server.open(job_root, role, lambda batch, busy: _admit(batch, busy, job_root),
+def _open_server(job_root: Path, role: ServerRole | None, hosts: HostPool) -> Server | None:
+    return Server.open(job_root, role, lambda batch, busy: _admit(batch, busy, job_root, hosts),
                        lambda offered: _taken(offered, job_root), _terminated)
 
 
-def _admit(batch_path: Path, busy: bool, job_root: Path) -> bool:
-    """Idle: take any batch. Busy: only one that would wait for the instance's only slot anyway."""
-    if not busy:
-        return True
+def _admit(batch_path: Path, busy: bool, job_root: Path, hosts: HostPool) -> bool:
+    """Idle: take any batch. Busy: only one that would wait for the instance's only slot anyway, or
+    whose jobs all run a job package this process has warm (one process per package version: its
+    setup() is not run again elsewhere)."""
     try:
         specs = _read_run_file(batch_path, job_root)
     except (OSError, SpecError):
-        return False  # a process of its own reports the problem
-    return all(spec.max_concurrent_jobs == 1 for spec in specs)
+        return not busy  # idle: take it anyway, its run reports the problem
+    admitted = (
+        not busy
+        or all(spec.package is not None and hosts.has_package(spec.package.version) for spec in specs)
+        or all(spec.max_concurrent_jobs == 1 for spec in specs)
+    )
+    if admitted:
+        hosts.expect(spec.package.version for spec in specs if spec.package is not None)
+    return admitted
 
 
 def _taken(offered: Offered, job_root: Path) -> None:

@@ -19,10 +19,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.errors import InputError, printable
+from worker.items import (
+    MAX_ZIP_ENTRIES,
+    MAX_ZIP_UNCOMPRESSED_BYTES,
+    is_ignored_entry_name,
+    is_unsafe_entry_name,
+    read_entry,
+)
 
 MAX_INPUT_BYTES = 100 * 1024 * 1024
-MAX_ZIP_ENTRIES = 10_000
-MAX_ZIP_UNCOMPRESSED_BYTES = 200 * 1024 * 1024
 MAX_IMAGE_PIXELS = 50_000_000
 MAX_PIXELS_ARRAY_BYTES = 2 * 1024 * 1024 * 1024  # the decoded float32 batch held in memory
 
@@ -372,20 +377,6 @@ def _check_batch_size(count: int, name: str, model_input: ModelInput) -> None:
 # --- zip of images ------------------------------------------------------------------------------------
 
 
-def is_unsafe_entry_name(entry: str) -> bool:
-    """Absolute paths, drive letters and '..' components: never acceptable, even though we never extract."""
-    normalized = entry.replace("\\", "/")
-    if normalized.startswith("/") or (len(normalized) > 1 and normalized[1] == ":"):
-        return True
-    return ".." in normalized.split("/")
-
-
-def is_ignored_entry_name(entry: str) -> bool:
-    """Directories' clutter: macOS resource forks (__MACOSX/) and dotfiles (.DS_Store, ._x.png)."""
-    parts = [part for part in entry.replace("\\", "/").split("/") if part]
-    return not parts or parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts)
-
-
 def _decode_zip(path: Path, name: str, model_input: ModelInput) -> Decoded:
     try:
         archive = zipfile.ZipFile(path)
@@ -422,7 +413,7 @@ def _decode_zip(path: Path, name: str, model_input: ModelInput) -> Decoded:
         remaining = MAX_ZIP_UNCOMPRESSED_BYTES
         for index, info in enumerate(images):
             entry = printable(info.filename)
-            data = _read_entry(archive, info, f"{name} entry {entry!r}", remaining)
+            data = read_entry(archive, info, f"{name} entry {entry!r}", remaining)
             remaining -= len(data)
             fmt = FORMAT_BY_EXTENSION[posixpath.splitext(info.filename)[1].lower()]
             where = f"{name} entry {entry!r}"
@@ -431,22 +422,3 @@ def _decode_zip(path: Path, name: str, model_input: ModelInput) -> Decoded:
             _check_content(where, posixpath.splitext(info.filename)[1].lower(), fmt, sniff_format(data[:16]))
             pixels[index] = _decode_image(data, fmt, where, model_input)
     return Decoded([printable(info.filename, limit=1024) for info in images], pixels)
-
-
-def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, remaining: int) -> bytes:
-    """Read one entry into memory, never more than `remaining` bytes whatever its header claims."""
-    too_big = InputError(
-        f"{where}: the zip's uncompressed contents exceed the "
-        f"{MAX_ZIP_UNCOMPRESSED_BYTES // 2**20} MiB limit; "
-        "split it into smaller archives"
-    )
-    if info.file_size > remaining:
-        raise too_big
-    try:
-        with archive.open(info) as fh:
-            data = fh.read(remaining + 1)
-    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError, zlib.error) as exc:
-        raise InputError(f"{where} cannot be read (corrupt or unsupported compression: {exc})") from exc
-    if len(data) > remaining:
-        raise too_big
-    return data

@@ -37,19 +37,27 @@ def iso_utc(moment: dt.datetime) -> str:
     return moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def renew_lease(client: Any, job_id: str, lease: Lease, now: dt.datetime) -> bool:
+def renew_lease(
+    client: Any, job_id: str, lease: Lease, now: dt.datetime, progress: tuple[int, int] | None = None
+) -> bool:
     """Mark the job RUNNING until now + lease.seconds; False when the control plane has already ended it.
+
+    `progress` (items done, items total), when the job knows it, goes to items_done / items_total.
 
     Other errors (throttling, network, a missing table) propagate: the caller logs them and tries again.
     """
     stamp = iso_utc(now)
+    progress_set, progress_values = "", {}
+    if progress is not None:
+        progress_set = ", items_done = :done, items_total = :total"
+        progress_values = {":done": {"N": str(progress[0])}, ":total": {"N": str(progress[1])}}
     try:
         client.update_item(
             TableName=lease.table,
             Key={"job_id": {"S": job_id}},
             UpdateExpression=(
                 "SET #s = :running, lease_expires_at = :t, updated_at = :now, "
-                "running_since = if_not_exists(running_since, :now)"
+                "running_since = if_not_exists(running_since, :now)" + progress_set
             ),
             # Only a job the control plane still expects to run: a SUCCEEDED or FAILED job (finished, or
             # failed by the watchdog when its lease lapsed) must never come back to life.
@@ -60,6 +68,7 @@ def renew_lease(client: Any, job_id: str, lease: Lease, now: dt.datetime) -> boo
                 ":dispatched": {"S": STATUS_DISPATCHED},
                 ":t": {"S": iso_utc(now + dt.timedelta(seconds=lease.seconds))},
                 ":now": {"S": stamp},
+                **progress_values,
             },
         )
     except ClientError as exc:
@@ -84,6 +93,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._started = False
         self._renewed: set[str] = set()  # jobs whose first renewal was logged
+        self._progress: dict[str, tuple[int, int]] = {}  # job_id -> (items done, items total)
         shortest = min((lease.seconds for lease in leases.values()), default=0.0)
         self.interval_seconds = shortest / RENEWALS_PER_LEASE
 
@@ -100,6 +110,10 @@ class Heartbeat:
                 return
         self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
         self._thread.start()
+
+    def set_progress(self, job_id: str, done: int, total: int) -> None:
+        """Items done / total, written with the job's next renewal (not a write of its own)."""
+        self._progress[job_id] = (done, total)
 
     def finish(self, job_id: str) -> None:
         with self._lock:
@@ -123,7 +137,8 @@ class Heartbeat:
 
     def _renew(self, job_id: str, lease: Lease) -> None:
         try:
-            renewed = renew_lease(self._client, job_id, lease, dt.datetime.now(dt.timezone.utc))
+            renewed = renew_lease(self._client, job_id, lease, dt.datetime.now(dt.timezone.utc),
+                                  self._progress.get(job_id))
         except (BotoCoreError, ClientError) as exc:
             logger.warning("lease renewal failed; trying again", extra={"job_id": job_id, "error": str(exc)})
             return

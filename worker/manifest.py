@@ -78,7 +78,9 @@ def build_manifest(
     device: str,
     input_version_id: str | None,
     instance_id: str | None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The manifest; `extra`: a job package's fields (package, environment, item counts)."""
     if error is not None and len(error) > MAX_ERROR_CHARS:
         error = error[: MAX_ERROR_CHARS - 3] + "..."
     return {
@@ -92,6 +94,7 @@ def build_manifest(
         "device": device,
         "model_uri": spec.model_uri,
         "instance_id": instance_id,
+        **(extra or {}),
     }
 
 

@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,12 @@ from typing import Any
 
 from worker.deadman import RUN_DONE_NAME, push_deadman
 from worker.errors import ExitCode, Interrupted, JobError, StorageError
+from worker.hosts import HostPool
 from worker.inputs import COMPUTE_EXTENSION, MAX_INPUT_BYTES, decode_input, display_name, input_extension
 from worker.joblog import flush_handlers, job_logging
 from worker.lease import Heartbeat
 from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest
+from worker.package_run import PackageReport
 from worker.paths import job_dir_for
 from worker.predictions import PREDICTIONS_NAME, write_predictions
 from worker.runtime_cap import RuntimeCap, over_cap_error, wait_to_be_killed
@@ -56,6 +59,7 @@ class WarmState:
 
     models: Any = None  # worker.model.ModelCache once torch is imported
     storage: Storage | None = None
+    hosts: HostPool = field(default_factory=HostPool)  # job packages' warm handler processes
     interrupted: Interrupted | None = None  # set: the next batch's jobs fail at once as interrupted
 
 
@@ -78,7 +82,7 @@ def run_jobs(
     leases = {spec.job_id: spec.lease for spec in specs if spec.lease}
     batch = _Batch(job_root, heartbeat or Heartbeat(leases))
     if warm is not None:
-        batch.models, batch.interrupted = warm.models, warm.interrupted
+        batch.models, batch.interrupted, batch.hosts = warm.models, warm.interrupted, warm.hosts
         storage = storage or warm.storage
     codes: list[ExitCode] = []
     try:
@@ -100,6 +104,8 @@ def run_jobs(
         batch.close()
         if warm is not None:
             warm.models, warm.storage = batch.models, storage
+        else:
+            batch.hosts.close()  # nobody keeps them warm for a next batch
     return codes
 
 
@@ -121,6 +127,7 @@ class _Batch:
         self.heartbeat = heartbeat
         self.slot: Slot | None = None
         self.models: Any = None  # worker.model.ModelCache, created once torch is imported
+        self.hosts = HostPool()
         self.interrupted: Interrupted | None = None
 
     def hold_slot(self, count: int) -> Slot | None:
@@ -154,6 +161,7 @@ class _Job:
         self.instance_id = spec.instance_id or os.environ.get(INSTANCE_ID_ENV) or None
         self.input_path: Path | None = None
         self.cap: RuntimeCap | None = None
+        self.package_report = PackageReport() if spec.package is not None else None
 
     def run(self) -> ExitCode:
         self.log.info(
@@ -173,7 +181,10 @@ class _Job:
         try:
             if self.batch.interrupted is not None:
                 raise self.batch.interrupted
-            self._predict_and_upload()
+            if self.package_report is not None:
+                self._run_package()
+            else:
+                self._predict_and_upload()
             self.outcome.status, self.outcome.exit_code = JobStatus.SUCCEEDED, ExitCode.SUCCEEDED
         except JobError as exc:
             if isinstance(exc, Interrupted):
@@ -196,10 +207,8 @@ class _Job:
         finally:
             self._push_deadman()
 
-    def _predict_and_upload(self) -> None:
+    def _hold_slot(self) -> None:
         spec = self.spec
-        ext = input_extension(spec.input_key)  # before waiting or downloading: unsupported types fail fast
-        name = display_name(spec.input_key)
         if self.queued_seconds:
             self.timings.seconds["slot_wait_s"] += self.queued_seconds
             self.log.info("waited in the warm server's queue", extra={"waited_s": round(self.queued_seconds, 3)})
@@ -214,6 +223,27 @@ class _Job:
                     "waited_s": round(slot.waited_seconds, 3),
                 },
             )
+
+    def _run_package(self) -> None:
+        """A job package's job (worker/package_run.py); its report goes into the manifest."""
+        from worker.package_run import run_package_job
+
+        assert self.package_report is not None
+        self._hold_slot()
+        if self.storage is None:
+            self.storage = Storage()
+        job_id = self.spec.job_id
+        run_package_job(
+            self.spec, self.job_root, self.job_dir, self.storage, self.batch.hosts, self.log, self.timings,
+            self.package_report, lambda done, total: self.batch.heartbeat.set_progress(job_id, done, total),
+        )
+        self.outcome.items = self.package_report.items_total
+
+    def _predict_and_upload(self) -> None:
+        spec = self.spec
+        ext = input_extension(spec.input_key)  # before waiting or downloading: unsupported types fail fast
+        name = display_name(spec.input_key)
+        self._hold_slot()
         # torch is slow to import: after the fast failures, once per process
         from worker.compute import COMPUTE_ITEM, parse_workload, run_workload
         from worker.model import ModelCache, predict, select_device
@@ -303,6 +333,12 @@ class _Job:
         flush_handlers()
         if self.input_path is not None:
             self.input_path.unlink(missing_ok=True)  # inputs are the big files (up to 100 MiB)
+        report = self.package_report
+        if report is not None:
+            outcome.outputs[:0] = report.outputs
+            outcome.items, self.device = report.items_total, report.device
+            for path in report.scratch:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         if self.storage is None:
             try:
                 self.storage = Storage()
@@ -328,6 +364,7 @@ class _Job:
             device=self.device,
             input_version_id=outcome.input_version_id,
             instance_id=self.instance_id,
+            extra=report.manifest_fields() if report is not None else None,
         )
         try:
             _write_local_json(self.job_dir / MANIFEST_NAME, manifest)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from worker.errors import SpecError
@@ -27,6 +27,11 @@ DEFAULT_IDLE_SHUTDOWN_SECONDS = 600.0
 DEFAULT_SERVER_LINGER_SECONDS = 60.0  # a finished `run` waits this long for the next batch (worker/server.py)
 MAX_SECONDS = 86_400.0  # upper bound for lease.seconds and idle_shutdown_seconds
 MAX_RUNTIME_SECONDS = 172_800.0  # max_job_runtime_seconds' own bound (48 h, the SSM Run Command limit)
+PACKAGE_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,39}$")  # job.toml's name
+PACKAGE_VERSION_PATTERN = re.compile(r"^[0-9a-f]{64}$")  # the archive's sha256
+MAX_PARAMS = 64
+MAX_PARAM_NAME_CHARS = 64
+MAX_PARAM_TEXT_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,18 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class PackageRef:
+    """The job package a job runs: pinned to the version that was current when the job was accepted."""
+
+    name: str
+    version: str  # sha256 of the archive, checked after download
+    uri: str  # s3://bucket/key of the archive
+
+    def to_json(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version, "uri": self.uri}
+
+
+@dataclass(frozen=True)
 class JobSpec:
     job_id: str
     input_bucket: str
@@ -45,13 +62,15 @@ class JobSpec:
     input_version_id: str | None
     output_bucket: str
     output_prefix: str
-    model_uri: str
+    model_uri: str | None  # the built-in classifier's model (jobs without a package)
     instance_id: str | None
     lease: Lease | None = None  # None: no heartbeat
     max_concurrent_jobs: int = DEFAULT_MAX_CONCURRENT_JOBS  # slots per instance (worker/slots.py)
     idle_shutdown_seconds: float = DEFAULT_IDLE_SHUTDOWN_SECONDS  # dead-man push (worker/deadman.py)
     server_linger_seconds: float = DEFAULT_SERVER_LINGER_SECONDS  # warm server after the batch; 0: none
     max_runtime_seconds: float | None = None  # the job is killed past this (worker/runtime_cap.py); None: no cap
+    package: PackageRef | None = None  # None: the built-in classifier at model_uri
+    params: dict[str, Any] = field(default_factory=dict)  # checked by the trigger, again by the runner
 
     @property
     def model_bucket(self) -> str:
@@ -81,6 +100,8 @@ class JobSpec:
             "idle_shutdown_seconds": self.idle_shutdown_seconds,
             "server_linger_seconds": self.server_linger_seconds,
             "max_runtime_seconds": self.max_runtime_seconds,
+            "package": self.package.to_json() if self.package else None,
+            "params": dict(self.params),
         }
 
 
@@ -160,8 +181,10 @@ def spec_from_object(raw: object) -> JobSpec:
     prefix = out.get("prefix")
     if not isinstance(prefix, str) or not prefix or len(prefix.encode("utf-8")) > MAX_KEY_BYTES - 64:
         raise SpecError(f"output.prefix must be a non-empty string of at most {MAX_KEY_BYTES - 64} bytes")
+    package = _parse_package(raw.get("package"))
     model_uri = raw.get("model_uri")
-    parse_s3_uri(model_uri)
+    if model_uri is not None or package is None:
+        parse_s3_uri(model_uri)
     instance_id = raw.get("instance_id")
     if instance_id is not None and (
         not isinstance(instance_id, str) or not INSTANCE_ID_PATTERN.fullmatch(instance_id)
@@ -189,7 +212,41 @@ def spec_from_object(raw: object) -> JobSpec:
             if raw.get("max_runtime_seconds") is not None
             else None
         ),
+        package=package,
+        params=_parse_params(raw.get("params")),
     )
+
+
+def _parse_package(value: object) -> PackageRef | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"name", "version", "uri"}:
+        raise SpecError('package must be null or {"name": ..., "version": <sha256>, "uri": "s3://..."}')
+    name, version, uri = value["name"], value["version"], value["uri"]
+    if not isinstance(name, str) or not PACKAGE_NAME_PATTERN.fullmatch(name):
+        raise SpecError(f"package.name must match {PACKAGE_NAME_PATTERN.pattern}, got {name!r:.100}")
+    if not isinstance(version, str) or not PACKAGE_VERSION_PATTERN.fullmatch(version):
+        raise SpecError(f"package.version must be a sha256 (64 lowercase hex), got {version!r:.100}")
+    try:
+        parse_s3_uri(uri)
+    except SpecError:
+        raise SpecError(f"package.uri must look like s3://bucket/key, got {uri!r:.200}") from None
+    return PackageRef(name, version, uri)
+
+
+def _parse_params(value: object) -> dict[str, Any]:
+    """Parameter values as the trigger resolved them: names to int, float, str or bool."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > MAX_PARAMS:
+        raise SpecError(f"params must be null or an object of at most {MAX_PARAMS} parameters")
+    for name, item in value.items():
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_PARAM_NAME_CHARS:
+            raise SpecError(f"params: {name!r:.100} is not a parameter name")
+        if not isinstance(item, (int, float, str, bool)) or (isinstance(item, str) and len(item) > MAX_PARAM_TEXT_CHARS):
+            raise SpecError(f"params.{name} must be an int, float, bool or a string of at most "
+                            f"{MAX_PARAM_TEXT_CHARS} characters")
+    return dict(value)
 
 
 def _load_json(data: bytes, what: str) -> dict[str, Any]:

@@ -556,10 +556,11 @@ def test_reaper_runs_on_a_schedule(tf):
 def test_instance_renews_only_the_lease_attributes_the_job_writes(tf):
     # GIVEN the update worker/lease.py makes on the job's item
     source = (REPO_ROOT / "worker" / "lease.py").read_text()
-    match = re.search(r'UpdateExpression=\(\s*((?:"[^"]*"\s*)+)\)', source)
+    match = re.search(r'UpdateExpression=\(\s*((?:"[^"]*"\s*)+)(?:\+\s*progress_set\s*)?\)', source)
     if match is None:
         pytest.skip("worker/lease.py has no UpdateExpression to compare with")
     expression = "".join(re.findall(r'"([^"]*)"', match.group(1)))
+    expression += "".join(re.findall(r'progress_set = "([^"]*)"', source))  # with the job's item progress
     names = set(re.findall(r"(?<![#\w])([a-z_]+)\s*=", expression)) | {"job_id"}
     aliases = dict(re.findall(r'"(#\w+)": "(\w+)"', source))
     names |= {aliases[alias] for alias in re.findall(r"#\w+", expression) if alias in aliases}

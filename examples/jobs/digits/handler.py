@@ -1,0 +1,119 @@
+"""The default job: a small CNN classifying handwritten digits (8x8), as a job package.
+
+Items: PNG/JPEG images (one row each), .npy arrays and CSV files of 64 pixel values on the 0-16 scale
+(one row per array item / CSV row, with a `row` column), and compute-only workloads
+({"workload": "compute" or "hold", "seconds": S} in a .json) for load and cost tests.
+The weights (weights/digits-cnn.pt, TorchScript) are trained by scripts/train_model.py at build time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from digits_inputs import FORMAT_BY_EXTENSION, InputError, ModelInput, decode_input
+
+WEIGHTS = Path("weights") / "digits-cnn.pt"
+BATCH_SIZE = 256  # CPU: the measured best
+CUDA_BATCH_SIZE = 1024  # a 16 GB GPU holds far more of a small CNN; larger batches amortise the launches
+MAX_COMPUTE_SECONDS = 3600
+WORKLOAD_HINT = (
+    'a .json item must be a compute workload, exactly {"workload": "compute" or "hold", "seconds": S} '
+    f"with 0 < S <= {MAX_COMPUTE_SECONDS}"
+)
+
+
+class Digits:
+    def setup(self, ctx) -> None:
+        self.device = torch.device(ctx.device)
+        path = Path(ctx.package_dir) / WEIGHTS
+        self.model = torch.jit.load(str(path), map_location=self.device).eval()
+        shape = [int(v) for v in self.model.input_shape]
+        polarity = getattr(self.model, "image_polarity", "")
+        self.model_input = ModelInput(*shape, array_value_max=float(self.model.array_value_max),
+                                      light_on_dark=polarity == "light-on-dark")
+        ctx.log.info(f"model loaded on {self.device}: input {shape}")
+
+    def process(self, items, ctx):
+        """Decode every item (a bad one fails alone), classify them all in large batches, one row each
+        (per array row / CSV row for .npy and .csv)."""
+        decoded = []  # (item, row names or None, pixels)
+        for item in items:
+            ext = Path(item.path).suffix.lower()
+            with ctx.item(item):
+                if ext == ".json":
+                    yield item, self._workload(item)
+                    continue
+                if ext not in FORMAT_BY_EXTENSION:
+                    raise InputError(f"{item.name} is not a .png/.jpg/.jpeg, .npy or .csv item")
+                result = decode_input(Path(item.path), ext, item.name, self.model_input)
+                rows = None if ext in (".png", ".jpg", ".jpeg") else result.items
+                decoded.append((item, rows, result.pixels))
+        if not decoded:
+            return
+        probs = self.predict(np.concatenate([pixels for _, _, pixels in decoded]))
+        start = 0
+        for item, rows, pixels in decoded:
+            for index in range(len(pixels)):
+                row = {"row": index + 1} if rows is not None else {}
+                yield item, {**row, **_prediction(probs[start + index])}
+            start += len(pixels)
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """Class probabilities, N x 10, in batches on the model's device (float16 autocast on CUDA)."""
+        cuda = self.device.type == "cuda"
+        size = CUDA_BATCH_SIZE if cuda else BATCH_SIZE
+        outputs = []
+        precision = torch.autocast("cuda", dtype=torch.float16) if cuda else contextlib.nullcontext()
+        with torch.inference_mode(), precision:
+            for start in range(0, len(pixels), size):
+                batch = torch.from_numpy(pixels[start : start + size])
+                batch = batch.pin_memory().to(self.device, non_blocking=True) if cuda else batch
+                logits = self.model(batch)
+                outputs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        return np.concatenate(outputs)
+
+    def _workload(self, item) -> dict:
+        """Forward passes on random data ("compute") or one pass then an idle wait ("hold") for S seconds."""
+        kind, seconds = _parse_workload(Path(item.path), item.name)
+        pixels = np.random.default_rng(0).random((64, *self.model_input.shape), dtype=np.float32)
+        deadline, passes = time.monotonic() + seconds, 0
+        while True:
+            probs = self.predict(pixels)
+            passes += len(pixels)
+            if kind == "hold":
+                time.sleep(max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                return {"workload": kind, "forward_items": passes, **_prediction(probs[0])}
+
+
+def _prediction(probs: np.ndarray) -> dict:
+    label = int(probs.argmax())
+    return {"label": label, "confidence": f"{probs[label]:.6f}",
+            **{f"prob_{k}": f"{p:.6f}" for k, p in enumerate(probs)}}
+
+
+def _parse_workload(path: Path, name: str) -> tuple[str, float]:
+    data = path.read_bytes()[:4097]
+    try:
+        raw = json.loads(data)
+    except ValueError as exc:
+        raise InputError(f"{name} is not valid JSON ({exc}); {WORKLOAD_HINT}") from exc
+    seconds = raw.get("seconds") if isinstance(raw, dict) else None
+    if (
+        len(data) > 4096
+        or not isinstance(raw, dict)
+        or set(raw) != {"workload", "seconds"}
+        or raw["workload"] not in ("compute", "hold")
+        or not isinstance(seconds, (int, float))
+        or isinstance(seconds, bool)
+        or not math.isfinite(seconds)
+        or not 0 < seconds <= MAX_COMPUTE_SECONDS
+    ):
+        raise InputError(f"{name} is not a compute workload; {WORKLOAD_HINT}")
+    return raw["workload"], float(seconds)

@@ -1,0 +1,206 @@
+"""The process that hosts one job package's handler: setup() once, then process() once per job.
+
+Started by worker/hosts.py with the package environment's Python (`python -m worker.handler_host`), it
+speaks JSON lines: jobs in on stdin, events out on the original stdout (ready | setup_failed, log,
+progress, done). The handler's own prints go to stderr, so they cannot corrupt the protocol. Standard
+library only: the package environment may lack everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from worker.handler_context import (
+    Item,
+    ItemError,
+    JobContext,
+    RowCollector,
+    SetupContext,
+    describe_exception,
+)
+
+PROGRESS_EVERY_SECONDS = 0.5
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _exit_with_parent() -> None:
+    """The runner may be killed (SIGKILL at the job's runtime cap): its handler process must not run on."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class _Channel:
+    """The protocol's output: one JSON object per line, from any thread."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, **fields}, default=str, ensure_ascii=False)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+class _ChannelHandler(logging.Handler):
+    """ctx.log records travel to the runner, which writes them into the job's job.log."""
+
+    def __init__(self, channel: _Channel) -> None:
+        super().__init__()
+        self._channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)[-2000:]
+            self._channel.send("log", level=record.levelname, message=message[:4000])
+        except Exception:  # a log line must never fail the job
+            pass
+
+
+def load_handler(package_dir: Path, entrypoint: str) -> Any:
+    """Import module:Class from the package folder and instantiate it."""
+    module_name, _, class_name = entrypoint.partition(":")
+    if str(package_dir) not in sys.path:
+        sys.path.insert(0, str(package_dir))
+    module = importlib.import_module(module_name)
+    handler_class = getattr(module, class_name, None)
+    if handler_class is None:
+        raise AttributeError(f"module {module_name!r} has no class {class_name!r} (entrypoint {entrypoint!r})")
+    return handler_class()
+
+
+def run_process(handler: Any, items: list[Item], ctx: JobContext, on_progress=None) -> tuple[RowCollector, str | None]:
+    """Drive handler.process(items, ctx) to the end: the rows, and an error message if process() itself
+    raised (its item errors are in ctx.errors)."""
+    rows = RowCollector()
+    done: set[str] = set()
+    names = {item.name for item in items}
+    process_error: str | None = None
+    last_sent = 0.0
+    try:
+        produced = handler.process(items, ctx)
+        for pair in produced if produced is not None else ():
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], Mapping)):
+                raise TypeError(f"process() must yield (item, row_dict) pairs, got {type(pair).__name__}")
+            item, row = pair
+            name = getattr(item, "name", item)
+            if not isinstance(name, str):
+                raise TypeError(f"process() yielded an item of type {type(item).__name__}; yield the Item")
+            rows.add(name, row)
+            done.add(name)
+            now = time.monotonic()
+            if on_progress is not None and now - last_sent >= PROGRESS_EVERY_SECONDS:
+                last_sent = now
+                on_progress(len(done | {e.item for e in ctx.errors} & names), len(items))
+    except Exception as exc:
+        error = describe_exception("", exc)
+        process_error = f"process() raised {error.type}: {error.message}"
+        for item in items:
+            if item.name not in done and item.name not in {e.item for e in ctx.errors}:
+                ctx.fail_item(item.name, exc)
+    return rows, process_error
+
+
+def finish_job(items: list[Item], ctx: JobContext, rows: RowCollector, results_path: Path,
+               errors_path: Path) -> dict[str, int]:
+    """Write results.csv and errors.jsonl; the item counts. An item succeeded when it has a row and no
+    error; an item with neither gets a "NoResult" error."""
+    failed_names = {error.item for error in ctx.errors}
+    with_rows = {name for name, _ in rows.rows}
+    for item in items:
+        if item.name not in with_rows and item.name not in failed_names:
+            ctx.errors.append(ItemError(item.name, "NoResult", "process() yielded no row for this item", ""))
+            failed_names.add(item.name)
+    columns = rows.columns()
+    with results_path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for name, row in rows.rows:
+            values = {str(key): value for key, value in row.items()}
+            values["item"] = name
+            writer.writerow(["" if values.get(c) is None else values.get(c) for c in columns])
+    with errors_path.open("w", encoding="utf-8") as fh:
+        for error in ctx.errors:
+            fh.write(json.dumps(error.to_json(), ensure_ascii=False) + "\n")
+    failed = len({item.name for item in items} & failed_names)
+    return {"total": len(items), "succeeded": len(items) - failed, "failed": failed}
+
+
+def serve(package_dir: Path, entrypoint: str, stdin: TextIO, channel: _Channel) -> int:
+    logger = logging.getLogger("job")
+    logger.handlers[:] = [_ChannelHandler(channel)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    os.chdir(package_dir)
+    started = time.monotonic()
+    setup_ctx = SetupContext(package_dir, logger)
+    try:
+        handler = load_handler(package_dir, entrypoint)
+        setup = getattr(handler, "setup", None)
+        if setup is not None:
+            setup(setup_ctx)
+    except BaseException as exc:  # SystemExit in a handler is its failure too
+        error = describe_exception("", exc)
+        channel.send("setup_failed", type=error.type, message=error.message, traceback=error.traceback)
+        return 3
+    device = setup_ctx._device or ("cuda" if _torch_sees_cuda() else "cpu")
+    channel.send("ready", setup_s=round(time.monotonic() - started, 3), device=device, pid=os.getpid())
+    for line in stdin:
+        request = json.loads(line)
+        job = request["job"]
+        items = [Item(entry["name"], Path(entry["path"])) for entry in job["items"]]
+        ctx = JobContext(package_dir, logger, job_id=job["job_id"], params=job["params"],
+                         output_dir=Path(job["output_dir"]), device=setup_ctx._device)
+        channel.send("progress", done=0, total=len(items))
+        started = time.monotonic()
+        rows, process_error = run_process(
+            handler, items, ctx, lambda done, total: channel.send("progress", done=done, total=total)
+        )
+        process_s = time.monotonic() - started
+        counts = finish_job(items, ctx, rows, Path(job["results_path"]), Path(job["errors_path"]))
+        channel.send("progress", done=len(items), total=len(items))
+        first = ctx.errors[0].to_json() if ctx.errors else None
+        channel.send("done", counts=counts, process_error=process_error, first_error=first,
+                     process_s=round(process_s, 3))
+    return 0
+
+
+def _torch_sees_cuda() -> bool:
+    torch = sys.modules.get("torch")  # never imported here just to ask
+    return bool(torch is not None and torch.cuda.is_available())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.handler_host")
+    parser.add_argument("--package-dir", type=Path, required=True)
+    parser.add_argument("--entrypoint", required=True)
+    args = parser.parse_args(argv)
+    _exit_with_parent()
+    protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)  # the handler's print() goes to stderr, never into the protocol
+    sys.stdout = sys.stderr
+    return serve(args.package_dir.resolve(), args.entrypoint, sys.stdin, _Channel(protocol))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
