@@ -22,6 +22,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DIST_NAME = "batchworker-job"
 PACKAGE = "worker"
 ENTRY_POINTS = {"batchworker-job": "worker.cli:main"}
+# The part of the shared core the instance runs: job.toml parsing and safe unpacking of job packages.
+# Standard library only (a unit test of batchworker/jobpkg pins that import closure).
+SHARED_MODULES = (
+    "batchworker/__init__.py",
+    "batchworker/errors.py",
+    "batchworker/jobpkg/__init__.py",
+    "batchworker/jobpkg/archive.py",
+    "batchworker/jobpkg/config.py",
+    "batchworker/jobpkg/errors.py",
+)
 # What `worker/` imports besides torch and the standard library. Lower bounds only, and loose ones, so
 # that the AMI's own numpy and Pillow (built with its torch) satisfy them and pip leaves them alone.
 REQUIRES_DIST = ("boto3>=1.26", "numpy>=1.21", "pillow>=9.1")
@@ -44,11 +54,13 @@ def collect_package_files(repo_root: Path) -> dict[str, bytes]:
     package_dir = repo_root / PACKAGE
     if not package_dir.is_dir():
         raise FileNotFoundError(f"package directory not found: {package_dir}")
-    return {
+    files = {
         (Path(PACKAGE) / path.relative_to(package_dir)).as_posix(): path.read_bytes()
         for path in package_dir.rglob("*.py")
         if "__pycache__" not in path.relative_to(package_dir).parts
     }
+    files.update({name: (repo_root / name).read_bytes() for name in SHARED_MODULES})
+    return files
 
 
 def dist_info_files(version: str, requires_python: str | None) -> dict[str, bytes]:
@@ -71,7 +83,7 @@ def dist_info_files(version: str, requires_python: str | None) -> dict[str, byte
         "METADATA": ("\n".join(metadata) + "\n").encode(),
         "WHEEL": ("\n".join(wheel) + "\n").encode(),
         "entry_points.txt": ("\n".join(entry_points) + "\n").encode(),
-        "top_level.txt": f"{PACKAGE}\n".encode(),
+        "top_level.txt": f"batchworker\n{PACKAGE}\n".encode(),
     }
 
 

@@ -471,7 +471,8 @@ data "aws_iam_policy_document" "gpu" {
   }
 
   # instance (job): renew the job's lease while it runs (worker/lease.py: status, lease_expires_at,
-  # updated_at, running_since of the job's item, conditional on it being dispatched or running). Only
+  # updated_at, running_since, and items_done/items_total for progress, of the job's item, conditional on
+  # it being dispatched or running). Only
   # UpdateItem, and only on those attributes: the instance cannot read or create jobs.
   statement {
     sid       = "RenewJobLease"

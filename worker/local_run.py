@@ -18,7 +18,7 @@ from typing import Any
 from worker.errors import InputError, StorageError
 from worker.packages import PACKAGES_DIR
 from worker.spec import JobSpec, PackageRef
-from worker.storage import ObjectInfo
+from worker.storage import AlreadyWritten, ObjectInfo
 
 INPUT_BUCKET = "local-input"
 OUTPUT_BUCKET = "local-output"
@@ -48,8 +48,11 @@ class LocalStorage:
         target = self._target(key)
         shutil.copyfile(path, target)
 
-    def put_json(self, bucket: str, key: str, document: dict[str, Any]) -> None:
-        self._target(key).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    def put_json(self, bucket: str, key: str, document: dict[str, Any], only_if_absent: bool = False) -> None:
+        target = self._target(key)
+        if only_if_absent and target.exists():
+            raise AlreadyWritten(f"{key} exists")
+        target.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def _target(self, key: str) -> Path:
         target = self._out / key  # keys are jobs/<job_id>/..., made by the runner, never by an input

@@ -306,7 +306,7 @@ def test_valid_spec_round_trips():
     # the optional fields come out with the values the job uses when they are absent
     defaults = {
         "lease": None, "max_concurrent_jobs": 4, "idle_shutdown_seconds": 600, "server_linger_seconds": 60,
-        "max_runtime_seconds": None,
+        "max_runtime_seconds": None, "package": None, "params": {},
     }
     assert spec.to_json() == {**VALID_SPEC, **defaults}
     assert parse_spec(json.dumps(spec.to_json())) == spec
@@ -320,6 +320,8 @@ def test_optional_fields_round_trip():
         "idle_shutdown_seconds": 30.5,
         "server_linger_seconds": 0,
         "max_runtime_seconds": 3600,
+        "package": {"name": "wordstats", "version": "ab" * 32, "uri": "s3://art-bucket/job-packages/w.tar.gz"},
+        "params": {"top": 3, "mode": "fast", "ratio": 0.5, "strict": True},
     }
     spec = parse_spec(json.dumps(full))
     assert (spec.lease.table, spec.lease.seconds) == ("bw-jobs", 90.0)

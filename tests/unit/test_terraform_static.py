@@ -706,6 +706,8 @@ def _fake_repo(root: Path) -> Path:
         "batchworker/cli/main.py": "raise ImportError\n",
         "batchworker/__pycache__/config.cpython-311.py": "",
         "batchworker/notes.txt": "not python\n",
+        "batchworker/errors.py": "class PermanentError(Exception):\n    pass\n",
+        **{f"batchworker/jobpkg/{name}.py": "" for name in ("__init__", "archive", "config", "errors")},
         "worker/__init__.py": "",
         "worker/cli.py": "def main():\n    return 0\n",
         "worker/__pycache__/cli.cpython-311.py": "",
@@ -760,7 +762,10 @@ def test_job_package_is_an_installable_wheel(tmp_path):
     assert descriptor["sha256"] == hashlib.sha256(wheel.read_bytes()).hexdigest()
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
-        assert names[:2] == ["worker/__init__.py", "worker/cli.py"]  # no bytecode, no other package
+        # no bytecode, and of the shared core only what unpacks and reads job packages
+        jobpkg = [f"batchworker/jobpkg/{name}.py" for name in ("__init__", "archive", "config", "errors")]
+        assert names[:8] == ["batchworker/__init__.py", "batchworker/errors.py", *jobpkg,
+                             "worker/__init__.py", "worker/cli.py"]
         assert names[-1] == "batchworker_job-9.8.7.dist-info/RECORD"
         metadata = archive.read("batchworker_job-9.8.7.dist-info/METADATA").decode()
         assert "Name: batchworker-job\nVersion: 9.8.7\n" in metadata
@@ -790,6 +795,8 @@ def test_build_lambdas_contents(tmp_path):
             "app.py",
             "batchworker/__init__.py",
             "batchworker/config.py",
+            "batchworker/errors.py",
+            *[f"batchworker/jobpkg/{name}.py" for name in ("__init__", "archive", "config", "errors")],
             "batchworker/transports/ssh.py",
         ]
         assert "'worker'" in archive.read("app.py").decode()
