@@ -1,7 +1,9 @@
 """Local stand-in for one GPU EC2 instance: an SSH server that lives and dies with the moto instance state.
 
 Like the instance's systemd timer (worker/deadman.py), it stops its own instance through moto when the
-jobs' dead-man timer has expired and none of the instance's processes is alive.
+jobs' dead-man timer has expired and none of the instance's processes is alive. Like the instance's
+systemd unit batchworker-prewarm, it starts a boot command (`batchworker-job prewarm`) each time the
+instance turns running, during the boot delay, killed with everything else at power off.
 Run as `python -m batchworker.local.instance_host --instance-id i-... --state-dir DIR ...`.
 """
 
@@ -116,6 +118,7 @@ class InstanceHost:
         deadman_check_seconds: float = 5.0,
         ec2_client: Any = None,
         ssm_client: Any = None,
+        boot_command: list[str] | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.parameter_prefix = parameter_prefix
@@ -125,6 +128,7 @@ class InstanceHost:
         self.port = port
         self.poll_interval_seconds = poll_interval_seconds
         self.deadman_check_seconds = deadman_check_seconds  # 0: never stop on the dead-man timer
+        self.boot_command = boot_command  # argv, started at every boot (None: nothing)
         self.ec2 = ec2_client or boto3.client("ec2")
         self.ssm = ssm_client or boto3.client("ssm")
         self.connections: set[asyncssh.SSHServerConnection] = set()
@@ -135,6 +139,7 @@ class InstanceHost:
         self._state: str | None = None
         self._stop = asyncio.Event()
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._boot_reapers: set[asyncio.Task[None]] = set()
 
     def is_accepting(self) -> bool:
         since = self._running_since
@@ -253,9 +258,34 @@ class InstanceHost:
                 self._running_since = time.monotonic()
                 logger.info("instance %s is running; accepting SSH after %.1f s of boot", self.instance_id,
                             self.boot_delay_seconds)
+                await self._start_boot_command()
         elif previous != state:
             self._running_since = None
             await self._power_off(f"instance is {state}")
+
+    async def _start_boot_command(self) -> None:
+        """As systemd starts the instance's units at boot: in its own session, output to boot.log."""
+        if not self.boot_command:
+            return
+        try:
+            with open(self.state_dir / "boot.log", "ab") as log:
+                child = await asyncio.create_subprocess_exec(
+                    *self.boot_command, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                    env=self._environment("batchworker"), cwd=self.state_dir / "home", start_new_session=True)
+        except OSError as exc:
+            logger.warning("instance %s: boot command failed to start: %s", self.instance_id, exc)
+            return
+        self.processes.add(child)  # killed at power off, as every process of the instance
+        logger.info("instance %s: boot command started, pid %d", self.instance_id, child.pid)
+
+        async def reap() -> None:
+            returncode = await child.wait()
+            self.processes.discard(child)
+            logger.info("instance %s: boot command pid %d exited with %d", self.instance_id, child.pid, returncode)
+
+        task = asyncio.create_task(reap())
+        self._boot_reapers.add(task)  # a reference, so the task is not collected early
+        task.add_done_callback(self._boot_reapers.discard)
 
     async def _watch_deadman(self) -> None:
         while True:
@@ -391,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-interval-seconds", type=float, default=0.2)
     parser.add_argument("--deadman-check-seconds", type=float, default=5.0,
                         help="how often to check the jobs' dead-man timer; 0 disables")
+    parser.add_argument("--boot-command", type=json.loads, default=None,
+                        help='JSON argv started each time the instance turns running, e.g. ["batchworker-job", "prewarm"]')
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -398,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     host = InstanceHost(args.instance_id, args.parameter_prefix, args.state_dir.resolve(),
                         args.boot_delay_seconds, args.authorized_key_file, args.port,
-                        args.poll_interval_seconds, args.deadman_check_seconds)
+                        args.poll_interval_seconds, args.deadman_check_seconds, boot_command=args.boot_command)
     asyncio.run(host.serve())
     return 0
 

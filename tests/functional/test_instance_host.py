@@ -106,8 +106,8 @@ class Host:
 
 
 @pytest.fixture
-def host(cloud: Cloud, tmp_path: Path) -> Iterator[Host]:
-    """A host for a fresh instance that is stopped, as the pool keeps them."""
+def host(cloud: Cloud, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    """A host for a fresh instance that is stopped, as the pool keeps them (extra arguments: indirect param)."""
     instance_id = cloud.ec2.run_instances(
         ImageId=cloud.image_id, MinCount=1, MaxCount=1, InstanceType="g4dn.xlarge"
     )["Instances"][0]["InstanceId"]
@@ -118,7 +118,8 @@ def host(cloud: Cloud, tmp_path: Path) -> Iterator[Host]:
         [sys.executable, "-m", "batchworker.local.instance_host", "--instance-id", instance_id,
          "--parameter-prefix", PREFIX, "--state-dir", str(state_dir),
          "--boot-delay-seconds", str(BOOT_DELAY_SECONDS), "--authorized-key-file",
-         str(cloud.authorized_key_file), "--poll-interval-seconds", "0.1", "--deadman-check-seconds", "0.2"],
+         str(cloud.authorized_key_file), "--poll-interval-seconds", "0.1", "--deadman-check-seconds", "0.2",
+         *getattr(request, "param", [])],
         env={**os.environ, **cloud.env}, stdout=subprocess.DEVNULL, stderr=log,
     )
     try:
@@ -336,3 +337,32 @@ def _sessions_running(host: Host) -> bool:
         except OSError:
             continue
     return False
+
+
+BOOT_SCRIPT = """
+import os, pathlib, sys, time
+root = pathlib.Path(os.environ["BATCHWORKER_JOB_ROOT"])
+(root / f"booted-{os.getpid()}").write_text(os.environ["BATCHWORKER_INSTANCE_ID"])
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("host", [["--boot-command", json.dumps([sys.executable, "-c", BOOT_SCRIPT])]],
+                         indirect=True)
+def test_boot_command_starts_with_every_boot_and_dies_at_stop(cloud: Cloud, host: Host) -> None:
+    jobs = host.state_dir / "jobs"
+    assert not list(jobs.glob("booted-*"))  # stopped: nothing runs
+    started = time.monotonic()
+    cloud.ec2.start_instances(InstanceIds=[host.instance_id])
+    first = wait_for(lambda: list(jobs.glob("booted-*")), 15, "the boot command")[0]
+    # It runs during the boot, with the instance's environment, as a systemd unit would.
+    assert first.read_text() == host.instance_id
+    wait_for(lambda: probe(host.endpoint, 1.0), 15, "the SSH banner")
+    assert time.monotonic() - started >= BOOT_DELAY_SECONDS
+    pid = int(first.name.removeprefix("booted-"))
+    assert is_alive(pid)
+
+    cloud.ec2.stop_instances(InstanceIds=[host.instance_id])
+    wait_for(lambda: not is_alive(pid), 10, "the boot command to die with the instance")
+    cloud.ec2.start_instances(InstanceIds=[host.instance_id])
+    wait_for(lambda: len(list(jobs.glob("booted-*"))) == 2, 15, "the boot command of the second boot")
