@@ -93,6 +93,7 @@ def build_archive(package_dir: Path, dest_dir: Path) -> ArchiveInfo:
                     with open(path, "rb") as body:
                         tar.addfile(info, body)
         digest = file_sha256(Path(temp_name))
+        os.chmod(temp_name, 0o644)  # mkstemp makes it 0600; the archive is no secret
         final = dest_dir / f"{digest}{ARCHIVE_SUFFIX}"
         os.replace(temp_name, final)
     except BaseException:

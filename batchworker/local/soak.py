@@ -1,7 +1,9 @@
 """A soak run against a running local cloud: a burst of uploads, duplicated events, injected faults.
 
 Used by `make soak` (1000 uploads) and by a smaller run inside `make test`. Counts what a user cares
-about: every upload ends with exactly one manifest, no job runs twice, no instance is left running.
+about: every upload ends with exactly one manifest, no job runs twice, no instance is left running. With
+job packages, a share of the uploads goes to them (their sample/ files) and the first one is deployed again
+halfway through: each of its jobs must run, and name, a version that was current while the burst ran.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
+import tempfile
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +25,8 @@ from urllib.parse import quote_plus
 import boto3
 import numpy as np
 
+from batchworker.jobpkg.config import load_job_config
+from batchworker.jobpkg.registry import PackageRegistry
 from batchworker.local import processes
 from batchworker.local.state import client_environment, read_state
 from batchworker.models import job_id_for
@@ -67,6 +73,9 @@ class SoakReport:
     faults_injected: list[str] = field(default_factory=list)
     instance_states: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
+    # name -> version -> manifests that named it (jobs of job packages); versions deployed per name
+    package_runs: dict[str, dict[str, int]] = field(default_factory=dict)
+    package_versions: dict[str, list[str]] = field(default_factory=dict)
 
     def rows(self) -> list[tuple[str, str]]:
         return [
@@ -79,6 +88,9 @@ class SoakReport:
             ("lost jobs", str(len(self.lost))),
             ("bad inputs tried / failed with a clear error", f"{self.bad_inputs_tried} / {self.bad_inputs_failed_clearly}"),
             ("faults injected (all survived: no lost job)", ", ".join(self.faults_injected) or "none"),
+            ("package jobs per version (deployed mid-burst: second)", "; ".join(
+                f"{name}: " + ", ".join(f"{v[:8]}={runs.get(v, 0)}" for v in self.package_versions.get(name, []))
+                for name, runs in sorted(self.package_runs.items())) or "none"),
             ("final instance states", ", ".join(self.instance_states)),
             ("wall time", f"{self.wall_time_s:.1f}s"),
         ]
@@ -100,10 +112,12 @@ class Soak:
         self.rng = random.Random(seed)
 
     def run(self, uploads: int, duplicate_fraction: float = 0.1, faults: bool = True,
-            timeout_seconds: float = 1800) -> SoakReport:
+            timeout_seconds: float = 1800, packages: list[Path] = (), package_share: float = 0.3) -> SoakReport:
         started = time.monotonic()
         report = SoakReport()
-        bodies: dict[str, bytes] = {f"soak/{n:05d}.csv": _good_csv(self.rng) for n in range(uploads)}
+        package_uploads = int(uploads * package_share) if packages else 0
+        bodies: dict[str, bytes] = {f"soak/{n:05d}.csv": _good_csv(self.rng) for n in range(uploads - package_uploads)}
+        bodies.update(self.package_bodies(packages, package_uploads, report))
         bad = {**BAD_INPUTS, "bad/pickle.npy": _pickled_npy(), "bad/traversal.zip": _traversal_zip()}
         for key in bad:
             bodies[key] = bad[key]
@@ -112,6 +126,8 @@ class Soak:
         jobs: dict[str, str] = {}  # job id -> key
         fault_points = {len(keys) // 3: "instance stopped mid-burst", len(keys) // 2: "job process killed",
                         2 * len(keys) // 3: "manifest event delivered twice"} if faults else {}
+        if packages:
+            fault_points[len(keys) // 2 + 1] = "package deployed again"
         with ThreadPoolExecutor(max_workers=8) as upload_pool:
             for start in range(0, len(keys), 50):
                 chunk = keys[start:start + 50]
@@ -119,7 +135,10 @@ class Soak:
                     jobs[job_id] = key
                 for point, fault in fault_points.items():
                     if start <= point < start + 50:
-                        self.inject(fault, jobs, report)
+                        if fault == "package deployed again":
+                            self.redeploy(packages[0], report)
+                        else:
+                            self.inject(fault, jobs, report)
                 time.sleep(0.2)
         report.uploads = len(keys)
         report.bad_inputs_tried = len(bad)
@@ -128,6 +147,13 @@ class Soak:
         report.lost = sorted(set(jobs) - set(manifests))
         for job_id, manifest in manifests.items():
             key = jobs[job_id]
+            name = key.split("/", 1)[0]
+            if name in report.package_versions:
+                version = (manifest.get("package") or {}).get("version")
+                runs = report.package_runs.setdefault(name, {})
+                runs[version] = runs.get(version, 0) + 1
+                if version not in report.package_versions[name]:
+                    report.unexpected_failures.append(f"{key}: ran version {version}, never deployed during the soak")
             if manifest["status"] == "succeeded":
                 report.succeeded += 1
             else:
@@ -140,6 +166,33 @@ class Soak:
         report.instance_states = self.wait_all_stopped(started + timeout_seconds + 120)
         report.wall_time_s = time.monotonic() - started
         return report
+
+    def registry(self) -> PackageRegistry:
+        return PackageRegistry(self.env["BATCHWORKER_ARTIFACTS_BUCKET"], self.s3)
+
+    def package_bodies(self, packages: list[Path], count: int, report: SoakReport) -> dict[str, bytes]:
+        """Deploy each package and spread `count` uploads over them, cycling through their sample/ files."""
+        bodies: dict[str, bytes] = {}
+        for n, folder in enumerate(packages):
+            config = load_job_config(folder)
+            report.package_versions[config.name] = [self.registry().deploy(folder).ref.version]
+            samples = sorted(p for p in (folder / "sample").rglob("*") if p.is_file() and config.accepts(p.name))
+            if not samples:
+                raise ValueError(f"{folder}/sample has no file job {config.name!r} accepts; the soak uploads those")
+            for i in range(n, count, len(packages)):
+                sample = samples[i % len(samples)]
+                bodies[f"{config.name}/soak-{i:05d}-{sample.name}"] = sample.read_bytes()
+        return bodies
+
+    def redeploy(self, folder: Path, report: SoakReport) -> None:
+        """Deploy a new version of the package (same code, one more file) while its jobs are under way."""
+        with tempfile.TemporaryDirectory(prefix="batchworker-soak-") as work:
+            copy = Path(work) / folder.name
+            shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            (copy / "SOAK-REDEPLOY").write_text(f"{time.time()}\n")
+            ref = self.registry().deploy(copy).ref
+        report.package_versions[ref.name].append(ref.version)
+        report.faults_injected.append("package deployed again")
 
     def put(self, key: str, body: bytes, report: SoakReport) -> str:
         response = self.s3.put_object(Bucket=self.env["BATCHWORKER_INPUT_BUCKET"], Key=key, Body=body)
