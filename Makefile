@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install build lint demo test test-fast soak bench clean
+.PHONY: install build lint browser demo test test-fast soak bench clean
 
 install: $(VENV)/.installed
 
@@ -28,7 +28,15 @@ demo: build
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: build lint
+# The dashboard's browser tests drive Debian's chromium (Playwright downloads no browser of its own).
+# If it cannot be installed, say so and stop: the browser tests must not be skipped silently.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; } \
+		|| { echo "error: cannot install chromium (apt-get install -y chromium), needed by the browser tests" >&2; exit 1; }
+
+test: build lint browser
 	bash scripts/check_terraform.sh
 	$(PY) -m pytest -ra
 

@@ -385,5 +385,58 @@ def main() -> int:
     return 0
 
 
+# --- dashboard (issue 12) ---------------------------------------------------------------------------------
+DASHBOARD_JOBS = 10_000
+DASHBOARD_TABLE = "bench-dashboard-jobs"
+GOALS["dashboard_jobs_page_s"] = ("<=", 1.0)
+
+
+@measure("one")
+def dashboard_jobs_page(bench: Bench, args) -> dict[str, float]:
+    """Server seconds of the first render of the jobs page over a job table of 10,000 jobs.
+
+    The table (shaped as terraform/dynamodb.tf, filled on the first repetition) lives in the local cloud's
+    moto server beside the deployment's own; each repetition builds a fresh app (templates not compiled yet)
+    and times its first GET /jobs, DynamoDB queries over HTTP included (moto reads the whole table for each
+    query of the status index, one per status; DynamoDB reads only the page).
+    """
+    from datetime import timedelta
+
+    from batchworker.cli.client import Deployment
+    from batchworker.dashboard.app import create_app
+    from batchworker.models import isoformat, utc_now
+
+    if DASHBOARD_TABLE not in bench.ddb.list_tables()["TableNames"]:
+        bench.ddb.create_table(
+            TableName=DASHBOARD_TABLE, BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("job_id", "status", "created_at")],
+            KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
+            GlobalSecondaryIndexes=[{"IndexName": "status-index", "Projection": {"ProjectionType": "ALL"},
+                                     "KeySchema": [{"AttributeName": "status", "KeyType": "HASH"},
+                                                   {"AttributeName": "created_at", "KeyType": "RANGE"}]}],
+        )
+        first = utc_now() - timedelta(days=3)
+        statuses = ["SUCCEEDED"] * 8 + ["FAILED", "RUNNING"]
+        for start in range(0, DASHBOARD_JOBS, 25):
+            bench.ddb.batch_write_item(RequestItems={DASHBOARD_TABLE: [{"PutRequest": {"Item": {
+                "job_id": {"S": f"j-{n:016x}"}, "status": {"S": statuses[n % len(statuses)]},
+                "input_bucket": {"S": "bench-input"}, "input_key": {"S": f"uploads/{n:05d}.png"},
+                "created_at": {"S": isoformat(first + timedelta(seconds=20 * n))},
+                "updated_at": {"S": isoformat(first + timedelta(seconds=20 * n + 15))}, "attempts": {"N": "1"},
+            }}} for n in range(start, min(start + 25, DASHBOARD_JOBS))]})
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):  # the local cloud's fake credentials
+        os.environ.setdefault(name, bench.env[name])
+    deployment = Deployment(bench.env["BATCHWORKER_INPUT_BUCKET"], bench.env["BATCHWORKER_OUTPUT_BUCKET"],
+                            DASHBOARD_TABLE, bench.env["BATCHWORKER_INSTANCE_EVENTS_TABLE"],
+                            bench.env["BATCHWORKER_POOL_TAG"], endpoint_url=bench.env["AWS_ENDPOINT_URL"],
+                            region=bench.env["AWS_DEFAULT_REGION"])
+    client = create_app(deployment).test_client()
+    started = time.perf_counter()
+    response = client.get("/jobs")
+    seconds = time.perf_counter() - started
+    assert response.status_code == 200 and response.get_data(as_text=True).count('<tr class="status-') == 50
+    return {"dashboard_jobs_page_s": seconds}
+
+
 if __name__ == "__main__":
     sys.exit(main())

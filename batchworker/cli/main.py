@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from batchworker.cli import costs_cmd, job_cmd, status_table, transfer
+from batchworker.cli import costs_cmd, dashboard_cmd, job_cmd, status_table, transfer
 from batchworker.cli.client import FIELDS, OPTIONAL_FIELDS, resolve
 from batchworker.cli.follow import follow
 from batchworker.cli.views import take_snapshot
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     costs_cmd.add_parsers(sub)
     job_cmd.add_parsers(sub, deployment_of)
+    dashboard_cmd.add_parser(sub)
 
     local = sub.add_parser("local", help="the local cloud (moto + terraform + local Lambda runtime + SSH hosts)")
     local_sub = local.add_subparsers(required=True, metavar="ACTION")

@@ -1,0 +1,1 @@
+"""`batchworker dashboard`: a local, read-only web page of jobs, instances, cost and queues."""
