@@ -130,7 +130,8 @@ def accept_upload(
             f"no instance carries tag {POOL_TAG_KEY}={settings.pool_tag}; run `terraform apply` to create the pool"
         )
     # Bump the instance's generation first: a stop decided before this point can no longer be claimed.
-    ledger.note_assignment(placement.instance_id)
+    # The placement goes into the instance's ledger record too: stop decisions read it strongly consistent.
+    ledger.note_assignment(placement.instance_id, job_ids=[job.job_id])
     jobs.assign_instance(job.job_id, placement.instance_id)
     if placement.start:
         pool.try_start(placement.instance_id, reason=f"job {job.job_id} queued; {placement.reason}")
@@ -292,7 +293,7 @@ def finish_job(
     job = jobs.get(job_id)
     instance_id = (job.instance_id if job else None) or manifest.get("instance_id")
     if instance_id:
-        ledger.note_activity(instance_id, now)
+        ledger.note_activity(instance_id, now, job_ids=[job_id])
     return instance_id
 
 
@@ -311,7 +312,9 @@ def stop_if_idle(
     With `gaps`, an idle pool opens a gap there and the adaptive grace learns from the recent ones.
     """
     now = now or utc_now()
-    entry = ledger.read(instance_id)  # read before the jobs: an assignment after this voids the claim
+    # Strongly consistent, and read before the jobs: an assignment after this voids the claim, and every job
+    # placed before it is in entry.placed_job_ids, whatever the (eventually consistent) status index shows.
+    entry = ledger.read(instance_id)
     instance = pool.get(instance_id)
     active = jobs.active()
     if gaps is not None and not active:
@@ -323,7 +326,7 @@ def stop_if_idle(
         gaps.recent() if learns else [],
         settings.restart_cost_seconds,
     )
-    decision = should_stop(now, instance, active, grace, entry.last_activity_at)
+    decision = should_stop(now, instance, active, grace, entry.last_activity_at, entry.placed_job_ids)
     if decision.stop and not ledger.claim_stop(instance_id, entry.generation):
         decision = StopDecision(False, "a job was placed on it meanwhile, or another stop was claimed")
     logger.info("instance %s after %s: %s (%s)", instance_id, cause, "stop" if decision.stop else "keep", decision.reason)

@@ -22,11 +22,14 @@ def should_stop(
     active_jobs: Iterable[Job],
     idle_grace_seconds: float = 0.0,
     last_job_finished_at: datetime | None = None,
+    placed_job_ids: Iterable[str] = (),
 ) -> StopDecision:
     """Decide whether `instance` may be stopped now.
 
     The instance stays up while any of these holds:
     - it is not running (pending, stopping, stopped: nothing to stop now);
+    - its ledger record lists a job placed on it whose manifest is not recorded yet (`placed_job_ids`, a
+      strongly consistent read: the status index behind `active_jobs` can miss a job placed a moment ago);
     - a job is dispatched to it or running on it;
     - a job is queued for it, or queued and not yet placed on any instance (it will need one);
     - its last job finished less than `idle_grace_seconds` ago (work arriving right after is cheaper
@@ -35,6 +38,9 @@ def should_stop(
     """
     if instance.state is not InstanceState.RUNNING:
         return StopDecision(False, f"instance is {instance.state.value}")
+    if placed := sorted(placed_job_ids):
+        more = f" and {len(placed) - 1} more" if len(placed) > 1 else ""
+        return StopDecision(False, f"job {placed[0]}{more} placed on it")
     for job in active_jobs:
         if job.status in (JobStatus.DISPATCHED, JobStatus.RUNNING) and job.instance_id == instance.instance_id:
             return StopDecision(False, f"job {job.job_id} is {job.status.value.lower()} on it")

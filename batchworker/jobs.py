@@ -65,7 +65,8 @@ class JobStore:
         self.client.update_item(
             TableName=self.table_name,
             Key={"job_id": {"S": job_id}},
-            UpdateExpression="SET instance_id = :i, updated_at = :u",
+            # placed_at: when the job got its instance (the soak checks no stop landed on it after that)
+            UpdateExpression="SET instance_id = :i, updated_at = :u, placed_at = :u",
             ExpressionAttributeValues={":i": {"S": instance_id}, ":u": {"S": isoformat(utc_now())}},
             ConditionExpression="attribute_exists(job_id)",
         )

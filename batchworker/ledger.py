@@ -4,10 +4,17 @@ Every job placed on an instance bumps the instance's `generation`. A stop is cla
 write on the generation read *before* looking for active jobs: if a job was placed in between, the claim
 fails and the instance stays up; if two finished jobs race to stop it, only one claim succeeds.
 The record lives in the instance-events table under a sort key no timestamp can take.
+
+It also holds `placed`: the ids of the jobs placed on the instance and not finished yet (a string set, added
+at placement, removed when the job's manifest is recorded). The stop decision reads it with a strongly
+consistent GetItem, so it never depends on the jobs table's status index, which on AWS lags behind writes:
+a job placed a moment ago is always seen. A set rather than a counter: adding or removing the same job twice
+(retried deliveries) changes nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -17,6 +24,7 @@ from botocore.exceptions import ClientError
 from batchworker.models import isoformat, parse_time, utc_now
 
 LEDGER_SORT_KEY = "~ledger"  # sorts after every ISO-8601 history entry
+PLACED = "placed"  # string set: jobs placed on the instance whose manifests are not recorded yet
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,7 @@ class LedgerEntry:
     generation: int = 0
     stopped_generation: int | None = None
     last_activity_at: datetime | None = None
+    placed_job_ids: frozenset[str] = frozenset()
 
     @property
     def is_stop_claimed(self) -> bool:
@@ -48,25 +57,47 @@ class InstanceLedger:
             generation=int(item.get("generation", {}).get("N", "0")),
             stopped_generation=int(item["stopped_generation"]["N"]) if "stopped_generation" in item else None,
             last_activity_at=parse_time(item["last_activity_at"]["S"]) if "last_activity_at" in item else None,
+            placed_job_ids=frozenset(item.get(PLACED, {}).get("SS", [])),
         )
 
-    def note_assignment(self, instance_id: str, now: datetime | None = None) -> None:
-        """A job was placed on the instance: any stop decided on an older generation is void."""
+    def note_assignment(self, instance_id: str, now: datetime | None = None, job_ids: Iterable[str] = ()) -> None:
+        """Jobs were placed on the instance: any stop decided on an older generation is void, and until their
+        manifests are recorded the instance has work (`placed`)."""
+        values = {":one": {"N": "1"}, ":now": {"S": isoformat(now or utc_now())}}
+        update = "ADD generation :one"
+        if job_ids := sorted(set(job_ids)):
+            update += f", {PLACED} :jobs"
+            values[":jobs"] = {"SS": job_ids}
         self.client.update_item(
             TableName=self.table_name,
             Key=self._key(instance_id),
-            UpdateExpression="ADD generation :one SET last_activity_at = :now",
-            ExpressionAttributeValues={":one": {"N": "1"}, ":now": {"S": isoformat(now or utc_now())}},
+            UpdateExpression=update + " SET last_activity_at = :now",
+            ExpressionAttributeValues=values,
         )
 
-    def note_activity(self, instance_id: str, now: datetime | None = None) -> None:
-        """A job finished on the instance: its idle time counts from now."""
+    def note_activity(self, instance_id: str, now: datetime | None = None, job_ids: Iterable[str] = ()) -> None:
+        """Jobs finished on the instance (their manifests are recorded): its idle time counts from now."""
+        values = {":now": {"S": isoformat(now or utc_now())}}
+        update = "SET last_activity_at = :now"
+        if job_ids := sorted(set(job_ids)):
+            update += f" DELETE {PLACED} :jobs"
+            values[":jobs"] = {"SS": job_ids}
         self.client.update_item(
             TableName=self.table_name,
             Key=self._key(instance_id),
-            UpdateExpression="SET last_activity_at = :now",
-            ExpressionAttributeValues={":now": {"S": isoformat(now or utc_now())}},
+            UpdateExpression=update,
+            ExpressionAttributeValues=values,
         )
+
+    def release(self, instance_id: str, job_ids: Iterable[str]) -> None:
+        """Forget placements that ended without a recorded manifest (the reaper's repair); idle time unchanged."""
+        if job_ids := sorted(set(job_ids)):
+            self.client.update_item(
+                TableName=self.table_name,
+                Key=self._key(instance_id),
+                UpdateExpression=f"DELETE {PLACED} :jobs",
+                ExpressionAttributeValues={":jobs": {"SS": job_ids}},
+            )
 
     def claim_stop(self, instance_id: str, generation: int) -> bool:
         """True for exactly one caller per generation, and only if no job was placed since it was read."""
@@ -78,6 +109,8 @@ class InstanceLedger:
                 ConditionExpression=(
                     # nothing was assigned since the caller read the generation
                     "(attribute_not_exists(generation) OR generation = :g)"
+                    # and no job is placed on it right now (an empty set is no attribute in DynamoDB)
+                    f" AND attribute_not_exists({PLACED})"
                     # and nobody has claimed the stop of this generation yet
                     " AND (attribute_not_exists(stopped_generation) OR stopped_generation <> :g)"
                 ),

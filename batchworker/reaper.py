@@ -13,7 +13,7 @@ from batchworker.decisions import JobAction, judge_job
 from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstancePool
 from batchworker.jobs import JobStore
-from batchworker.ledger import InstanceLedger
+from batchworker.ledger import InstanceLedger, LedgerEntry
 from batchworker.models import ACTIVE_STATUSES, InstanceState, JobStatus, utc_now
 
 logger = logging.getLogger(__name__)
@@ -52,9 +52,11 @@ def reap(
                 invoke_worker({"job_ids": [job.job_id]})
                 report.redispatched.append(job.job_id)
     for instance in pool.list():
+        entry = ledger.read(instance.instance_id)
+        _release_ended_placements(entry, jobs, ledger)
         if instance.state is not InstanceState.RUNNING:
             continue
-        if ledger.read(instance.instance_id).is_stop_claimed:
+        if entry.is_stop_claimed:
             # Running although its stop was claimed: started by hand, or the stop call was lost. Adopt it
             # with a new generation so that this pass (or the next) can stop it.
             ledger.note_assignment(instance.instance_id, now)
@@ -62,3 +64,18 @@ def reap(
         if decision.stop:
             report.stopped.append(instance.instance_id)
     return report
+
+
+def _release_ended_placements(entry: LedgerEntry, jobs: JobStore, ledger: InstanceLedger) -> None:
+    """Repair the ledger's `placed` set: drop jobs that ended (or moved) without their manifest being recorded.
+
+    A job not yet assigned (placed a moment ago: the ledger is written before the job row) is kept.
+    """
+    ended = []
+    for job_id in entry.placed_job_ids:
+        job = jobs.get(job_id)  # strongly consistent
+        if job is None or job.status.is_terminal or (job.instance_id and job.instance_id != entry.instance_id):
+            ended.append(job_id)
+    if ended:
+        logger.warning("instance %s: releasing placements that ended unrecorded: %s", entry.instance_id, ended)
+        ledger.release(entry.instance_id, ended)

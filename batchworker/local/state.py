@@ -26,6 +26,9 @@ class LocalOptions:
     job_lease_seconds: float = 90.0  # Terraform: a job that stops renewing its lease this long is failed
     max_job_runtime_seconds: float = 3600.0  # Terraform: the reaper fails jobs running longer
     max_attempts: int = 3  # Terraform: dispatches of a job before it is failed
+    # Faults AWS has and moto hides (issue 14). GSI queries answer from a view this many seconds old
+    # (batchworker/local/gsi_lag.py); 0: exact, as moto is.
+    gsi_lag_seconds: float = 0.0
 
     TERRAFORM_FIELDS = (
         "idle_grace_seconds", "instance_count", "max_jobs_per_instance", "job_lease_seconds",

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from moto.server import ThreadedMotoServer
 
-from batchworker.local import processes
+from batchworker.local import gsi_lag, processes
 from batchworker.local.paths import LAMBDA_BUILD_DIR, MODEL_PATH, SCRIPTS_DIR, VENV_BIN
 from batchworker.local.state import LOCAL_CREDENTIALS, LOCAL_REGION, LocalOptions, read_state, write_state
 from batchworker.local.terraform import LocalTerraform
@@ -66,6 +66,9 @@ class Supervisor:
     def start(self) -> None:
         self.phase("building lambda zips and the model")
         self.build()
+        if self.options.gsi_lag_seconds > 0:
+            gsi_lag.install(self.options.gsi_lag_seconds)  # the moto server runs in this process
+            self.phase(f"GSI queries lag {self.options.gsi_lag_seconds:g}s behind writes")
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.moto.start()
         endpoint = f"http://127.0.0.1:{self.moto._server.server_port}"

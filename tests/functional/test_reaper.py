@@ -7,7 +7,7 @@ import boto3
 import pytest
 
 from batchworker.config import Settings
-from batchworker.control import Upload, accept_upload, stop_if_idle
+from batchworker.control import Upload, accept_upload, finish_job, stop_if_idle
 from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
@@ -31,10 +31,15 @@ def queue(stack, settings, jobs, pool, ledger, key, invoked=None):
                          boto3.client("s3"))
 
 
+def succeed(jobs, ledger, job_id):
+    """The job's "succeeded" manifest is recorded, as the stop function does."""
+    finish_job({"job_id": job_id, "status": "succeeded"}, f"jobs/{job_id}/manifest.json", jobs, ledger)
+
+
 def test_two_stops_racing_claim_one_stop(stack):
     settings, jobs, pool, ledger = parts(stack)
     job_id = queue(stack, settings, jobs, pool, ledger, "a.png")
-    jobs.transition(job_id, JobStatus.SUCCEEDED, allowed_from=[JobStatus.QUEUED])
+    succeed(jobs, ledger, job_id)
     # GIVEN two stop functions that both read the ledger before either claims
     seen = [ledger.read(stack.instance_id), ledger.read(stack.instance_id)]
     # THEN exactly one claim wins
@@ -44,12 +49,12 @@ def test_two_stops_racing_claim_one_stop(stack):
 def test_an_upload_between_decision_and_claim_voids_the_stop(stack):
     settings, jobs, pool, ledger = parts(stack)
     first = queue(stack, settings, jobs, pool, ledger, "a.png")
-    jobs.transition(first, JobStatus.SUCCEEDED, allowed_from=[JobStatus.QUEUED])
+    succeed(jobs, ledger, first)
     entry = ledger.read(stack.instance_id)  # the stop function has read the generation and found no job
     queue(stack, settings, jobs, pool, ledger, "b.png")  # WHEN an upload is placed on the instance meanwhile
     assert ledger.claim_stop(stack.instance_id, entry.generation) is False  # THEN the stop is void
     decision = stop_if_idle(stack.instance_id, "test", settings, jobs, pool, ledger)
-    assert decision.stop is False and "queued" in decision.reason
+    assert decision.stop is False and "placed on it" in decision.reason
     assert stack.instance_state() == "running"
 
 
@@ -100,7 +105,7 @@ def test_reaper_redispatches_stuck_jobs_then_gives_up(stack):
 def test_reaper_stops_an_idle_instance_only_after_the_grace_period(stack):
     settings, jobs, pool, ledger = parts(stack, BATCHWORKER_IDLE_GRACE_SECONDS="120")
     job_id = queue(stack, settings, jobs, pool, ledger, "a.png")
-    jobs.transition(job_id, JobStatus.SUCCEEDED, allowed_from=[JobStatus.QUEUED])
+    succeed(jobs, ledger, job_id)
     ledger.note_activity(stack.instance_id)
     assert reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append).stopped == []
     assert stack.instance_state() == "running"
@@ -112,7 +117,7 @@ def test_reaper_stops_an_idle_instance_only_after_the_grace_period(stack):
 def test_reaper_stops_an_instance_started_by_hand(stack):
     settings, jobs, pool, ledger = parts(stack)
     job_id = queue(stack, settings, jobs, pool, ledger, "a.png")
-    jobs.transition(job_id, JobStatus.SUCCEEDED, allowed_from=[JobStatus.QUEUED])
+    succeed(jobs, ledger, job_id)
     assert stop_if_idle(stack.instance_id, "test", settings, jobs, pool, ledger).stop
     boto3.client("ec2").start_instances(InstanceIds=[stack.instance_id])  # an operator starts it again
     report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append)
@@ -125,7 +130,7 @@ def finish_one(stack, settings, jobs, pool, ledger, gaps, key, at):
     """An upload arrives at `at` (closing the pool's idle gap), its job ends at once, the stop function decides."""
     gaps.note_arrival(at)
     job_id = queue(stack, settings, jobs, pool, ledger, key)
-    jobs.transition(job_id, JobStatus.SUCCEEDED, allowed_from=[JobStatus.QUEUED])
+    succeed(jobs, ledger, job_id)
     ledger.note_activity(stack.instance_id, at)
     return stop_if_idle(stack.instance_id, "jobs finished", settings, jobs, pool, ledger, at, gaps)
 

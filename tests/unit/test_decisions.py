@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from batchworker.decisions import Placer, place_job, should_stop
+from batchworker.decisions import Placer, StopDecision, place_job, should_stop
 from batchworker.models import Instance, InstanceState, Job, JobStatus
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -38,6 +38,15 @@ def test_should_stop(state, jobs, grace, finished_ago, expected_stop, reason_par
     decision = should_stop(NOW, Instance(ME, state), jobs, grace, finished_at)
     assert decision.stop is expected_stop
     assert reason_part in decision.reason
+
+
+def test_a_placement_in_the_ledger_keeps_the_instance_up_whatever_the_index_shows():
+    # the status index (active_jobs) has not caught up with the placement yet: only the ledger knows
+    decision = should_stop(NOW, Instance(ME, InstanceState.RUNNING), [], 0, None, {"j-0000000000000002"})
+    assert decision == StopDecision(False, "job j-0000000000000002 placed on it")
+    two = should_stop(NOW, Instance(ME, InstanceState.RUNNING), [], 0, None, {"j-2", "j-1"})
+    assert two.reason == "job j-1 and 1 more placed on it"
+    assert should_stop(NOW, Instance(ME, InstanceState.STOPPED), [], 0, None, {"j-1"}).reason == "instance is stopped"
 
 
 def inst(instance_id, state):
