@@ -41,6 +41,9 @@ class Settings:
     ssm_output_bucket: str | None = None
     ssm_output_prefix: str = "ssm-output/"
     max_job_runtime_seconds: float = 3600.0
+    # A job for which no instance of the pool can start (InsufficientInstanceCapacity in every AZ) stays
+    # QUEUED this long, then fails with a manifest that says so.
+    max_capacity_wait_seconds: float = 3600.0
     # A warm instance waits at most this long for more work before it stops (the reaper enforces it).
     idle_grace_seconds: float = 0.0
     # "adaptive": wait as long as recent gaps between idle and the next upload made worthwhile (at most

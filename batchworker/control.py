@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from batchworker.capacity import start_somewhere, wait_for_capacity
 from batchworker.config import Settings
 from batchworker.decisions import Placer, StopDecision, idle_grace_seconds, should_stop
 from batchworker.errors import (
     BatchworkerError,
     InstanceReadyTimeout,
+    InsufficientCapacity,
     NoInstanceAvailable,
     RejectedEvent,
     RetryableError,
@@ -148,12 +150,15 @@ def dispatch_jobs(
     launcher: Launcher,
     s3_client,
     clock: Callable[[], float] = time.monotonic,
+    ledger: InstanceLedger | None = None,
 ) -> dict[str, JobStatus]:
     """Wait (bounded) for each job's instance, start the jobs there in as few commands as fit, return.
 
     A burst shares its instance start and its commands: the jobs of one instance travel together as one
     batch spec. A job that cannot be started gets a failed manifest, so the stop function learns of it
-    and the instance never keeps running for a job that will not come.
+    and the instance never keeps running for a job that will not come. A lack of EC2 capacity is not such a
+    failure: the jobs move to an instance in another AZ (with a `ledger`), or stay QUEUED waiting for
+    capacity (batchworker/capacity.py).
     """
     outcome: dict[str, JobStatus] = {}
     by_instance: dict[str, list[Job]] = {}
@@ -171,15 +176,16 @@ def dispatch_jobs(
         else:
             by_instance.setdefault(job.instance_id, []).append(job)
     for instance_id, group in by_instance.items():
-        outcome.update(_dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, clock))
+        outcome.update(_dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, clock, ledger))
     return outcome
 
 
-def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, clock) -> dict[str, JobStatus]:
+def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, clock, ledger) -> dict[str, JobStatus]:
     deadline = clock() + settings.instance_ready_timeout_seconds
     claimed: list[Job] = []
+    group = list(group)
     try:
-        pool.ensure_running(instance_id, deadline, reason=f"{len(group)} job(s) waiting")
+        instance_id = start_somewhere(instance_id, group, deadline, jobs, pool, ledger, settings.max_jobs_per_instance)
         for job in group:
             # The conditional claim makes a retried or duplicated invocation start each job once.
             if jobs.transition(
@@ -195,6 +201,8 @@ def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, 
                     job.job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED],
                     lease_seconds=settings.job_lease_seconds,
                 )
+    except InsufficientCapacity as exc:
+        wait_for_capacity(group, exc, jobs)
     except BatchworkerError as exc:
         for job in claimed or group:
             current = jobs.get(job.job_id)

@@ -101,12 +101,17 @@ def judge_job(
     max_job_runtime_seconds: float,
     stuck_after_seconds: float,
     max_attempts: int,
+    max_capacity_wait_seconds: float | None = None,
+    capacity_retry_interval_seconds: float = 60.0,
 ) -> JobVerdict:
     """What the reaper does with an active job.
 
     - running past `max_job_runtime_seconds`: fail it (the cap protects the bill from a hung job);
     - running with a lease that expired (its instance was stopped or lost, or the job died): dispatch it
       again, or fail it once it has had `max_attempts` dispatches;
+    - queued waiting for EC2 capacity (no instance of the pool could start): fail it once it has waited
+      `max_capacity_wait_seconds`, else dispatch it again every `capacity_retry_interval_seconds` (capacity
+      comes back; a wait counts no attempt);
     - queued or dispatched for longer than `stuck_after_seconds`: dispatch it again, or fail it once
       it has had `max_attempts` dispatches;
     - anything else: keep.
@@ -130,6 +135,20 @@ def judge_job(
                 "or the job process died); upload the file again to retry",
             )
         return JobVerdict(JobAction.KEEP, "running")
+    if job.status is JobStatus.QUEUED and job.capacity_wait_since and max_capacity_wait_seconds is not None:
+        short_seconds = (now - parse_time(job.capacity_wait_since)).total_seconds()
+        if short_seconds > max_capacity_wait_seconds:
+            reason = (job.waiting_reason or "").removeprefix("waiting for capacity: ")
+            return JobVerdict(
+                JobAction.FAIL,
+                f"no GPU capacity for {short_seconds:.0f}s ({reason or 'InsufficientInstanceCapacity'}); the job "
+                "never started. Upload the file again later, add subnets in other Availability Zones "
+                "(subnet_ids), or raise max_capacity_wait_seconds",
+            )
+        since_try = (now - parse_time(job.updated_at or job.capacity_wait_since)).total_seconds()
+        if since_try > capacity_retry_interval_seconds:
+            return JobVerdict(JobAction.REDISPATCH, f"waiting for capacity for {short_seconds:.0f}s; trying again")
+        return JobVerdict(JobAction.KEEP, f"waiting for capacity for {short_seconds:.0f}s")
     if job.status in (JobStatus.QUEUED, JobStatus.DISPATCHED):
         waited_seconds = (now - parse_time(job.updated_at or job.created_at)).total_seconds()
         if waited_seconds <= stuck_after_seconds:

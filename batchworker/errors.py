@@ -25,6 +25,15 @@ class LaunchInterrupted(RetryableError):
     """The launch command was cut off before it answered (the instance stopped under it)."""
 
 
+class InsufficientCapacity(RetryableError):
+    """EC2 has no capacity for the instance type in the instance's Availability Zone right now."""
+
+    def __init__(self, message: str, instance_ids: tuple[str, ...] = (), availability_zones: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.instance_ids = instance_ids
+        self.availability_zones = availability_zones
+
+
 class InstanceReadyTimeout(PermanentError):
     """The instance did not become ready within the bounded wait."""
 

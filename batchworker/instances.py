@@ -11,12 +11,13 @@ from datetime import datetime
 import boto3
 from botocore.exceptions import ClientError
 
-from batchworker.errors import InstanceReadyTimeout, NoInstanceAvailable
+from batchworker.errors import InstanceReadyTimeout, InsufficientCapacity, NoInstanceAvailable
 from batchworker.models import POOL_TAG_KEY, Instance, InstanceState, isoformat, utc_now
 
 logger = logging.getLogger(__name__)
 
 # Start refusals that pass: the instance is still stopping, AWS has no GPU capacity right now, throttling.
+CAPACITY_ERROR = "InsufficientInstanceCapacity"
 TRANSIENT_START_ERRORS = frozenset(
     {"IncorrectInstanceState", "InsufficientInstanceCapacity", "RequestLimitExceeded", "Throttling", "ThrottlingException"}
 )
@@ -92,9 +93,10 @@ class InstancePool:
                     state = InstanceState(raw["State"]["Name"])
                     if state in (InstanceState.TERMINATED, InstanceState.SHUTTING_DOWN):
                         continue
-                    instances.append(
-                        Instance(raw["InstanceId"], state, raw.get("InstanceType", ""), raw.get("LaunchTime"))
-                    )
+                    instances.append(Instance(
+                        raw["InstanceId"], state, raw.get("InstanceType", ""), raw.get("LaunchTime"),
+                        raw.get("Placement", {}).get("AvailabilityZone"),
+                    ))
         return sorted(instances, key=lambda i: i.instance_id)
 
     def get(self, instance_id: str) -> Instance:
@@ -126,12 +128,17 @@ class InstancePool:
         if self.history:
             self.history.record(instance_id, "stop", reason)
 
-    def ensure_running(self, instance_id: str, deadline: float, reason: str, poll_seconds: float = 1.0) -> Instance:
+    def ensure_running(
+        self, instance_id: str, deadline: float, reason: str, poll_seconds: float = 1.0,
+        capacity_retry_seconds: float | None = None,
+    ) -> Instance:
         """Block until the instance is running, starting it (again) when it is stopped or was stopping.
 
         Transient refusals (no capacity, still stopping, throttling) back off with jitter up to the deadline.
+        With `capacity_retry_seconds`, InsufficientInstanceCapacity for that long raises InsufficientCapacity
+        instead, so the caller can try an instance in another Availability Zone.
         """
-        backoff, last_refusal = poll_seconds, ""
+        backoff, last_refusal, short_since = poll_seconds, "", None
         while True:
             instance = self.get(instance_id)
             if instance.state is InstanceState.RUNNING:
@@ -144,6 +151,14 @@ class InstancePool:
                 except ClientError as exc:
                     if _error_code(exc) not in TRANSIENT_START_ERRORS:
                         raise
+                    if _error_code(exc) == CAPACITY_ERROR and capacity_retry_seconds is not None:
+                        short_since = self.clock() if short_since is None else short_since
+                        if self.clock() - short_since >= capacity_retry_seconds:
+                            zone = instance.availability_zone or "its Availability Zone"
+                            raise InsufficientCapacity(
+                                f"{CAPACITY_ERROR}: no {instance.instance_type or 'GPU'} capacity for {instance_id} "
+                                f"in {zone}", (instance_id,), tuple(filter(None, [instance.availability_zone])),
+                            ) from exc
                     last_refusal = f"; last start refused with {_error_code(exc)}"
                     backoff = min(backoff * 2, 60.0)
                     wait = self.jitter(backoff)

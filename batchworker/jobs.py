@@ -90,8 +90,11 @@ class JobStore:
         names = {"#s": "status"}
         values = {":to": {"S": to.value}, ":u": {"S": isoformat(moment)}}
         sets = ["#s = :to", "updated_at = :u"]
+        removes = []
         if to is JobStatus.RUNNING:
             sets.append("running_since = if_not_exists(running_since, :u)")
+        if to is JobStatus.DISPATCHED:
+            removes = ["waiting_reason", "capacity_wait_since"]  # an instance was found
         if lease_seconds is not None:
             sets.append("lease_expires_at = :lease")
             values[":lease"] = {"S": isoformat(moment + timedelta(seconds=lease_seconds))}
@@ -109,6 +112,8 @@ class JobStore:
         if counters:
             update += " ADD " + ", ".join(f"{name} :one" for name in counters)
             values[":one"] = {"N": "1"}
+        if removes:
+            update += " REMOVE " + ", ".join(removes)
         allowed = [s.value for s in allowed_from]
         placeholders = []
         for n, status in enumerate(allowed):
@@ -123,6 +128,29 @@ class JobStore:
                 ConditionExpression=f"attribute_exists(job_id) AND #s IN ({', '.join(placeholders)})",
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
+            )
+        except ClientError as exc:
+            if _is_condition_failure(exc):
+                return False
+            raise
+        return True
+
+    def note_waiting_for_capacity(self, job_id: str, reason: str, now: datetime | None = None) -> bool:
+        """The job stays QUEUED: no instance could be started for it (EC2 capacity). False if it left QUEUED."""
+        stamp = isoformat(now or utc_now())
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key={"job_id": {"S": job_id}},
+                UpdateExpression=(
+                    "SET waiting_reason = :r, updated_at = :u, capacity_wait_since = if_not_exists(capacity_wait_since, :u)"
+                ),
+                # Only a job still waiting for an instance: never a dispatched or finished one.
+                ConditionExpression="attribute_exists(job_id) AND #s = :queued",
+                ExpressionAttributeNames={"#s": "status"},
+                ExpressionAttributeValues={
+                    ":r": {"S": reason[:1000]}, ":u": {"S": stamp}, ":queued": {"S": JobStatus.QUEUED.value},
+                },
             )
         except ClientError as exc:
             if _is_condition_failure(exc):
@@ -180,6 +208,8 @@ def _to_job(item: dict) -> Job:
         retries=n("retries") or 0,
         running_since=s("running_since"),
         lease_expires_at=s("lease_expires_at"),
+        waiting_reason=s("waiting_reason"),
+        capacity_wait_since=s("capacity_wait_since"),
         package=(
             {"name": s("package_name"), "version": s("package_version"), "uri": s("package_uri")}
             if "package_name" in item else None

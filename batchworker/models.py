@@ -48,6 +48,7 @@ class Instance:
     state: InstanceState
     instance_type: str = ""
     launch_time: datetime | None = None
+    availability_zone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class Job:
     retries: int = 0  # dispatches the reaper ordered after a loss or a stuck dispatch
     running_since: str | None = None
     lease_expires_at: str | None = None
+    # Set while no instance of the pool could be started for lack of EC2 capacity (cleared at dispatch).
+    waiting_reason: str | None = None
+    capacity_wait_since: str | None = None
     # The job package it was pinned to when accepted ({"name", "version", "uri"}) and its resolved
     # parameters; None for the built-in job (no default_job configured).
     package: dict | None = None

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from batchworker.capacity import CAPACITY_RETRY_INTERVAL_SECONDS
 from batchworker.config import Settings
 from batchworker.control import fail_job, stop_if_idle
 from batchworker.decisions import JobAction, judge_job
@@ -40,7 +41,8 @@ def reap(
     report = ReapReport()
     for job in jobs.active():
         verdict = judge_job(
-            now, job, settings.max_job_runtime_seconds, settings.stuck_after_seconds, settings.max_attempts
+            now, job, settings.max_job_runtime_seconds, settings.stuck_after_seconds, settings.max_attempts,
+            settings.max_capacity_wait_seconds, CAPACITY_RETRY_INTERVAL_SECONDS,
         )
         if verdict.action is JobAction.FAIL:
             # The failed manifest reaches the stop function, which stops the instance if nothing else runs.

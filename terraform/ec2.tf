@@ -51,14 +51,19 @@ locals {
   })
 }
 
-data "aws_subnet" "selected" {
-  count = var.subnet_id == null ? 0 : 1
+locals {
+  # subnet_ids, else the deprecated single subnet_id (same plan as before for existing deployments).
+  pool_subnet_ids = length(var.subnet_ids) > 0 ? var.subnet_ids : compact([var.subnet_id])
+}
 
-  id = var.subnet_id
+data "aws_subnet" "selected" {
+  count = length(local.pool_subnet_ids) > 0 ? 1 : 0
+
+  id = local.pool_subnet_ids[0]
 }
 
 data "aws_vpc" "default" {
-  count = var.subnet_id == null ? 1 : 0
+  count = length(local.pool_subnet_ids) > 0 ? 0 : 1
 
   default = true
 }
@@ -66,7 +71,7 @@ data "aws_vpc" "default" {
 resource "aws_security_group" "gpu" {
   name        = "${var.name_prefix}-gpu"
   description = "batchworker GPU instances: SSH only with transport ssh, from the allowed CIDRs and worker SGs"
-  vpc_id      = var.subnet_id == null ? data.aws_vpc.default[0].id : data.aws_subnet.selected[0].vpc_id
+  vpc_id      = length(local.pool_subnet_ids) > 0 ? data.aws_subnet.selected[0].vpc_id : data.aws_vpc.default[0].id
 
   # SSH transport: port 22 from the configured CIDRs (never 0.0.0.0/0: the variable refuses it).
   dynamic "ingress" {
@@ -155,7 +160,8 @@ resource "aws_instance" "gpu" {
   #checkov:skip=CKV_AWS_126:Detailed (1-minute) monitoring bills per instance; 5-minute metrics suffice for a batch box.
   count = var.instance_count
 
-  subnet_id     = var.subnet_id
+  # Spread over the AZs of subnet_ids: a GPU shortage in one AZ leaves the others.
+  subnet_id     = length(local.pool_subnet_ids) > 0 ? local.pool_subnet_ids[count.index % length(local.pool_subnet_ids)] : null
   ebs_optimized = true
 
   launch_template {

@@ -164,10 +164,11 @@ data "aws_iam_policy_document" "worker" {
     resources = local.jobs_table_arns
   }
 
-  # worker: record instance readiness events.
+  # worker: record instance starts; move jobs an AZ without GPU capacity cannot start to another
+  # instance's ledger item (UpdateItem: placed set), so no stop misses them.
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:PutItem", "dynamodb:Query"]
+    actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"]
     resources = local.instance_events_table_arns
   }
 
@@ -369,7 +370,8 @@ data "aws_iam_policy_document" "reaper" {
     resources = local.jobs_table_arns
   }
 
-  # reaper: read and claim instances' ledger items (conditional update), record the stops it requests.
+  # reaper: read and claim instances' ledger items (conditional update), release placements that ended
+  # unrecorded (UpdateItem), record the stops it requests.
   statement {
     sid       = "InstanceEventsTable"
     actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem", "dynamodb:UpdateItem"]

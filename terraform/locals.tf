@@ -71,6 +71,7 @@ locals {
     BATCHWORKER_SSH_USER                       = var.ssh_user
     BATCHWORKER_JOB_COMMAND                    = var.job_command
     BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS = tostring(var.instance_ready_timeout_seconds)
+    BATCHWORKER_MAX_CAPACITY_WAIT_SECONDS      = tostring(var.max_capacity_wait_seconds)
     BATCHWORKER_IDLE_GRACE_SECONDS             = tostring(var.idle_grace_seconds)
     BATCHWORKER_IDLE_GRACE_POLICY              = var.idle_grace_policy
     BATCHWORKER_MAX_JOBS_PER_INSTANCE          = tostring(var.max_jobs_per_instance)

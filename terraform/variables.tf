@@ -391,9 +391,36 @@ variable "ssh_allowed_cidrs" {
 }
 
 variable "subnet_id" {
-  description = "Subnet of the GPU instances. Null uses the default VPC's default subnet. The subnet must reach S3 and SSM (internet gateway, NAT or VPC endpoints)."
+  description = "Deprecated: use subnet_ids. One subnet for the whole pool; kept so existing deployments plan no change (it is the same as subnet_ids = [subnet_id]). Set one of the two, not both."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.subnet_id == null || can(regex("^subnet-[0-9a-f]+$", var.subnet_id))
+    error_message = "The subnet_id must be null or a subnet id such as subnet-0123456789abcdef0."
+  }
+}
+
+variable "subnet_ids" {
+  description = "Subnets of the GPU instances, ideally one per Availability Zone: instance N goes to subnet_ids[N % length]. When an AZ has no GPU capacity, jobs move to an instance in another one. Empty uses subnet_id, else the default VPC's default subnet. Each subnet must reach S3, DynamoDB and SSM (internet gateway, NAT or VPC endpoints)."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for id in var.subnet_ids : can(regex("^subnet-[0-9a-f]+$", id))]) && length(distinct(var.subnet_ids)) == length(var.subnet_ids)
+    error_message = "Every subnet_ids entry must be a subnet id such as subnet-0123456789abcdef0, each listed once."
+  }
+}
+
+variable "max_capacity_wait_seconds" {
+  description = "How long a job may wait for GPU capacity (InsufficientInstanceCapacity in every AZ of the pool) before it is failed with a manifest that says so. Meanwhile it stays QUEUED, `status` shows \"waiting for capacity\", and the reaper keeps trying the pool's instances."
+  type        = number
+  default     = 3600
+
+  validation {
+    condition     = var.max_capacity_wait_seconds >= 60 && var.max_capacity_wait_seconds <= 604800
+    error_message = "The max_capacity_wait_seconds must be from 60 to 604800 (7 days)."
+  }
 }
 
 variable "root_volume_size_gb" {

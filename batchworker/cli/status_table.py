@@ -53,7 +53,10 @@ def progress(job: Job) -> str:
 def note(job: Job, now: datetime) -> str:
     """What the row cannot show in its columns: the error, the wait, the retries."""
     parts = []
-    if job.status is JobStatus.QUEUED:
+    if job.status is JobStatus.QUEUED and job.capacity_wait_since:
+        # "waiting for capacity: InsufficientInstanceCapacity: no g5.xlarge capacity for i-... in us-east-1a; ..."
+        parts.append(f"{job.waiting_reason or 'waiting for capacity'} (for {age(job.capacity_wait_since, now)})")
+    elif job.status is JobStatus.QUEUED:
         parts.append(f"queued {age(job.created_at, now)}")
     elif job.status is JobStatus.DISPATCHED:
         parts.append(f"on the instance, waiting {age(job.updated_at, now)}")

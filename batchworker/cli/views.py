@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from batchworker.capacity import is_waiting_for_capacity
 from batchworker.cli.client import Deployment
 from batchworker.errors import UsageError
 from batchworker.instances import InstanceHistory, InstancePool
@@ -40,6 +41,8 @@ def job_json(job: Job) -> dict:
         "running_since": job.running_since,
         "items_done": job.items_done,
         "items_total": job.items_total,
+        # why a QUEUED job is not running yet ("waiting for capacity: ..."), else null
+        "waiting": job.waiting_reason if is_waiting_for_capacity(job) else None,
     }
 
 

@@ -14,6 +14,7 @@ from batchworker.control import dispatch_jobs
 from batchworker.errors import PermanentError
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
+from batchworker.ledger import InstanceLedger
 from batchworker.transports import make_launcher
 
 JOB_ID = re.compile(r"^j-[0-9a-f]{16}$")
@@ -24,6 +25,7 @@ logger = Logger()
 jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
 launcher = make_launcher(settings, boto3.client("ssm"))
+ledger = InstanceLedger(settings.instance_events_table)  # jobs moved to another AZ for capacity
 s3 = boto3.client("s3")
 
 
@@ -42,7 +44,7 @@ def job_ids_of(event) -> list[str]:
 def handler(event, context):
     job_ids = job_ids_of(event)
     logger.append_keys(job_ids=job_ids[:20])
-    outcome = dispatch_jobs(job_ids, settings, jobs, pool, launcher, s3)
+    outcome = dispatch_jobs(job_ids, settings, jobs, pool, launcher, s3, ledger=ledger)
     result = {job_id: status.value for job_id, status in outcome.items()}
     logger.info("dispatch finished", extra={"statuses": result})
     return {"statuses": result}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import boto3
 import pytest
 from botocore.exceptions import ClientError
@@ -91,20 +89,6 @@ def test_insufficient_capacity_is_retried_with_backoff_until_the_instance_starts
     assert outcome == {job_id: JobStatus.RUNNING}
     assert ec2.starts == 4 and stack.instance_state() == "running"  # 1 by the trigger, 3 by the worker
     assert clock.now >= 2 + 4  # doubling waits, not a hot loop
-
-
-def test_capacity_that_never_comes_fails_the_job_with_a_manifest_before_the_deadline(stack):
-    clock = FakeClock()
-    ec2 = FaultyEc2(boto3.client("ec2"), "InsufficientInstanceCapacity", times=10**6)
-    settings, jobs, pool, ledger = setup(stack, ec2, clock, BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS="120")
-    job_id, _ = queue_job(stack, settings, jobs, pool, ledger)
-    outcome = dispatch_jobs([job_id], settings, jobs, pool, RecordingLauncher(), boto3.client("s3"), clock=clock)
-    assert outcome == {job_id: JobStatus.FAILED}
-    assert clock.now <= 120 + 61
-    manifest = json.loads(boto3.client("s3").get_object(
-        Bucket=stack.output_bucket, Key=f"jobs/{job_id}/manifest.json")["Body"].read())
-    assert "InsufficientInstanceCapacity" in manifest["error"]
-    assert stack.instance_state() == "stopped"
 
 
 def test_incorrect_instance_state_while_stopping_is_waited_out(stack):
