@@ -23,7 +23,7 @@ build: install
 	$(PY) examples/jobs/tabular/train.py
 
 demo: build
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(if $(KEEP),--keep)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,11 @@
-"""`make demo`: bring the local cloud up, submit the bundled samples, show predictions and hop latencies, bring it down."""
+"""`make demo`: bring the local cloud up, submit the bundled samples, show predictions and hop latencies, bring it down.
+
+`make demo KEEP=1` (`--keep`) leaves the local cloud running afterwards, e.g. for `batchworker dashboard`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import subprocess
@@ -25,16 +29,24 @@ console = Console()
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="leave the local cloud running at the end")
+    args = parser.parse_args()
     started = time.monotonic()
     console.rule("batchworker demo: local cloud")
     cloud.up(local_dir(), progress=lambda phase: console.print(f"  local cloud: {phase}"))
+    ok = False
     try:
         ok = run_demo()
     finally:
-        state = read_state(local_dir()) or {}
-        cloud.down(local_dir())
-        left = processes.processes_marked(state.get("cloud_id", "-"))
-        console.print(f"local cloud stopped; processes left behind: {len(left)}")
+        if args.keep and ok:
+            console.print("local cloud left running: `.venv/bin/batchworker dashboard --open` to look, "
+                          "`.venv/bin/batchworker local down` to stop it")
+        else:
+            state = read_state(local_dir()) or {}
+            cloud.down(local_dir())
+            left = processes.processes_marked(state.get("cloud_id", "-"))
+            console.print(f"local cloud stopped; processes left behind: {len(left)}")
     console.print(f"[bold]demo wall time: {time.monotonic() - started:.1f}s[/bold]")
     return 0 if ok else 1
 

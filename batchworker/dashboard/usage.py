@@ -65,6 +65,7 @@ class InstanceRow:
     last_stop_at: str | None
     last_stop_reason: str | None
     running: list[Span]
+    waiting: list[Span]
     busy: list[Span]
     ongoing: list[Span]
     billed_seconds: int
@@ -93,7 +94,7 @@ def build_timeline(
     """One row per instance from `start` to `now`: running spans, the busy spans (jobs) inside them."""
     window = events_in_window(events, start)
     busy_jobs = job_intervals(as_jobs(jobs))
-    active = _active_intervals(jobs, now)
+    waiting, working, ongoing = _job_phases(jobs, now)
     report = build_cost_report(window, busy_jobs, now, instance_type, hourly_price_dollars)
     usage = {u.instance_id: u for u in report.instances}
     intervals = instance_intervals(window, now)
@@ -112,8 +113,9 @@ def build_timeline(
                 last_stop_at=last_stop["at"] if last_stop else None,
                 last_stop_reason=(last_stop.get("reason") or None) if last_stop else None,
                 running=[scale.span(i.start, i.end, "running" + (" (still)" if i.still_running else "")) for i in own],
-                busy=[scale.span(s, e, label) for s, e, label in _busy_spans(busy_jobs, own)],
-                ongoing=[scale.span(s, e, label) for s, e, label in _busy_spans(active, own)],
+                waiting=[scale.span(s, e, label) for s, e, label in _clip(waiting, own)],
+                busy=[scale.span(s, e, label) for s, e, label in _clip(working, own)],
+                ongoing=[scale.span(s, e, label) for s, e, label in _clip(ongoing, own)],
                 billed_seconds=u.billed_seconds if u else 0,
                 busy_seconds=u.busy_seconds if u else 0.0,
                 starts=u.starts if u else 0,
@@ -134,17 +136,29 @@ def fit_window_start(events: list[dict], now: datetime, hours: float | None) -> 
     return max(day_ago, first - max(timedelta(seconds=5), (now - first) * 0.03))
 
 
-def _active_intervals(jobs: list[JobRow], now: datetime) -> list[JobInterval]:
-    """Jobs still on an instance, from their start to now: drawn, but not counted (billing counts finished jobs)."""
-    return [
-        JobInterval(row.job_id, row.instance_id, parse_time(row.running_since or row.created_at), now)
-        for row in jobs
-        if not row.is_terminal and row.instance_id and (row.running_since or row.created_at)
-    ]
+def _job_phases(jobs: list[JobRow], now: datetime) -> tuple[list[JobInterval], ...]:
+    """(waiting, working, still working) intervals of each job on its instance, for drawing.
+
+    Waiting is from queued until the job's code started (`running_since`: the boot, a free slot); billing
+    counts a finished job from queued to recorded (`job_intervals`), so the busy numbers include the wait.
+    """
+    waiting, working, ongoing = [], [], []
+    for row in jobs:
+        if not row.instance_id or not row.created_at:
+            continue
+        queued = parse_time(row.created_at)
+        started = parse_time(row.running_since) if row.running_since else None
+        end = parse_time(row.updated_at) if row.is_terminal and row.updated_at else now
+        if started:
+            waiting.append(JobInterval(row.job_id, row.instance_id, queued, started))
+        (working if row.is_terminal else ongoing if started else waiting).append(
+            JobInterval(row.job_id, row.instance_id, started or queued, end)
+        )
+    return waiting, working, ongoing
 
 
-def _busy_spans(jobs: list[JobInterval], running: list[RunningInterval]) -> list[tuple[datetime, datetime, str]]:
-    """Each job's interval clipped to its instance's running intervals (as billing counts busy time)."""
+def _clip(jobs: list[JobInterval], running: list[RunningInterval]) -> list[tuple[datetime, datetime, str]]:
+    """Each job interval clipped to its instance's running intervals (as billing counts busy time)."""
     spans = []
     for job in jobs:
         for run in running:
