@@ -138,6 +138,7 @@ def create_app(
             stages=job_stages(row, manifest, uploaded, events),
             log=board.artifacts.log_tail(job_id) if keys else None, results=results,
             chart=results.chart if results else None, images=images,
+            item_errors=board.artifacts.item_errors(job_id, keys) if keys else None,
             input_is_image=bool(image_type(row.input_key)), section="jobs",
         )
 

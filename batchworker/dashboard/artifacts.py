@@ -28,6 +28,9 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                ".webp": "image/webp"}
 RESULTS_NAMES = ("results.csv", "predictions.csv")
 CONFIDENCE_BINS = 10
+ERRORS_NAME = "errors.jsonl"
+ERRORS_READ_BYTES = 256 * 1024
+ERRORS_HEAD_LINES = 20
 
 
 def image_type(key: str) -> str | None:
@@ -93,8 +96,9 @@ class JobArtifacts:
             if _is_missing(exc) or _code(exc) == "InvalidRange":  # InvalidRange: an empty log
                 return None if _is_missing(exc) else ([], False)
             raise
-        text = response["Body"].read().decode(errors="replace")
-        cut = response.get("ContentRange", "").split("/")[-1] not in ("", "*", str(len(text.encode())))
+        raw = response["Body"].read()
+        text = raw.decode(errors="replace")
+        cut = _object_size(response, len(raw)) > len(raw)
         lines = text.splitlines()
         if cut and lines:
             lines = lines[1:]  # the first line is likely partial
@@ -109,12 +113,29 @@ class JobArtifacts:
             Bucket=self.output_bucket, Key=prefix + name, Range=f"bytes=0-{RESULTS_READ_BYTES - 1}"
         )
         raw = response["Body"].read()
-        total = int(response.get("ContentRange", "/0").split("/")[-1] or 0) if "ContentRange" in response else len(raw)
-        truncated = total > len(raw)
+        truncated = _object_size(response, len(raw)) > len(raw)
         text = raw.decode(errors="replace")
         if truncated:
             text = text[: text.rfind("\n") + 1]  # drop the partial last row
         return summarize_results(name, text, truncated)
+
+    def item_errors(self, job_id: str, keys: list[str]) -> tuple[list[dict], bool] | None:
+        """The first failed items of a package job (errors.jsonl: item, type, message), and whether there are more."""
+        key = output_prefix(job_id) + ERRORS_NAME
+        if key not in keys:
+            return None
+        response = self.client.get_object(Bucket=self.output_bucket, Key=key, Range=f"bytes=0-{ERRORS_READ_BYTES - 1}")
+        raw = response["Body"].read()
+        lines = raw.decode(errors="replace").splitlines()
+        errors = []
+        for line in lines[:ERRORS_HEAD_LINES]:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by the range
+            if isinstance(record, dict):
+                errors.append({name: str(record.get(name, "")) for name in ("item", "type", "message")})
+        return errors, len(lines) > ERRORS_HEAD_LINES or _object_size(response, len(raw)) > len(raw)
 
     def object_bytes(self, bucket: str, key: str) -> bytes | None:
         """A whole object up to PREVIEW_MAX_BYTES; None when it is missing or larger."""
@@ -162,6 +183,12 @@ def summarize_results(name: str, text: str, truncated: bool) -> ResultsSummary:
     else:
         ordered = sorted(labels.items(), key=lambda item: (-item[1], item[0]))[:50]
     return ResultsSummary(name, columns, head, rows, truncated, ordered, bins if confidence_at is not None else [])
+
+
+def _object_size(response: dict, read: int) -> int:
+    """The whole object's size from a ranged GET's Content-Range (`bytes 0-99/1234`); `read` without one."""
+    total = response.get("ContentRange", "").rsplit("/", 1)[-1]
+    return int(total) if total.isdigit() else read
 
 
 def _code(exc: ClientError) -> str:

@@ -96,6 +96,8 @@ def test_hostile_key_error_and_manifest_render_as_text(stack, client):
     s3.put_object(Bucket=stack.output_bucket, Key=prefix + "job.log", Body=b"line one\n<b>bold?</b>\n")
     s3.put_object(Bucket=stack.output_bucket, Key=prefix + "predictions.csv",
                   Body=b"item,label,confidence\n<i>0</i>,3,0.97\n1,3,0.55\n2,7,0.91\n")
+    s3.put_object(Bucket=stack.output_bucket, Key=prefix + "errors.jsonl", Body=json.dumps(
+        {"item": "<svg onload=alert(4)>", "type": "InputError", "message": "<u>bad</u>", "traceback": ""}).encode())
     s3.put_object(Bucket=stack.output_bucket, Key=prefix + "manifest.json", Body=json.dumps(
         {"job_id": job_id, "status": "failed", "error": "</pre><script>alert(3)</script>",
          "input": {"bucket": stack.input_bucket, "key": HOSTILE_KEY}, "timings": {}}).encode())
@@ -107,6 +109,7 @@ def test_hostile_key_error_and_manifest_render_as_text(stack, client):
         assert "<img src=x" not in html and "<script>alert" not in html
         assert "&lt;img src=x onerror=alert(1)&gt;.png" in html
     assert "&lt;b&gt;bold?&lt;/b&gt;" in page and "&lt;i&gt;0&lt;/i&gt;" in page
+    assert "&lt;svg onload=alert(4)&gt;" in page and "&lt;u&gt;bad&lt;/u&gt;" in page and "<svg onload" not in page
     chart = json.loads(page.split('id="results-chart-data">')[1].split("</script>")[0])
     assert chart["labels"] == ["3", "7"] and chart["counts"] == [2, 1]
     # AND the input preview is served by the dashboard as an image, with no bucket URL in the page
