@@ -21,7 +21,7 @@ from batchworker.dashboard.artifacts import PREVIEW_MAX_COUNT, JobArtifacts, ima
 from batchworker.dashboard.cost_view import cost_windows
 from batchworker.dashboard.job_index import ALL_STATUSES, JobIndex
 from batchworker.dashboard.queues import Queues
-from batchworker.dashboard.stages import job_stages
+from batchworker.dashboard.stages import job_stages, stage_segments
 from batchworker.dashboard.usage import TIMELINE_WIDTH, build_timeline, fit_window_start
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.models import output_prefix, parse_time, utc_now
@@ -130,12 +130,13 @@ def create_app(
         events = board.history.events(row.instance_id) if row.instance_id else []
         uploaded = board.artifacts.uploaded_at(row.input_bucket, row.input_key) if row.input_key else None
         results = board.artifacts.results(job_id, keys) if keys else None
+        stages = job_stages(row, manifest, uploaded, events)
         prefix = output_prefix(job_id)
         images = [key[len(prefix):] for key in keys if image_type(key)][:PREVIEW_MAX_COUNT]
         return page(
             "job.html", "job_live.html", job=row, manifest=manifest,
             manifest_text=json.dumps(manifest, indent=2, sort_keys=True) if manifest else None,
-            stages=job_stages(row, manifest, uploaded, events),
+            stages=stages, segments=stage_segments(stages, TIMELINE_WIDTH), width=TIMELINE_WIDTH,
             log=board.artifacts.log_tail(job_id) if keys else None, results=results,
             chart=results.chart if results else None, images=images,
             item_errors=board.artifacts.item_errors(job_id, keys) if keys else None,

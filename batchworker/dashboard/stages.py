@@ -44,7 +44,7 @@ def job_stages(job: JobRow, manifest: dict | None, uploaded_at: str | None, inst
             instance_start = parse_time(latest["at"])
             queued = _time(job.created_at)
             if queued and instance_start < queued:
-                note = "already running: a warm start"
+                note = "started before this job was queued (for an earlier one)"
     stages = [
         Stage("uploaded", _iso(_time(uploaded_at)), "S3 time, to the second" if uploaded_at else "input object not found"),
         Stage("queued by the trigger", job.created_at or None),
@@ -54,6 +54,36 @@ def job_stages(job: JobRow, manifest: dict | None, uploaded_at: str | None, inst
         Stage("manifest recorded", job.updated_at if job.is_terminal and manifest else None, "by the stop function"),
     ]
     return _with_offsets(stages)
+
+
+@dataclass(frozen=True)
+class Segment:
+    x: float
+    width: float
+    label: str
+    seconds: float
+    kind: int  # the index of the stage it ends at (a colour per step)
+
+
+def stage_segments(stages: list[Stage], width: float = 1000.0) -> list[Segment]:
+    """The steps between consecutive reached stages, laid out on `width` units from the first to the last."""
+    reached: list[tuple[Stage, datetime]] = []
+    for stage in stages:
+        at = _time(stage.at)
+        # An instance started before the job was queued (a warm start) is no step of this job: left out.
+        if at is not None and (not reached or at >= reached[-1][1]):
+            reached.append((stage, at))
+    if len(reached) < 2:
+        return []
+    origin, end = reached[0][1], reached[-1][1]
+    total = max((end - origin).total_seconds(), 1e-3)
+    segments = []
+    for (before, start), (after, stop) in zip(reached, reached[1:], strict=False):
+        seconds = max(0.0, (stop - start).total_seconds())
+        x = (start - origin).total_seconds() / total * width
+        segments.append(Segment(round(x, 2), round(max(seconds / total * width, 0.5), 2),
+                                f"{before.name} → {after.name}", seconds, stages.index(after)))
+    return segments
 
 
 def _with_offsets(stages: list[Stage]) -> list[Stage]:

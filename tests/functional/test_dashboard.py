@@ -165,3 +165,18 @@ def test_queues_page_peeks_dead_letters_without_consuming_them(stack, client):
     # The message is still there for anyone else.
     left = sqs.get_queue_attributes(QueueUrl=urls["jobs-dlq"], AttributeNames=["ApproximateNumberOfMessages"])
     assert left["Attributes"]["ApproximateNumberOfMessages"] == "1"
+
+
+def test_the_server_binds_loopback_unless_told_otherwise(deployment):
+    from batchworker.cli.dashboard_cmd import make_server, trusted_hosts
+    from batchworker.cli.main import build_parser
+
+    args = build_parser().parse_args(["dashboard"])
+    assert args.host == "127.0.0.1"
+    server = make_server(deployment, args.host, 0)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.server_close()
+    assert trusted_hosts("127.0.0.1") is None and trusted_hosts("0.0.0.0") == []
+    assert "10.1.2.3" in trusted_hosts("10.1.2.3")

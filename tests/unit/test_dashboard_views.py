@@ -41,7 +41,7 @@ def test_stages_mark_a_warm_start_and_leave_unreached_stages_empty():
     running = row(status="RUNNING", updated_at=at(-28))
     events = [{"instance_id": "i-1", "at": at(-40), "state": "start"}]
     stages = {s.name: s for s in job_stages(running, None, at(-30.1), events)}
-    assert stages["instance started"].at == at(-40) and "warm" in stages["instance started"].note
+    assert stages["instance started"].at == at(-40) and "before this job was queued" in stages["instance started"].note
     assert stages["job started"].at == at(-28)
     assert stages["job ended"].at is None and stages["manifest recorded"].at is None
     assert stages["queued by the trigger"].since_previous_seconds is not None
@@ -69,3 +69,15 @@ def test_cost_windows_compare_the_bill_with_always_on_and_start_per_upload():
 def test_only_finished_jobs_enter_the_simulated_trace():
     trace = jobs_as_trace([row(), row(job_id="j-1111111111111111", status="RUNNING")], NOW - timedelta(hours=1), 1)
     assert len(trace.jobs) == 1 and trace.jobs[0].duration_seconds == 8 * 60
+
+
+def test_stage_bar_spans_the_reached_stages_and_leaves_out_a_warm_start():
+    from batchworker.dashboard.stages import stage_segments
+
+    finished = row(updated_at=at(-20))
+    events = [{"instance_id": "i-1", "at": at(-90), "state": "start"}]  # up long before: a warm start
+    manifest = {"timings": {"started_at": at(-28), "finished_at": at(-21)}}
+    segments = stage_segments(job_stages(finished, manifest, at(-30), events), 1000)
+    assert [s.label for s in segments] == ["uploaded → queued by the trigger", "queued by the trigger → job started",
+                                           "job started → job ended", "job ended → manifest recorded"]
+    assert segments[0].x == 0 and abs(sum(s.width for s in segments) - 1000) < 2
