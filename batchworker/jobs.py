@@ -175,8 +175,14 @@ class JobStore:
                 yield _to_job(item)
 
     def active(self) -> list[Job]:
-        """Jobs that still need an instance: queued, dispatched or running."""
-        return [job for status in ACTIVE_STATUSES for job in self.by_status(status)]
+        """Jobs that still need an instance: queued, dispatched or running, each once.
+
+        One query per status, in the order jobs move (queued, dispatched, running): a job that moves on
+        between two queries is seen twice, and counted twice it would make its instance look busier than
+        it is (placement then skips it, and one instance ends up with more of a burst than the others).
+        The later sighting is the newer state.
+        """
+        return list({job.job_id: job for status in ACTIVE_STATUSES for job in self.by_status(status)}.values())
 
     def all(self) -> list[Job]:
         jobs = []

@@ -232,10 +232,13 @@ def critical_path(manifests: list[dict], started: float, ended: float) -> dict:
             (busy_from, parse_time(t["finished_at"]).timestamp(), t))
     runs = sorted(max(by_instance.values(), key=lambda jobs: max(end for _, end, _ in jobs)), key=lambda r: r[0])
     compute = sum(t.get("compute_s", 0.0) for _, _, t in runs)
+    phases = {f"jobs_{phase}": sum(t.get(phase, 0.0) for _, _, t in runs)
+              for phase in ("download_s", "model_load_s", "upload_s")}
     return {
         "start_s": runs[0][0] - started,
         "compute_s": compute,
         "job_io_s": sum(end - begin for begin, end, _ in runs) - compute,
+        **phases,
         "gaps_s": sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in pairwise(runs)),
         "tail_s": ended - runs[-1][1],
         "jobs_on_it": float(len(runs)),

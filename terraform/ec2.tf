@@ -43,6 +43,9 @@ locals {
     job_root            = local.instance_job_root
     job_package_pointer = local.job_package_pointer
     ssh_public_key      = var.transport == "ssh" ? local.ssh_public_key : ""
+    model_uri           = local.model_uri
+    packages_uri        = "s3://${aws_s3_bucket.this["artifacts"].id}/job-packages/"
+    default_job         = var.default_job
   })
 
   # Tags of what the instances create (volumes, network interfaces): default_tags does not reach them.

@@ -18,6 +18,11 @@ output "artifacts_bucket" {
   value       = aws_s3_bucket.this["artifacts"].id
 }
 
+output "default_job" {
+  description = "Name of the job package that runs uploads outside every deployed job's prefix (empty: the built-in job)."
+  value       = var.default_job
+}
+
 output "model_uri" {
   description = "s3:// URI of the TorchScript model the jobs use."
   value       = local.model_uri

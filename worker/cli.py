@@ -63,10 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("spec_path", type=Path, help="a job's spec.json or a batch file from launch")
     run_parser.add_argument("--lock-fds", default="", help=argparse.SUPPRESS)  # from launch: run.lock fds
     run_parser.add_argument("--server-fds", default="", help=argparse.SUPPRESS)  # from launch: ServerRole
+    commands.add_parser("prewarm", add_help=False,
+                        help="at boot: the warm server, the default job set up already (worker/prewarm.py)")
     commands.add_parser(
         "deadman",
         help='print "expired" and exit 0 when the dead-man timer ran out and no job runs; else "alive", 1',
     )
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prewarm"]:  # its options are its own
+        from worker.prewarm import main as prewarm_main
+
+        return prewarm_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "launch":
         return int(launch(sys.stdin.buffer, job_root_from_env()))

@@ -22,7 +22,7 @@ from worker.hosts import HandlerHost, HostKey, HostPool, SetupFailed
 from worker.items import expand_items
 from worker.manifest import Timings
 from worker.packages import Package, fetch_package
-from worker.spec import JobSpec
+from worker.spec import JobSpec, PackageRef
 from worker.storage import Storage
 
 ENVS_DIR = ".envs"
@@ -216,3 +216,10 @@ def _regular_files(root: Path) -> list[Path]:
             if not path.is_symlink() and path.is_file() and not name.endswith(".part"):
                 found.append(path)
     return found
+
+
+def prepare_package(ref: PackageRef, job_root: Path, storage: Storage, hosts: HostPool,
+                    log: logging.Logger) -> HandlerHost:
+    """A package's archive, environment and warm handler (setup() done) before any job of it (worker/prewarm.py)."""
+    package = fetch_package(ref, job_root, storage)
+    return _warm_host(hosts, package, _environment(package, job_root, log), job_root, log, PackageReport())

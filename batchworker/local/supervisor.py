@@ -6,6 +6,7 @@ Started in the background by `batchworker local up`; stopped by SIGTERM from `ba
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -102,7 +103,8 @@ class Supervisor:
             host = processes.spawn(
                 [sys.executable, "-m", "batchworker.local.instance_host", "--instance-id", instance_id,
                  "--parameter-prefix", outputs["parameter_prefix"], "--state-dir", str(host_dir),
-                 "--boot-delay-seconds", str(self.options.boot_delay_seconds), "--authorized-key-file", str(key_file)],
+                 "--boot-delay-seconds", str(self.options.boot_delay_seconds), "--authorized-key-file", str(key_file),
+                 "--boot-command", json.dumps(self.boot_command(outputs))],
                 self.local_dir / "logs" / f"instance-{instance_id}.log",
             )
             self.children.append(host)
@@ -113,6 +115,14 @@ class Supervisor:
             for host, ready, instance_id in hosts
         }
         self.phase("children ready", lambda_invoke_url=runtime_info.get("invoke_url"), instance_hosts=instance_info)
+
+    def boot_command(self, outputs: dict) -> list[str]:
+        """What the instance's batchworker-prewarm unit runs at boot (terraform/templates/user_data.sh.tftpl)."""
+        command = [str(VENV_BIN / "batchworker-job"), "prewarm", "--model-uri", outputs["model_uri"]]
+        if outputs.get("default_job"):
+            command += ["--packages-uri", f"s3://{outputs['artifacts_bucket']}/job-packages/",
+                        "--default-job", outputs["default_job"]]
+        return command
 
     def build(self) -> None:
         for script in ("build_lambdas.py", "train_model.py"):

@@ -691,3 +691,66 @@ def test_linger_zero_keeps_one_process_per_batch_and_a_server_exits_after_linger
     third, _ = timed_launch(moto_server, tmp_path, warm_spec(62, 0), job_processes)
     assert third["pid"] not in (first["pid"], second["pid"])
     assert third["manifest"]["status"] == "succeeded"
+
+
+# --- prewarm at boot (worker/prewarm.py) ------------------------------------------------------------
+
+
+@pytest.fixture
+def prewarm(moto_server, tmp_path):
+    """Start `batchworker-job prewarm` on a job root, as the instance's boot does; killed at the end."""
+    started: list[subprocess.Popen] = []
+
+    def start() -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"prewarm-{len(started)}.log"
+        env = {**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": moto_server, "BATCHWORKER_JOB_ROOT": str(tmp_path)}
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [str(Path(sys.executable).with_name("batchworker-job")), "prewarm", "--model-uri", MODEL_URI,
+                 "--linger-seconds", "30"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(process)
+        return process, log
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def test_the_first_batch_runs_in_the_prewarmed_server(moto_server, model_bytes, tmp_path, prewarm, job_processes):
+    s3, _ = server_clients(moto_server)
+    s3.put_object(Bucket=ARTIFACTS, Key="models/digits-cnn.pt", Body=model_bytes)
+    s3.put_object(Bucket=INPUT, Key="warm/digit-3.png", Body=(SAMPLES / "digit-3.png").read_bytes())
+    # GIVEN an instance that booted: prewarm imported torch and loaded the model before any job came
+    process, log = prewarm()
+    wait_until(lambda: b"warm after" in log.read_bytes() or process.poll() is not None, 60, "prewarm ready")
+    assert process.poll() is None, log.read_text()
+    # WHEN the first job of the cold start is launched
+    reply, _ = timed_launch(moto_server, tmp_path, warm_spec(60, 30), job_processes)
+    # THEN the prewarmed process ran it, the model already loaded
+    assert reply["pid"] == process.pid
+    assert reply["manifest"]["status"] == "succeeded"
+    assert reply["manifest"]["timings"]["model_load_s"] < 0.5
+    assert "model already loaded" in (tmp_path / job_id(60) / "job.log").read_text()
+
+
+def test_a_batch_that_arrives_while_prewarm_starts_runs_once(
+        moto_server, model_bytes, tmp_path, prewarm, job_processes):
+    s3, _ = server_clients(moto_server)
+    s3.put_object(Bucket=ARTIFACTS, Key="models/digits-cnn.pt", Body=model_bytes)
+    s3.put_object(Bucket=INPUT, Key="warm/digit-3.png", Body=(SAMPLES / "digit-3.png").read_bytes())
+    # GIVEN prewarm just started (still importing), WHEN a job is launched at once
+    process, log = prewarm()
+    reply, _ = timed_launch(moto_server, tmp_path, warm_spec(61, 30), job_processes)
+    # THEN it ran exactly once (in prewarm's server, or in a `run` of its own if it came first)
+    assert reply["manifest"]["status"] == "succeeded"
+    events = (tmp_path / job_id(61) / "job.log").read_text().count('"job started"')
+    assert events == 1
+    # AND a second job still finds one warm server: the prewarm's, or the `run` that came first
+    second, _ = timed_launch(moto_server, tmp_path, warm_spec(62, 30), job_processes)
+    assert second["manifest"]["status"] == "succeeded"
+    assert second["pid"] in (process.pid, reply["pid"])
+    time.sleep(0.2)
+    assert "model already loaded" in (tmp_path / job_id(62) / "job.log").read_text()
