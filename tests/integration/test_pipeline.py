@@ -149,7 +149,8 @@ def _job_processes(cloud) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"worker.cli" in cmdline and b"run" in cmdline:
+        # A `run`, or the boot's warm server (`batchworker-job prewarm`), which runs the first batch of a start
+        if (b"worker.cli" in cmdline and b"run" in cmdline) or b"prewarm" in cmdline:
             pids.append(pid)
     return pids
 
