@@ -6,9 +6,9 @@ framework and prepares the default job (its package's handler process with setup
 package, torch and the model), so the first batch of a cold start runs warm.
 
 Nothing runs twice or is lost when a batch arrives early: the server role (and socket) is taken before
-anything slow, a batch offered during the preparation is taken (the default job's, or one that would wait
-for the only slot anyway) and runs right after it, or is refused and launch starts its own `run`; whoever
-removes a batch's offer token runs it (worker/server.py). When a `run` holds the role already, prewarm
+anything slow, the first batch offered during the preparation is taken and runs right after it (later ones
+by the warm server's usual rule, else launch starts a `run` of their own); whoever removes a batch's offer
+token runs it (worker/server.py). When a `run` holds the role already, prewarm
 exits at once. After `linger` seconds without a batch it exits, like any warm server.
 """
 
@@ -52,6 +52,9 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, m
         if ref is not None:
             hosts.expect([ref.version])  # the server admits this package's batches while it prepares
         server = cli._open_server(job_root, role, hosts)
+        # Idle from now on: the server takes any batch while this process prepares (the batch waits for the
+        # preparation a new `run` would have to do anyway), and queues later ones by the usual rule.
+        server.next_batch(0)
         try:
             if ref is not None:
                 from worker.package_run import prepare_package

@@ -121,9 +121,8 @@ def test_stopping_the_instance_kills_the_job_and_the_reaper_fails_it(local_cloud
 def test_a_killed_job_process_is_failed_and_its_instance_stopped(local_cloud):
     wait_all_stopped(local_cloud)
     job_id = put(local_cloud, "killme.json", compute_job(120))
-    pids = local_cloud.wait_until(lambda: _job_processes(local_cloud), 90, "the job's process on the instance")
-    for pid in pids:  # WHEN the job process dies without a word (OOM killer, segfault)
-        os.kill(pid, signal.SIGKILL)
+    pid = local_cloud.wait_until(lambda: _job_pid(local_cloud, job_id), 90, "the job's process on the instance")
+    os.kill(pid, signal.SIGKILL)  # WHEN the job process dies without a word (OOM killer, segfault)
     # THEN the reaper fails it once the lease expires, and the instance stops
     manifest = local_cloud.wait_for_manifest(job_id, timeout=60)
     assert manifest["status"] == "failed" and "stopped reporting progress" in manifest["error"]
@@ -139,6 +138,18 @@ def test_a_job_past_its_maximum_runtime_is_failed_and_its_instance_stopped(local
     assert manifest["status"] == "failed" and "maximum runtime" in manifest["error"]
     wait_all_stopped(local_cloud)
     local_cloud.wait_until(lambda: not _job_processes(local_cloud), 30, "the job's process to die")
+
+
+def _job_pid(cloud, job_id: str) -> int | None:
+    """The process running the job (a `run`, or the warm server that took it), as its run.pid names it."""
+    for path in cloud.local_dir.glob(f"instances/*/jobs/{job_id}/run.pid"):
+        try:
+            pid = int(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if pid in _job_processes(cloud):
+            return pid
+    return None
 
 
 def _job_processes(cloud) -> list[int]:
