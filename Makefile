@@ -21,6 +21,8 @@ build: install
 	@# The example job packages' models (the digits package ships the CNN above).
 	install -D -m 0644 build/model/digits-cnn.pt examples/jobs/digits/weights/digits-cnn.pt
 	$(PY) examples/jobs/tabular/train.py
+	@# The default job (Terraform default_job) ships with `terraform apply`: build/default-job/.
+	$(PY) scripts/bundle_default_job.py
 
 demo: build
 	$(PY) scripts/demo.py $(if $(KEEP),--keep)

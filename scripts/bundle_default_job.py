@@ -15,8 +15,8 @@ from pathlib import Path
 from batchworker.jobpkg.archive import ARCHIVE_SUFFIX, build_archive
 from batchworker.jobpkg.config import load_job_config
 from batchworker.jobpkg.registry import bundled_record, dumps, version_record
+from batchworker.local.paths import BUILD_DIR, DEFAULT_JOB_PACKAGE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 INDEX_NAME = "default-job.json"
 
 
@@ -38,8 +38,8 @@ def bundle(package_dir: Path, out_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--package", type=Path, default=REPO_ROOT / "examples" / "jobs" / "digits")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "default-job")
+    parser.add_argument("--package", type=Path, default=DEFAULT_JOB_PACKAGE)
+    parser.add_argument("--out", type=Path, default=BUILD_DIR / "default-job")
     args = parser.parse_args(argv)
     index = bundle(args.package, args.out)
     print(f"default job {index['name']} version {index['version'][:12]} -> {args.out}", file=sys.stderr)

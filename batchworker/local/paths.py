@@ -12,6 +12,7 @@ BUILD_DIR = REPO_ROOT / "build"
 LAMBDA_BUILD_DIR = BUILD_DIR / "lambdas"
 MODEL_PATH = BUILD_DIR / "model" / "digits-cnn.pt"
 SCRIPTS_DIR = REPO_ROOT / "scripts"
+DEFAULT_JOB_PACKAGE = REPO_ROOT / "examples" / "jobs" / "digits"  # Terraform default_job ("digits")
 VENV_BIN = Path(sys.executable).parent
 
 

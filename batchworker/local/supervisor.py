@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from moto.server import ThreadedMotoServer
 
 from batchworker.local import gsi_lag, processes
-from batchworker.local.paths import LAMBDA_BUILD_DIR, MODEL_PATH, SCRIPTS_DIR, VENV_BIN
+from batchworker.local.paths import DEFAULT_JOB_PACKAGE, LAMBDA_BUILD_DIR, MODEL_PATH, SCRIPTS_DIR, VENV_BIN
 from batchworker.local.state import LOCAL_CREDENTIALS, LOCAL_REGION, LocalOptions, read_state, write_state
 from batchworker.local.terraform import LocalTerraform
 
@@ -125,8 +126,15 @@ class Supervisor:
         return command
 
     def build(self) -> None:
+        """What `make build` does for the pipeline, so `local up` works from a fresh clone too."""
         for script in ("build_lambdas.py", "train_model.py"):
             subprocess.run([sys.executable, str(SCRIPTS_DIR / script)], check=True, stdout=sys.stderr)
+        # The default job package ships the model trained above; Terraform uploads its bundle.
+        weights = DEFAULT_JOB_PACKAGE / "weights" / MODEL_PATH.name
+        if not weights.is_file() or weights.read_bytes() != MODEL_PATH.read_bytes():
+            weights.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(MODEL_PATH, weights)
+        subprocess.run([sys.executable, str(SCRIPTS_DIR / "bundle_default_job.py")], check=True, stdout=sys.stderr)
 
     def terraform_variables(self) -> dict:
         ec2 = boto3.client("ec2")
