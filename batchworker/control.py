@@ -25,11 +25,12 @@ from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstancePool
 from batchworker.jobpkg.registry import PackageRegistry
 from batchworker.jobs import JobStore
-from batchworker.ledger import InstanceLedger
+from batchworker.ledger import InstanceLedger, LedgerEntry
 from batchworker.manifests import failed_manifest, write_manifest
 from batchworker.models import (
     ACTIVE_STATUSES,
     POOL_TAG_KEY,
+    Instance,
     Job,
     JobStatus,
     job_id_for,
@@ -184,6 +185,7 @@ def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, 
     deadline = clock() + settings.instance_ready_timeout_seconds
     claimed: list[Job] = []
     group = list(group)
+    launched: set[str] = set()
     try:
         instance_id = start_somewhere(instance_id, group, deadline, jobs, pool, ledger, settings.max_jobs_per_instance)
         for job in group:
@@ -197,14 +199,19 @@ def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, 
             spec = {"jobs": [job_spec(job, settings, instance_id) for job in batch]}
             _launch_until(deadline, instance_id, spec, pool, launcher, clock)
             for job in batch:
+                launched.add(job.job_id)
+                # On the instance now: DISPATCHED with a lease while it waits for a slot; the job itself turns
+                # RUNNING when its code starts (waiting is not running). Already RUNNING or done: left alone.
                 jobs.transition(
-                    job.job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED],
+                    job.job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.DISPATCHED],
                     lease_seconds=settings.job_lease_seconds,
                 )
     except InsufficientCapacity as exc:
         wait_for_capacity(group, exc, jobs)
     except BatchworkerError as exc:
         for job in claimed or group:
+            if job.job_id in launched:
+                continue  # on the instance already; its lease tells whether it lives
             current = jobs.get(job.job_id)
             if current is not None and current.status in (JobStatus.QUEUED, JobStatus.DISPATCHED):
                 fail_job(job, str(exc), instance_id, settings, jobs, s3_client)
@@ -325,19 +332,43 @@ def stop_if_idle(
     entry = ledger.read(instance_id)
     instance = pool.get(instance_id)
     active = jobs.active()
+    return stop_when_idle(instance, entry, active, pool_grace_seconds(settings, active, now, gaps), cause, pool, ledger, now)
+
+
+def pool_grace_seconds(settings: Settings, active: list[Job], now: datetime, gaps: IdleGaps | None) -> float:
+    """The idle grace now; with `gaps`, an idle pool opens a gap there and the adaptive grace learns from them."""
     if gaps is not None and not active:
         gaps.note_idle(now)
     learns = gaps is not None and settings.idle_grace_policy == "adaptive" and settings.idle_grace_seconds > 0
-    grace = idle_grace_seconds(
+    return idle_grace_seconds(
         settings.idle_grace_policy,
         settings.idle_grace_seconds,
         gaps.recent() if learns else [],
         settings.restart_cost_seconds,
     )
-    decision = should_stop(now, instance, active, grace, entry.last_activity_at, entry.placed_job_ids)
-    if decision.stop and not ledger.claim_stop(instance_id, entry.generation):
+
+
+def stop_when_idle(
+    instance: Instance,
+    entry: LedgerEntry,
+    active: list[Job],
+    grace_seconds: float,
+    cause: str,
+    pool: InstancePool,
+    ledger: InstanceLedger,
+    now: datetime,
+) -> StopDecision:
+    """Stop the instance when `should_stop` says so and the claim on `entry`'s generation wins.
+
+    `entry` must have been read (strongly consistent) before `active`: a job placed in between bumps the
+    generation and voids the claim, and every job placed before is in `entry.placed_job_ids`.
+    """
+    decision = should_stop(now, instance, active, grace_seconds, entry.last_activity_at, entry.placed_job_ids)
+    if decision.stop and not ledger.claim_stop(instance.instance_id, entry.generation):
         decision = StopDecision(False, "a job was placed on it meanwhile, or another stop was claimed")
-    logger.info("instance %s after %s: %s (%s)", instance_id, cause, "stop" if decision.stop else "keep", decision.reason)
+    logger.info(
+        "instance %s after %s: %s (%s)", instance.instance_id, cause, "stop" if decision.stop else "keep", decision.reason
+    )
     if decision.stop:
-        pool.stop(instance_id, reason=f"{cause}; {decision.reason}")
+        pool.stop(instance.instance_id, reason=f"{cause}; {decision.reason}")
     return decision

@@ -106,26 +106,28 @@ def judge_job(
 ) -> JobVerdict:
     """What the reaper does with an active job.
 
+    Waiting is not running: the runtime counts from `running_since`, which the job sets when its code starts;
+    a job waiting on its instance for a slot (DISPATCHED, its lease renewed) is kept however long it waits.
     - running past `max_job_runtime_seconds`: fail it (the cap protects the bill from a hung job);
-    - running with a lease that expired (its instance was stopped or lost, or the job died): dispatch it
-      again, or fail it once it has had `max_attempts` dispatches;
+    - running or waiting on its instance with a lease that expired (its instance was stopped or lost, or the
+      job died): dispatch it again, or fail it once it has had `max_attempts` dispatches;
     - queued waiting for EC2 capacity (no instance of the pool could start): fail it once it has waited
       `max_capacity_wait_seconds`, else dispatch it again every `capacity_retry_interval_seconds` (capacity
       comes back; a wait counts no attempt);
-    - queued or dispatched for longer than `stuck_after_seconds`: dispatch it again, or fail it once
-      it has had `max_attempts` dispatches;
+    - queued, or dispatched without a lease yet, for longer than `stuck_after_seconds`: dispatch it again,
+      or fail it once it has had `max_attempts` dispatches;
     - anything else: keep.
     """
-    if job.status is JobStatus.RUNNING:
-        if job.running_since:
-            running_seconds = (now - parse_time(job.running_since)).total_seconds()
-            if running_seconds > max_job_runtime_seconds:
-                return JobVerdict(
-                    JobAction.FAIL,
-                    f"the job ran {running_seconds:.0f}s, past the {max_job_runtime_seconds:.0f}s maximum "
-                    "runtime; split the input or raise max_job_runtime_seconds",
-                )
-        if job.lease_expires_at and now > parse_time(job.lease_expires_at):
+    if job.status is JobStatus.RUNNING and job.running_since:
+        running_seconds = (now - parse_time(job.running_since)).total_seconds()
+        if running_seconds > max_job_runtime_seconds:
+            return JobVerdict(
+                JobAction.FAIL,
+                f"the job ran {running_seconds:.0f}s, past the {max_job_runtime_seconds:.0f}s maximum "
+                "runtime; split the input or raise max_job_runtime_seconds",
+            )
+    if job.status in (JobStatus.RUNNING, JobStatus.DISPATCHED) and job.lease_expires_at:
+        if now > parse_time(job.lease_expires_at):
             # An instance lost mid-job is transient: run it again, up to max_attempts.
             if job.attempts < max_attempts:
                 return JobVerdict(JobAction.REDISPATCH, "its lease expired (instance stopped or lost, job died)")
@@ -134,7 +136,9 @@ def judge_job(
                 f"the job stopped reporting progress {job.attempts} time(s) (its instance was stopped or lost, "
                 "or the job process died); upload the file again to retry",
             )
-        return JobVerdict(JobAction.KEEP, "running")
+        if job.status is JobStatus.RUNNING:
+            return JobVerdict(JobAction.KEEP, "running")
+        return JobVerdict(JobAction.KEEP, "waiting on its instance for a slot")
     if job.status is JobStatus.QUEUED and job.capacity_wait_since and max_capacity_wait_seconds is not None:
         short_seconds = (now - parse_time(job.capacity_wait_since)).total_seconds()
         if short_seconds > max_capacity_wait_seconds:

@@ -91,10 +91,11 @@ class JobStore:
         values = {":to": {"S": to.value}, ":u": {"S": isoformat(moment)}}
         sets = ["#s = :to", "updated_at = :u"]
         removes = []
-        if to is JobStatus.RUNNING:
-            sets.append("running_since = if_not_exists(running_since, :u)")
+        # `running_since` is the job's own to set, when its code starts (worker/lease.py): waiting is not running.
         if to is JobStatus.DISPATCHED:
             removes = ["waiting_reason", "capacity_wait_since"]  # an instance was found
+        if to is JobStatus.QUEUED:
+            removes = ["lease_expires_at", "running_since"]  # queued again: the next attempt starts afresh
         if lease_seconds is not None:
             sets.append("lease_expires_at = :lease")
             values[":lease"] = {"S": isoformat(moment + timedelta(seconds=lease_seconds))}

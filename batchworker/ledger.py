@@ -14,17 +14,22 @@ a job placed a moment ago is always seen. A set rather than a counter: adding or
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import random
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 import boto3
 from botocore.exceptions import ClientError
 
+from batchworker.errors import RetryableError
 from batchworker.models import isoformat, parse_time, utc_now
 
 LEDGER_SORT_KEY = "~ledger"  # sorts after every ISO-8601 history entry
 PLACED = "placed"  # string set: jobs placed on the instance whose manifests are not recorded yet
+BATCH_GET_KEYS = 100  # BatchGetItem's limit
+UNPROCESSED_RETRIES = 8
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,10 @@ class LedgerEntry:
 
 
 class InstanceLedger:
-    def __init__(self, table_name: str, client=None):
+    def __init__(self, table_name: str, client=None, sleep: Callable[[float], None] = time.sleep):
         self.table_name = table_name
         self.client = client or boto3.client("dynamodb")
+        self.sleep = sleep
 
     def _key(self, instance_id: str) -> dict:
         return {"instance_id": {"S": instance_id}, "at": {"S": LEDGER_SORT_KEY}}
@@ -52,28 +58,45 @@ class InstanceLedger:
         item = self.client.get_item(TableName=self.table_name, Key=self._key(instance_id), ConsistentRead=True).get(
             "Item", {}
         )
-        return LedgerEntry(
-            instance_id=instance_id,
-            generation=int(item.get("generation", {}).get("N", "0")),
-            stopped_generation=int(item["stopped_generation"]["N"]) if "stopped_generation" in item else None,
-            last_activity_at=parse_time(item["last_activity_at"]["S"]) if "last_activity_at" in item else None,
-            placed_job_ids=frozenset(item.get(PLACED, {}).get("SS", [])),
-        )
+        return _to_entry(instance_id, item)
 
-    def note_assignment(self, instance_id: str, now: datetime | None = None, job_ids: Iterable[str] = ()) -> None:
+    def read_many(self, instance_ids: Iterable[str]) -> dict[str, LedgerEntry]:
+        """The entries of many instances in as few strongly consistent BatchGetItem calls as fit (100 keys each)."""
+        wanted = list(dict.fromkeys(instance_ids))
+        items: dict[str, dict] = {}
+        for start in range(0, len(wanted), BATCH_GET_KEYS):
+            request = {
+                self.table_name: {"Keys": [self._key(i) for i in wanted[start : start + BATCH_GET_KEYS]],
+                                  "ConsistentRead": True}
+            }
+            for attempt in range(UNPROCESSED_RETRIES + 1):
+                response = self.client.batch_get_item(RequestItems=request)
+                for item in response.get("Responses", {}).get(self.table_name, []):
+                    items[item["instance_id"]["S"]] = item
+                request = response.get("UnprocessedKeys") or {}
+                if not request:
+                    break
+                if attempt == UNPROCESSED_RETRIES:
+                    raise RetryableError(f"DynamoDB left {len(request[self.table_name]['Keys'])} ledger reads unprocessed")
+                self.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))  # throttled: back off, with jitter
+        return {i: _to_entry(i, items.get(i, {})) for i in wanted}
+
+    def note_assignment(self, instance_id: str, now: datetime | None = None, job_ids: Iterable[str] = ()) -> int:
         """Jobs were placed on the instance: any stop decided on an older generation is void, and until their
-        manifests are recorded the instance has work (`placed`)."""
+        manifests are recorded the instance has work (`placed`). Returns the new generation."""
         values = {":one": {"N": "1"}, ":now": {"S": isoformat(now or utc_now())}}
         update = "ADD generation :one"
         if job_ids := sorted(set(job_ids)):
             update += f", {PLACED} :jobs"
             values[":jobs"] = {"SS": job_ids}
-        self.client.update_item(
+        response = self.client.update_item(
             TableName=self.table_name,
             Key=self._key(instance_id),
             UpdateExpression=update + " SET last_activity_at = :now",
             ExpressionAttributeValues=values,
+            ReturnValues="UPDATED_NEW",
         )
+        return int(response["Attributes"]["generation"]["N"])
 
     def note_activity(self, instance_id: str, now: datetime | None = None, job_ids: Iterable[str] = ()) -> None:
         """Jobs finished on the instance (their manifests are recorded): its idle time counts from now."""
@@ -121,3 +144,13 @@ class InstanceLedger:
                 return False
             raise
         return True
+
+
+def _to_entry(instance_id: str, item: dict) -> LedgerEntry:
+    return LedgerEntry(
+        instance_id=instance_id,
+        generation=int(item.get("generation", {}).get("N", "0")),
+        stopped_generation=int(item["stopped_generation"]["N"]) if "stopped_generation" in item else None,
+        last_activity_at=parse_time(item["last_activity_at"]["S"]) if "last_activity_at" in item else None,
+        placed_job_ids=frozenset(item.get(PLACED, {}).get("SS", [])),
+    )

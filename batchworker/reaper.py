@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from batchworker.capacity import CAPACITY_RETRY_INTERVAL_SECONDS
 from batchworker.config import Settings
-from batchworker.control import fail_job, stop_if_idle
+from batchworker.control import fail_job, finish_job, pool_grace_seconds, stop_when_idle
 from batchworker.decisions import JobAction, judge_job
+from batchworker.errors import RejectedEvent
 from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger, LedgerEntry
-from batchworker.models import ACTIVE_STATUSES, InstanceState, JobStatus, utc_now
+from batchworker.manifests import read_manifest
+from batchworker.models import ACTIVE_STATUSES, InstanceState, Job, JobStatus, manifest_key, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ class ReapReport:
     failed: list[str] = field(default_factory=list)
     redispatched: list[str] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # their manifest was there, its event not yet handled
 
 
 def reap(
@@ -37,14 +40,26 @@ def reap(
     now: datetime | None = None,
     gaps: IdleGaps | None = None,
 ) -> ReapReport:
+    """One pass. It reads the pool once, its ledger entries in one batch (BatchGetItem), and the active
+    jobs once, whatever the pool's size; only what it changes (a job failed, an instance stopped) costs more.
+    """
     now = now or utc_now()
     report = ReapReport()
-    for job in jobs.active():
+    instances = pool.list()
+    entries = ledger.read_many(i.instance_id for i in instances)  # before the jobs: see stop_when_idle
+    active = jobs.active()
+    for job in active:
         verdict = judge_job(
             now, job, settings.max_job_runtime_seconds, settings.stuck_after_seconds, settings.max_attempts,
             settings.max_capacity_wait_seconds, CAPACITY_RETRY_INTERVAL_SECONDS,
         )
-        if verdict.action is JobAction.FAIL:
+        if verdict.action is JobAction.KEEP:
+            continue
+        if job.attempts and _finish_from_manifest(job, settings, jobs, ledger, s3_client):
+            # Done, its manifest's event still on its way (S3 events can take a minute or more): never run a
+            # finished job again, nor overwrite its manifest with a failed one.
+            report.finished.append(job.job_id)
+        elif verdict.action is JobAction.FAIL:
             # The failed manifest reaches the stop function, which stops the instance if nothing else runs.
             fail_job(job, verdict.reason, job.instance_id, settings, jobs, s3_client)
             report.failed.append(job.job_id)
@@ -53,31 +68,50 @@ def reap(
                 logger.warning("re-dispatching job %s: %s", job.job_id, verdict.reason)
                 invoke_worker({"job_ids": [job.job_id]})
                 report.redispatched.append(job.job_id)
-    for instance in pool.list():
-        entry = ledger.read(instance.instance_id)
-        _release_ended_placements(entry, jobs, ledger)
+    ended = set(report.failed) | set(report.finished)
+    still_active = [job for job in active if job.job_id not in ended]
+    grace = pool_grace_seconds(settings, still_active, now, gaps)
+    for instance in instances:
+        entry = _release_ended_placements(entries[instance.instance_id], still_active, jobs, ledger)
         if instance.state is not InstanceState.RUNNING:
             continue
         if entry.is_stop_claimed:
             # Running although its stop was claimed: started by hand, or the stop call was lost. Adopt it
             # with a new generation so that this pass (or the next) can stop it.
-            ledger.note_assignment(instance.instance_id, now)
-        decision = stop_if_idle(instance.instance_id, "reaper pass", settings, jobs, pool, ledger, now, gaps)
+            entry = replace(entry, generation=ledger.note_assignment(instance.instance_id, now), last_activity_at=now)
+        decision = stop_when_idle(instance, entry, still_active, grace, "reaper pass", pool, ledger, now)
         if decision.stop:
             report.stopped.append(instance.instance_id)
     return report
 
 
-def _release_ended_placements(entry: LedgerEntry, jobs: JobStore, ledger: InstanceLedger) -> None:
+def _release_ended_placements(entry: LedgerEntry, active: list[Job], jobs: JobStore, ledger: InstanceLedger) -> LedgerEntry:
     """Repair the ledger's `placed` set: drop jobs that ended (or moved) without their manifest being recorded.
 
-    A job not yet assigned (placed a moment ago: the ledger is written before the job row) is kept.
+    Jobs active on this instance in the pass's snapshot are fine; only the others are read (strongly consistent),
+    so a pass costs no more calls in the steady state however large the pool. A job not yet assigned (placed a
+    moment ago: the ledger is written before the job row) is kept. Returns the entry without the released jobs.
     """
+    on_it = {job.job_id for job in active if job.instance_id == entry.instance_id}
     ended = []
-    for job_id in entry.placed_job_ids:
+    for job_id in entry.placed_job_ids - on_it:
         job = jobs.get(job_id)  # strongly consistent
         if job is None or job.status.is_terminal or (job.instance_id and job.instance_id != entry.instance_id):
             ended.append(job_id)
-    if ended:
-        logger.warning("instance %s: releasing placements that ended unrecorded: %s", entry.instance_id, ended)
-        ledger.release(entry.instance_id, ended)
+    if not ended:
+        return entry
+    logger.warning("instance %s: releasing placements that ended unrecorded: %s", entry.instance_id, ended)
+    ledger.release(entry.instance_id, ended)
+    return replace(entry, placed_job_ids=entry.placed_job_ids - set(ended))
+
+
+def _finish_from_manifest(job: Job, settings: Settings, jobs: JobStore, ledger: InstanceLedger, s3_client) -> bool:
+    """Record the job's end from its manifest, if it wrote one; False when it has none."""
+    key = manifest_key(job.job_id)
+    try:
+        manifest = read_manifest(s3_client, settings.output_bucket, key)
+    except RejectedEvent:
+        return False
+    logger.warning("job %s had finished (%s); its manifest event had not arrived", job.job_id, manifest["status"])
+    finish_job(manifest, key, jobs, ledger)
+    return True

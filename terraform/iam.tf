@@ -405,6 +405,22 @@ data "aws_iam_policy_document" "reaper" {
     resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
   }
 
+  # reaper: before re-running or failing a job whose lease lapsed, read the manifest it may have written
+  # (its event can be late): a finished job is never dispatched again. ListBucket makes a missing manifest
+  # read as 404 rather than 403.
+  statement {
+    sid       = "ReadManifests"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
+  }
+
+  # reaper: tell a manifest not written yet (404) from a denied read (403); see ReadManifests.
+  statement {
+    sid       = "ListOutputJobs"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.this["output"].arn]
+  }
+
   # reaper: hand a stuck job to the worker (dispatcher) function again, asynchronously.
   statement {
     sid       = "InvokeWorker"

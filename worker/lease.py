@@ -1,7 +1,9 @@
 """The job's lease in the jobs table, renewed by a heartbeat thread while the job is alive on the instance.
 
 One Heartbeat serves a whole batch: it renews every job of the batch that has not finished yet (jobs waiting
-their turn included, so the control plane does not take them for lost). The job table's own writer lives in
+their turn included, so the control plane does not take them for lost). Waiting is not running: a job stays
+DISPATCHED while it waits for a slot or its turn, and becomes RUNNING, with `running_since` (where the runtime
+cap counts from), only when its code starts (`Heartbeat.job_started`). The job table's own writer lives in
 batchworker/jobs.py, which the instance does not install; the update here must stay compatible with it.
 """
 
@@ -38,38 +40,42 @@ def iso_utc(moment: dt.datetime) -> str:
 
 
 def renew_lease(
-    client: Any, job_id: str, lease: Lease, now: dt.datetime, progress: tuple[int, int] | None = None
+    client: Any,
+    job_id: str,
+    lease: Lease,
+    now: dt.datetime,
+    progress: tuple[int, int] | None = None,
+    started: bool = False,
 ) -> bool:
-    """Mark the job RUNNING until now + lease.seconds; False when the control plane has already ended it.
+    """Hold the job's lease until now + lease.seconds; False when the control plane has already ended it.
 
     `progress` (items done, items total), when the job knows it, goes to items_done / items_total.
-
+    `started`: the job's code starts now: it becomes RUNNING and its runtime counts from now. Otherwise the
+    status and `running_since` are left alone (a job waiting for a slot stays DISPATCHED).
     Other errors (throttling, network, a missing table) propagate: the caller logs them and tries again.
     """
-    stamp = iso_utc(now)
-    progress_set, progress_values = "", {}
+    sets = ["lease_expires_at = :t", "updated_at = :now"]
+    values = {
+        ":dispatched": {"S": STATUS_DISPATCHED},
+        ":running": {"S": STATUS_RUNNING},
+        ":t": {"S": iso_utc(now + dt.timedelta(seconds=lease.seconds))},
+        ":now": {"S": iso_utc(now)},
+    }
+    if started:
+        sets += ["#s = :running", "running_since = :now"]
     if progress is not None:
-        progress_set = ", items_done = :done, items_total = :total"
-        progress_values = {":done": {"N": str(progress[0])}, ":total": {"N": str(progress[1])}}
+        sets += ["items_done = :done", "items_total = :total"]
+        values.update({":done": {"N": str(progress[0])}, ":total": {"N": str(progress[1])}})
     try:
         client.update_item(
             TableName=lease.table,
             Key={"job_id": {"S": job_id}},
-            UpdateExpression=(
-                "SET #s = :running, lease_expires_at = :t, updated_at = :now, "
-                "running_since = if_not_exists(running_since, :now)" + progress_set
-            ),
+            UpdateExpression="SET " + ", ".join(sets),
             # Only a job the control plane still expects to run: a SUCCEEDED or FAILED job (finished, or
             # failed by the watchdog when its lease lapsed) must never come back to life.
             ConditionExpression="#s IN (:dispatched, :running)",
             ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={
-                ":running": {"S": STATUS_RUNNING},
-                ":dispatched": {"S": STATUS_DISPATCHED},
-                ":t": {"S": iso_utc(now + dt.timedelta(seconds=lease.seconds))},
-                ":now": {"S": stamp},
-                **progress_values,
-            },
+            ExpressionAttributeValues=values,
         )
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
@@ -81,8 +87,9 @@ def renew_lease(
 class Heartbeat:
     """A daemon thread renewing the leases of the given jobs at once and then every min(seconds) / 3.
 
-    finish(job_id) ends a job's renewals (returns after any renewal in flight); call it before the job's
-    manifest goes out. The thread ends when no job is left, or at stop().
+    job_started(job_id) marks the job RUNNING from now (its code starts). finish(job_id) ends a job's renewals
+    (returns after any renewal in flight); call it before the job's manifest goes out. The thread ends when no
+    job is left, or at stop().
     """
 
     def __init__(self, leases: dict[str, Lease], client: Any = None) -> None:
@@ -115,6 +122,13 @@ class Heartbeat:
         """Items done / total, written with the job's next renewal (not a write of its own)."""
         self._progress[job_id] = (done, total)
 
+    def job_started(self, job_id: str) -> None:
+        """The job's code starts now: RUNNING from now on (one write at once, then the usual renewals)."""
+        with self._lock:
+            lease = self._leases.get(job_id)
+            if lease is not None and self._client is not None:
+                self._renew(job_id, lease, started=True)
+
     def finish(self, job_id: str) -> None:
         with self._lock:
             self._leases.pop(job_id, None)
@@ -135,10 +149,10 @@ class Heartbeat:
                     return
             self._stopped.wait(self.interval_seconds)
 
-    def _renew(self, job_id: str, lease: Lease) -> None:
+    def _renew(self, job_id: str, lease: Lease, started: bool = False) -> None:
         try:
             renewed = renew_lease(self._client, job_id, lease, dt.datetime.now(dt.timezone.utc),
-                                  self._progress.get(job_id))
+                                  self._progress.get(job_id), started)
         except (BotoCoreError, ClientError) as exc:
             logger.warning("lease renewal failed; trying again", extra={"job_id": job_id, "error": str(exc)})
             return
@@ -149,10 +163,12 @@ class Heartbeat:
                 extra={"job_id": job_id, "table": lease.table},
             )
             del self._leases[job_id]
+        elif started:
+            logger.info("the job is RUNNING in the jobs table", extra={"job_id": job_id, "table": lease.table})
         elif job_id not in self._renewed:
             self._renewed.add(job_id)
             every = round(self.interval_seconds, 3)
             logger.info(
-                "lease taken: the job is RUNNING in the jobs table",
+                "lease taken: the job is alive in the jobs table",
                 extra={"job_id": job_id, "table": lease.table, "renew_every_s": every},
             )

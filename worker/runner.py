@@ -24,7 +24,7 @@ from worker.hosts import HostPool
 from worker.inputs import COMPUTE_EXTENSION, MAX_INPUT_BYTES, decode_input, display_name, input_extension
 from worker.joblog import flush_handlers, job_logging
 from worker.lease import Heartbeat
-from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest
+from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest, utc_now
 from worker.package_run import PackageReport
 from worker.paths import job_dir_for
 from worker.predictions import PREDICTIONS_NAME, write_predictions
@@ -77,13 +77,15 @@ def run_jobs(
     finished yet are renewed, so jobs waiting their turn stay alive in the jobs table. After SIGTERM the
     jobs still to come fail at once as interrupted. `warm` carries the loaded models and the S3 client over
     to the next batch. `waiting_since` (UTC, monotonic): when a warm server took the batch to run after
-    its current one; the first job's timings start there and count the wait as slot_wait_s.
+    its current one (default: now). Every job's timings start there: the wait for the slot, and behind the
+    batch's earlier jobs, counts as slot_wait_s, and only the job's own run counts toward the runtime cap.
     """
     leases = {spec.job_id: spec.lease for spec in specs if spec.lease}
     batch = _Batch(job_root, heartbeat or Heartbeat(leases))
     if warm is not None:
         batch.models, batch.interrupted, batch.hosts = warm.models, warm.interrupted, warm.hosts
         storage = storage or warm.storage
+    arrived = waiting_since or (utc_now(), time.monotonic())
     codes: list[ExitCode] = []
     try:
         for spec in specs:
@@ -92,7 +94,8 @@ def run_jobs(
             job: _Job | None = None
             try:
                 with job_logging(spec.job_id, job_dir / LOG_NAME) as logger:
-                    job = _Job(spec, batch, job_dir, storage, logger, waiting_since if not codes else None)
+                    behind = "the earlier jobs of its batch" if codes else "the warm server's queue"
+                    job = _Job(spec, batch, job_dir, storage, logger, arrived, behind if codes or waiting_since else "")
                     codes.append(job.run())
             except Interrupted as exc:  # SIGTERM outside the job's own error handling (its last uploads)
                 batch.interrupted = exc
@@ -146,7 +149,7 @@ class _Batch:
 class _Job:
     def __init__(
         self, spec: JobSpec, batch: _Batch, job_dir: Path, storage: Storage | None, logger: logging.Logger,
-        waiting_since: tuple[dt.datetime, float] | None = None,
+        waiting_since: tuple[dt.datetime, float] | None = None, waited_in: str = "",
     ) -> None:
         self.spec = spec
         self.batch = batch
@@ -156,6 +159,7 @@ class _Job:
         self.log = logger
         self.timings = Timings.since(*waiting_since) if waiting_since else Timings()
         self.queued_seconds = time.monotonic() - waiting_since[1] if waiting_since else 0.0
+        self.waited_in = waited_in  # where it waited before its turn, for the log ("": it did not)
         self.outcome = _Outcome(input_version_id=spec.input_version_id)
         self.device = "unknown"
         self.instance_id = spec.instance_id or os.environ.get(INSTANCE_ID_ENV) or None
@@ -209,9 +213,9 @@ class _Job:
 
     def _hold_slot(self) -> None:
         spec = self.spec
-        if self.queued_seconds:
-            self.timings.seconds["slot_wait_s"] += self.queued_seconds
-            self.log.info("waited in the warm server's queue", extra={"waited_s": round(self.queued_seconds, 3)})
+        self.timings.seconds["slot_wait_s"] += self.queued_seconds
+        if self.waited_in:
+            self.log.info(f"waited in {self.waited_in}", extra={"waited_s": round(self.queued_seconds, 3)})
         with self.timings.measure("slot_wait_s"):
             slot = self.batch.hold_slot(spec.max_concurrent_jobs)
         if slot is not None:
@@ -223,6 +227,7 @@ class _Job:
                     "waited_s": round(slot.waited_seconds, 3),
                 },
             )
+        self.batch.heartbeat.job_started(spec.job_id)  # waiting is not running: the runtime counts from here
 
     def _run_package(self) -> None:
         """A job package's job (worker/package_run.py); its report goes into the manifest."""

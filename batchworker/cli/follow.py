@@ -22,7 +22,8 @@ def stage(job: Job | None, snapshot: Snapshot) -> str:
     if job.status is JobStatus.RUNNING:
         return "running"
     if job.status is JobStatus.DISPATCHED:
-        return "starting job"
+        # Launched on the instance (it holds a lease) but its code has not started: waiting is not running.
+        return "queued (waiting for a slot)" if job.lease_expires_at else "starting job"
     states = {i.instance_id: i.state for i in snapshot.instances}
     if states.get(job.instance_id) is InstanceState.RUNNING:
         return "queued (instance up)"

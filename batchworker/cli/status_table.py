@@ -58,8 +58,8 @@ def note(job: Job, now: datetime) -> str:
         parts.append(f"{job.waiting_reason or 'waiting for capacity'} (for {age(job.capacity_wait_since, now)})")
     elif job.status is JobStatus.QUEUED:
         parts.append(f"queued {age(job.created_at, now)}")
-    elif job.status is JobStatus.DISPATCHED:
-        parts.append(f"on the instance, waiting {age(job.updated_at, now)}")
+    elif job.status is JobStatus.DISPATCHED:  # waiting is not running: on the instance, its code not started
+        parts.append(f"queued {age(job.created_at, now)}, " + ("waiting for a slot" if job.lease_expires_at else "starting"))
     elif job.status is JobStatus.RUNNING and job.running_since:
         parts.append(f"running {age(job.running_since, now)}")
     if job.attempts > 1:

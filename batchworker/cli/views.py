@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from batchworker.capacity import is_waiting_for_capacity
 from batchworker.cli.client import Deployment
 from batchworker.errors import UsageError
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
-from batchworker.models import Instance, Job
+from batchworker.models import Instance, Job, parse_time, utc_now
 
 
 @dataclass
@@ -43,7 +44,25 @@ def job_json(job: Job) -> dict:
         "items_total": job.items_total,
         # why a QUEUED job is not running yet ("waiting for capacity: ..."), else null
         "waiting": job.waiting_reason if is_waiting_for_capacity(job) else None,
+        "queued_s": queued_seconds(job),
     }
+
+
+def queued_seconds(job: Job, now: datetime | None = None) -> float | None:
+    """Seconds from the upload's acceptance until the job's code started (until now while it still waits).
+
+    Waiting is not running: this is the time in the queue and on the instance waiting for a slot. None for a
+    job that ended without ever starting.
+    """
+    if not job.created_at:
+        return None
+    if job.running_since:
+        end = parse_time(job.running_since)
+    elif job.status.is_terminal:
+        return None
+    else:
+        end = now or utc_now()
+    return round(max((end - parse_time(job.created_at)).total_seconds(), 0.0), 3)
 
 
 def stores(deployment: Deployment) -> tuple[JobStore, InstancePool]:

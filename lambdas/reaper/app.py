@@ -31,6 +31,7 @@ def invoke_worker(payload: dict) -> None:
 @logger.inject_lambda_context
 def handler(event, context):
     report = reap(settings, jobs, pool, ledger, s3, invoke_worker, gaps=gaps)
-    logger.info("reaper pass", extra={"failed": report.failed, "redispatched": report.redispatched,
-                                      "stopped": report.stopped})
-    return {"failed": report.failed, "redispatched": report.redispatched, "stopped": report.stopped}
+    result = {"failed": report.failed, "redispatched": report.redispatched, "stopped": report.stopped,
+              "finished": report.finished}
+    logger.info("reaper pass", extra=result)
+    return result

@@ -86,7 +86,7 @@ def test_insufficient_capacity_is_retried_with_backoff_until_the_instance_starts
     launcher = RecordingLauncher()
     outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock)
     # THEN it retried (backing off) until the start went through, and the job runs
-    assert outcome == {job_id: JobStatus.RUNNING}
+    assert outcome == {job_id: JobStatus.DISPATCHED}  # launched; RUNNING once its code starts
     assert ec2.starts == 4 and stack.instance_state() == "running"  # 1 by the trigger, 3 by the worker
     assert clock.now >= 2 + 4  # doubling waits, not a hot loop
 
@@ -99,7 +99,7 @@ def test_incorrect_instance_state_while_stopping_is_waited_out(stack):
     job_id, _ = queue_job(stack, settings, jobs, pool, ledger)
     outcome = dispatch_jobs([job_id], settings, jobs, pool, RecordingLauncher(), boto3.client("s3"), clock=clock)
     # THEN the worker starts it again once EC2 accepts, and the upload is not stranded
-    assert outcome == {job_id: JobStatus.RUNNING}
+    assert outcome == {job_id: JobStatus.DISPATCHED}  # launched; RUNNING once its code starts
     assert stack.instance_state() == "running"
 
 
@@ -159,5 +159,5 @@ def test_a_launch_cut_off_by_an_instance_stop_is_relaunched_after_a_restart(stac
     launcher.launch = launch_and_stop_once
     outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock)
     # THEN the worker starts the instance again and relaunches: the job runs, it was not failed
-    assert outcome == {job_id: JobStatus.RUNNING}
+    assert outcome == {job_id: JobStatus.DISPATCHED}  # launched; RUNNING once its code starts
     assert len(launcher.launched) == 1 and stack.instance_state() == "running"

@@ -12,8 +12,10 @@ from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
-from batchworker.models import JobStatus, utc_now
+from batchworker.models import Job, JobStatus, utc_now
 from batchworker.reaper import reap
+from worker.lease import renew_lease
+from worker.spec import Lease
 
 
 def parts(stack, **overrides):
@@ -76,14 +78,42 @@ def test_reaper_retries_a_job_whose_lease_expired_then_fails_it_with_a_manifest(
     assert manifest["status"] == "failed" and "stopped reporting progress" in manifest["error"]
 
 
+def launched(jobs, job_id, lease_seconds=1000):
+    """The worker function's part: claimed, launched on the instance, holding a lease (its code not started)."""
+    jobs.transition(job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED], count_attempt=True)
+    jobs.transition(job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.DISPATCHED], lease_seconds=lease_seconds)
+
+
 def test_reaper_fails_a_job_past_its_maximum_runtime(stack):
     settings, jobs, pool, ledger = parts(stack, BATCHWORKER_MAX_JOB_RUNTIME_SECONDS="100")
     job_id = queue(stack, settings, jobs, pool, ledger, "long.png")
-    jobs.transition(job_id, JobStatus.DISPATCHED, allowed_from=[JobStatus.QUEUED])
-    jobs.transition(job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED], lease_seconds=1000)
+    launched(jobs, job_id)
+    # the job's code starts (the instance's own write, worker/lease.py)
+    assert renew_lease(jobs.client, job_id, Lease(settings.jobs_table, 1000), utc_now(), started=True)
     report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append, now=utc_now() + timedelta(seconds=150))
     assert report.failed == [job_id]
     assert "maximum runtime" in jobs.get(job_id).error
+
+
+def test_waiting_for_a_slot_longer_than_the_cap_is_not_running(stack):
+    # GIVEN a job launched on its instance, waiting there for a slot, its lease renewed, its code not started
+    settings, jobs, pool, ledger = parts(stack, BATCHWORKER_MAX_JOB_RUNTIME_SECONDS="100")
+    job_id = queue(stack, settings, jobs, pool, ledger, "waits.png")
+    launched(jobs, job_id)
+    lease = Lease(settings.jobs_table, 1000)
+    assert renew_lease(jobs.client, job_id, lease, utc_now() + timedelta(seconds=140))
+    # WHEN the reaper looks past the cap THEN it keeps the job: waiting is not running
+    later = utc_now() + timedelta(seconds=150)
+    assert reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append, now=later).failed == []
+    job = jobs.get(job_id)
+    assert job.status is JobStatus.DISPATCHED and job.running_since is None
+    # AND once its code starts, the cap counts from then
+    assert renew_lease(jobs.client, job_id, lease, later, started=True)
+    assert jobs.get(job_id).status is JobStatus.RUNNING
+    report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append, now=later + timedelta(seconds=90))
+    assert report.failed == []
+    report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append, now=later + timedelta(seconds=110))
+    assert report.failed == [job_id]
 
 
 def test_reaper_redispatches_stuck_jobs_then_gives_up(stack):
@@ -164,3 +194,86 @@ def test_adaptive_grace_waits_as_long_as_work_took_to_come_back(stack):
     assert not stop_if_idle(stack.instance_id, "t", fixed, jobs, pool, ledger, idle_since + timedelta(seconds=25), gaps).stop
     assert stop_if_idle(stack.instance_id, "t", settings, jobs, pool, ledger, idle_since + timedelta(seconds=25), gaps).stop
     assert stack.instance_state() == "stopped"
+
+
+def test_a_finished_job_whose_manifest_event_is_late_is_never_dispatched_again(stack):
+    # GIVEN a job that ran and wrote its manifest, whose done-queue delivery is held back past its lease
+    settings, jobs, pool, ledger = parts(stack, BATCHWORKER_MAX_ATTEMPTS="3")
+    job_id = queue(stack, settings, jobs, pool, ledger, "late.png")
+    launched(jobs, job_id, lease_seconds=30)
+    assert renew_lease(jobs.client, job_id, Lease(settings.jobs_table, 30), utc_now(), started=True)
+    s3 = boto3.client("s3")
+    manifest = {"job_id": job_id, "status": "succeeded", "input": {"bucket": stack.input_bucket, "key": "late.png"},
+                "outputs": [f"jobs/{job_id}/predictions.csv"], "error": None, "timings": {}, "items": 1,
+                "instance_id": stack.instance_id}
+    s3.put_object(Bucket=stack.output_bucket, Key=f"jobs/{job_id}/manifest.json", Body=json.dumps(manifest).encode())
+    # WHEN the reaper finds the lease lapsed (the job stopped renewing it when it finished)
+    invoked = []
+    report = reap(settings, jobs, pool, ledger, s3, invoked.append, now=utc_now() + timedelta(seconds=60))
+    # THEN it records the job's own end instead of running it again or failing it
+    assert report.finished == [job_id] and report.redispatched == [] and report.failed == [] and invoked == []
+    job = jobs.get(job_id)
+    assert job.status is JobStatus.SUCCEEDED and job.manifest_key == f"jobs/{job_id}/manifest.json"
+    written = json.loads(s3.get_object(Bucket=stack.output_bucket, Key=f"jobs/{job_id}/manifest.json")["Body"].read())
+    assert written == manifest  # its manifest is not overwritten
+    # AND a job whose lease lapsed without a manifest still goes round again
+    other = queue(stack, settings, jobs, pool, ledger, "lost.png")
+    launched(jobs, other, lease_seconds=30)
+    report = reap(settings, jobs, pool, ledger, s3, invoked.append, now=utc_now() + timedelta(seconds=60))
+    assert report.redispatched == [other] and report.finished == []
+
+
+class ApiCalls:
+    """Counts the AWS API calls made through the given clients (a botocore event hook), by operation."""
+
+    def __init__(self, *clients):
+        self.counts: dict[str, int] = {}
+        for client in clients:
+            client.meta.events.register("before-call", self._count)
+
+    def _count(self, model, **_):
+        self.counts[model.name] = self.counts.get(model.name, 0) + 1
+
+    def take(self) -> dict[str, int]:
+        counts, self.counts = self.counts, {}
+        return counts
+
+
+def grow_pool(stack, ec2, jobs, size):
+    """Running pool instances up to `size`, each with a running job on it (so none of them is idle)."""
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    have = len([i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]])
+    if size > have:
+        ec2.run_instances(
+            ImageId=ami, MinCount=size - have, MaxCount=size - have, InstanceType="g4dn.xlarge",
+            TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "batchworker:pool", "Value": "bwtest"}]}],
+        )
+    ids = sorted(i["InstanceId"] for r in ec2.describe_instances()["Reservations"] for i in r["Instances"])
+    ec2.start_instances(InstanceIds=ids)
+    for instance_id in ids:
+        job = Job(f"j-{abs(hash(instance_id)) % 16**16:016x}", JobStatus.QUEUED, stack.input_bucket, instance_id,
+                  instance_id=instance_id)
+        if jobs.create_queued(job):
+            launched(jobs, job.job_id)
+            jobs.transition(job.job_id, JobStatus.RUNNING, allowed_from=[JobStatus.DISPATCHED])
+
+
+def test_a_reaper_pass_makes_as_many_api_calls_for_50_instances_as_for_5(stack):
+    ec2, ddb, s3 = boto3.client("ec2"), boto3.client("dynamodb"), boto3.client("s3")
+    settings = Settings.from_env({**stack.env, "BATCHWORKER_IDLE_GRACE_SECONDS": "600"})
+    jobs = JobStore(settings.jobs_table, client=ddb)
+    pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table, client=ddb), client=ec2)
+    ledger = InstanceLedger(settings.instance_events_table, client=ddb)
+    gaps = IdleGaps(settings.instance_events_table, client=ddb)
+    calls = ApiCalls(ec2, ddb, s3)
+    per_pass = {}
+    for size in (5, 50):
+        # GIVEN a pool of `size` running instances, each busy with a job
+        grow_pool(stack, ec2, jobs, size)
+        calls.take()
+        # WHEN the reaper makes a pass
+        report = reap(settings, jobs, pool, ledger, s3, [].append, gaps=gaps)
+        assert report.stopped == [] and report.failed == [] and report.redispatched == []
+        per_pass[size] = calls.take()
+    # THEN it read the pool once, the ledger in one batch and the active jobs once per status, at either size
+    assert per_pass[50] == per_pass[5] == {"DescribeInstances": 1, "BatchGetItem": 1, "Query": 3, "GetItem": 1}

@@ -1,10 +1,11 @@
 """should_stop: every condition that keeps an instance up, table-driven."""
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from batchworker.decisions import Placer, StopDecision, place_job, should_stop
+from batchworker.decisions import JobAction, Placer, StopDecision, judge_job, place_job, should_stop
 from batchworker.models import Instance, InstanceState, Job, JobStatus
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -92,3 +93,31 @@ def test_placer_shares_one_start_per_burst_and_spreads_over_the_pool():
         ("b", True), ("b", False),  # then the queue is deeper than a's capacity: start b
         ("a", False),  # everything full: wait on the least loaded
     ]
+
+
+def at(seconds_ago: float) -> str:
+    return (NOW - timedelta(seconds=seconds_ago)).isoformat().replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize(
+    ("status", "fields", "expected", "reason_part"),
+    [
+        # the cap counts from the job's own start
+        (JobStatus.RUNNING, {"running_since": at(150), "lease_expires_at": at(-60)}, JobAction.FAIL, "maximum"),
+        (JobStatus.RUNNING, {"running_since": at(50), "lease_expires_at": at(-60)}, JobAction.KEEP, "running"),
+        # waiting on the instance for a slot, however long, with a live lease: not running, not stuck
+        (JobStatus.DISPATCHED, {"lease_expires_at": at(-60), "updated_at": at(5000)}, JobAction.KEEP, "waiting"),
+        # a lapsed lease, waiting or running: the instance or the job was lost
+        (JobStatus.DISPATCHED, {"lease_expires_at": at(5)}, JobAction.REDISPATCH, "lease expired"),
+        (JobStatus.RUNNING, {"running_since": at(10), "lease_expires_at": at(5)}, JobAction.REDISPATCH, "lease"),
+        (JobStatus.RUNNING, {"running_since": at(10), "lease_expires_at": at(5), "attempts": 3}, JobAction.FAIL,
+         "stopped reporting"),
+        # dispatched without a lease (never launched): the stuck rule
+        (JobStatus.DISPATCHED, {"updated_at": at(30)}, JobAction.KEEP, "dispatched for"),
+        (JobStatus.DISPATCHED, {"updated_at": at(500)}, JobAction.REDISPATCH, "dispatched for"),
+        (JobStatus.QUEUED, {"updated_at": at(500), "attempts": 3}, JobAction.FAIL, "could not be started"),
+    ],
+)
+def test_judge_job(status, fields, expected, reason_part):
+    verdict = judge_job(NOW, replace(job(status), **fields), 100, 300, 3)
+    assert verdict.action is expected and reason_part in verdict.reason
