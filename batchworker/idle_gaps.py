@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import boto3
 from botocore.exceptions import ClientError
 
+from batchworker import aws
 from batchworker.decisions import RECENT_GAPS
 from batchworker.models import isoformat, parse_time, utc_now
 
@@ -21,7 +21,7 @@ POOL_KEY = {"instance_id": {"S": "~pool"}, "at": {"S": "~gaps"}}  # no instance 
 class IdleGaps:
     def __init__(self, table_name: str, client=None):
         self.table_name = table_name
-        self.client = client or boto3.client("dynamodb")
+        self.client = client or aws.client("dynamodb")
 
     def _read(self) -> dict:
         return self.client.get_item(TableName=self.table_name, Key=POOL_KEY, ConsistentRead=True).get("Item", {})

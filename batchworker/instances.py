@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-import boto3
 from botocore.exceptions import ClientError
 
+from batchworker import aws
 from batchworker.errors import InstanceReadyTimeout, InsufficientCapacity, NoInstanceAvailable
 from batchworker.models import POOL_TAG_KEY, Instance, InstanceState, isoformat, utc_now
 
@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 # Start refusals that pass: the instance is still stopping, AWS has no GPU capacity right now, throttling.
 CAPACITY_ERROR = "InsufficientInstanceCapacity"
 TRANSIENT_START_ERRORS = frozenset(
-    {"IncorrectInstanceState", "InsufficientInstanceCapacity", "RequestLimitExceeded", "Throttling", "ThrottlingException"}
+    {"IncorrectInstanceState", "InsufficientInstanceCapacity"} | aws.THROTTLING_CODES
 )
 
 
@@ -28,7 +28,7 @@ class InstanceHistory:
 
     def __init__(self, table_name: str, client=None):
         self.table_name = table_name
-        self.client = client or boto3.client("dynamodb")
+        self.client = client or aws.client("dynamodb")
 
     def record(self, instance_id: str, state: str, reason: str, now: datetime | None = None) -> None:
         moment = now or utc_now()
@@ -79,7 +79,7 @@ class InstancePool:
     ):
         self.pool_tag = pool_tag
         self.history = history
-        self.client = client or boto3.client("ec2")
+        self.client = client or aws.client("ec2")
         self.sleep = sleep
         self.clock = clock
         self.jitter = jitter
@@ -130,20 +130,31 @@ class InstancePool:
 
     def ensure_running(
         self, instance_id: str, deadline: float, reason: str, poll_seconds: float = 1.0,
-        capacity_retry_seconds: float | None = None,
+        capacity_retry_seconds: float | None = None, max_poll_seconds: float = 5.0,
     ) -> Instance:
         """Block until the instance is running, starting it (again) when it is stopped or was stopping.
 
-        Transient refusals (no capacity, still stopping, throttling) back off with jitter up to the deadline.
-        With `capacity_retry_seconds`, InsufficientInstanceCapacity for that long raises InsufficientCapacity
-        instead, so the caller can try an instance in another Availability Zone.
+        Looks grow apart (jittered, from `poll_seconds` up to `max_poll_seconds`), so that many dispatchers
+        waiting on booting instances do not add up to a DescribeInstances storm. Transient refusals (no
+        capacity, still stopping) and throttling that outlasts botocore's retries back off with jitter up to
+        60 s, within the deadline. With `capacity_retry_seconds`, InsufficientInstanceCapacity for that long
+        raises InsufficientCapacity instead, so the caller can try an instance in another Availability Zone.
         """
-        backoff, last_refusal, short_since = poll_seconds, "", None
+        poll, backoff, last_refusal, short_since = poll_seconds, poll_seconds, "", None
         while True:
-            instance = self.get(instance_id)
+            try:
+                instance = self.get(instance_id)
+            except ClientError as exc:
+                if not aws.is_throttling(exc) or self.clock() >= deadline:
+                    raise
+                backoff = min(backoff * 2, 60.0)
+                logger.warning("DescribeInstances throttled; looking again in up to %.0fs", backoff)
+                self.sleep(min(self.jitter(backoff), max(deadline - self.clock(), 0.0) + 0.01))
+                continue
             if instance.state is InstanceState.RUNNING:
                 return instance
-            wait = poll_seconds
+            wait = self.jitter(poll)
+            poll = min(poll * 2, max_poll_seconds)
             if instance.state is InstanceState.STOPPED:
                 try:
                     self.start(instance_id, reason)

@@ -7,9 +7,9 @@ import logging
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 
-import boto3
 from botocore.exceptions import ClientError
 
+from batchworker import aws
 from batchworker.models import ACTIVE_STATUSES, Job, JobStatus, isoformat, utc_now
 
 logger = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ class JobStore:
 
     def __init__(self, table_name: str, client=None):
         self.table_name = table_name
-        self.client = client or boto3.client("dynamodb")
+        self.client = client or aws.client("dynamodb")
 
     def create_queued(self, job: Job, now: datetime | None = None) -> bool:
         """Record a new QUEUED job. False when the job already exists (a duplicate delivery)."""

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-import boto3
 from botocore.exceptions import ClientError
 
+from batchworker import aws
 from batchworker.errors import RetryableError
 from batchworker.models import isoformat, parse_time, utc_now
 
@@ -48,7 +48,7 @@ class LedgerEntry:
 class InstanceLedger:
     def __init__(self, table_name: str, client=None, sleep: Callable[[float], None] = time.sleep):
         self.table_name = table_name
-        self.client = client or boto3.client("dynamodb")
+        self.client = client or aws.client("dynamodb")
         self.sleep = sleep
 
     def _key(self, instance_id: str) -> dict:

@@ -32,6 +32,7 @@ logger = logging.getLogger("batchworker.local.instance_host")
 
 LISTEN_HOST = "127.0.0.1"
 INSTANCE_ID_VARIABLE = "BATCHWORKER_INSTANCE_ID"
+INSTANCE_APP_ID = "batchworker-instance"  # AWS_SDK_UA_APP_ID of what runs on the instance
 DEADMAN_NAME = ".deadman"  # under the job root; written by the jobs (worker/deadman.py)
 DEFAULT_IDLE_SHUTDOWN_SECONDS = 600.0  # the jobs' default, for a timer file that does not say
 _PIPE_CHUNK_BYTES = 64 * 1024
@@ -338,6 +339,8 @@ class InstanceHost:
             "BATCHWORKER_JOB_ROOT": str(self.state_dir / "jobs"),
             "USER": username,
             "LOGNAME": username,
+            # The job's AWS calls say so in their User-Agent (the recorded calls per job, by component).
+            "AWS_SDK_UA_APP_ID": INSTANCE_APP_ID,
         })
         return env
 

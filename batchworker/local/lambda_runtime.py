@@ -237,6 +237,9 @@ class LocalLambdaRuntime:
             "AWS_LAMBDA_LOG_STREAM_NAME": "local",
             "LAMBDA_TASK_ROOT": str(spec.code_dir),
             "_HANDLER": spec.handler,
+            # Names the function in the User-Agent of its AWS calls: the recorded calls per job are told apart
+            # by component (batchworker.costs.load, `scripts/record_calls.py`), and the emulators' own left out.
+            "AWS_SDK_UA_APP_ID": spec.name,
         }
         if frozen.token:
             env["AWS_SESSION_TOKEN"] = frozen.token

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 
+from botocore.exceptions import ClientError
+
+from batchworker import aws
 from batchworker.config import Settings
 from batchworker.errors import DispatchError, InstanceReadyTimeout, LaunchInterrupted
 from batchworker.transports.ssh import (
@@ -19,6 +23,7 @@ from batchworker.transports.ssh import (
 )
 
 logger = logging.getLogger(__name__)
+MAX_POLL_SECONDS = 4.0
 
 
 class SshLauncher:
@@ -53,8 +58,14 @@ class SshLauncher:
                 raise DispatchError(f"cannot load the SSH login key: {exc}") from exc
         payload = json.dumps(spec).encode()
         last_problem = "no SSH endpoint published yet"
+        poll = self.poll_seconds
         while True:
-            endpoint = fetch_endpoint(self.ssm, self.settings.parameter_prefix, instance_id)
+            try:
+                endpoint = fetch_endpoint(self.ssm, self.settings.parameter_prefix, instance_id)
+            except ClientError as exc:
+                if not aws.is_throttling(exc):
+                    raise
+                endpoint, last_problem = None, f"SSM parameter reads throttled ({aws.error_code(exc)})"
             if endpoint is not None and probe(endpoint, timeout=2.0):
                 try:
                     result = run_with_stdin(
@@ -92,7 +103,9 @@ class SshLauncher:
                     f"instance {instance_id} was not reachable over SSH within "
                     f"{self.settings.instance_ready_timeout_seconds:.0f}s ({last_problem})"
                 )
-            self.sleep(self.poll_seconds)
+            # Looks grow apart, jittered: many dispatchers waiting on booting instances stay well under SSM's limits.
+            self.sleep(random.uniform(poll / 2, poll))
+            poll = min(poll * 2, MAX_POLL_SECONDS)
 
 
 def _parse_launch_reply(stdout: bytes) -> dict:

@@ -2,9 +2,9 @@
 
 import json
 
-import boto3
 from aws_lambda_powertools import Logger
 
+from batchworker import aws
 from batchworker.config import Settings
 from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstanceHistory, InstancePool
@@ -18,8 +18,8 @@ jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
 ledger = InstanceLedger(settings.instance_events_table)
 gaps = IdleGaps(settings.instance_events_table)
-lambda_client = boto3.client("lambda")
-s3 = boto3.client("s3")
+lambda_client = aws.client("lambda")
+s3 = aws.client("s3")
 
 
 def invoke_worker(payload: dict) -> None:

@@ -2,12 +2,12 @@
 
 from urllib.parse import unquote_plus
 
-import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
+from batchworker import aws
 from batchworker.config import Settings
 from batchworker.control import finish_job, stop_if_idle
 from batchworker.errors import RejectedEvent
@@ -24,7 +24,7 @@ jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
 ledger = InstanceLedger(settings.instance_events_table)
 gaps = IdleGaps(settings.instance_events_table)
-s3 = boto3.client("s3")
+s3 = aws.client("s3")
 
 
 def record_handler(record: SQSRecord) -> None:

@@ -3,12 +3,12 @@
 import json
 from urllib.parse import unquote_plus
 
-import boto3
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes import S3Event
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
+from batchworker import aws
 from batchworker.config import Settings
 from batchworker.control import Upload, accept_upload
 from batchworker.decisions import Placer
@@ -27,8 +27,8 @@ jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
 ledger = InstanceLedger(settings.instance_events_table)
 gaps = IdleGaps(settings.instance_events_table)
-lambda_client = boto3.client("lambda")
-s3 = boto3.client("s3")
+lambda_client = aws.client("lambda")
+s3 = aws.client("s3")
 registry = PackageRegistry(settings.artifacts_bucket, s3) if settings.default_job else None
 
 

@@ -6,9 +6,9 @@ SSH (`BATCHWORKER_TRANSPORT`); see batchworker.transports.
 
 import re
 
-import boto3
 from aws_lambda_powertools import Logger
 
+from batchworker import aws
 from batchworker.config import Settings
 from batchworker.control import dispatch_jobs
 from batchworker.errors import PermanentError
@@ -24,9 +24,9 @@ settings = Settings.from_env()
 logger = Logger()
 jobs = JobStore(settings.jobs_table)
 pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
-launcher = make_launcher(settings, boto3.client("ssm"))
+launcher = make_launcher(settings, aws.client("ssm"))
 ledger = InstanceLedger(settings.instance_events_table)  # jobs moved to another AZ for capacity
-s3 = boto3.client("s3")
+s3 = aws.client("s3")
 
 
 def job_ids_of(event) -> list[str]:

@@ -457,9 +457,10 @@ def test_worker_handler_over_ssm_leaves_the_job_running_and_one_command_sent(sta
     worker.launcher.ssm = double = SsmDouble(worker.launcher.ssm, offline_polls=1)
     worker.launcher.poll_seconds = 0.01
     result = worker.handler({"job_ids": [job_id]}, LambdaContext())
-    # THEN the job is RUNNING on the instance and exactly one command went to it, the key only inside JobSpec
-    assert result == {"statuses": {job_id: "RUNNING"}}
-    assert stack.job_item(job_id)["status"]["S"] == "RUNNING"
+    # THEN the job is on the instance (DISPATCHED with a lease until its code starts) and exactly one command
+    # went to it, the key only inside JobSpec
+    assert result == {"statuses": {job_id: "DISPATCHED"}}
+    assert stack.job_item(job_id)["status"]["S"] == "DISPATCHED" and "lease_expires_at" in stack.job_item(job_id)
     (command,) = ssm.list_commands()["Commands"]
     assert [r["InstanceIds"] for r in double.sent] == [[stack.instance_id]]
     assert command["DocumentName"] == DOCUMENT
