@@ -370,11 +370,12 @@ data "aws_iam_policy_document" "reaper" {
     resources = local.jobs_table_arns
   }
 
-  # reaper: read and claim instances' ledger items (conditional update), release placements that ended
-  # unrecorded (UpdateItem), record the stops it requests.
+  # reaper: read the pool's ledger items in one batch (BatchGetItem, one call per pass whatever the pool
+  # size), claim stops (conditional update), release placements that ended unrecorded (UpdateItem), record
+  # the stops it requests.
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem", "dynamodb:UpdateItem"]
+    actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"]
     resources = local.instance_events_table_arns
   }
 
