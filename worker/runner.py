@@ -179,9 +179,6 @@ class _Job:
         )
         self._push_deadman()
         self.batch.heartbeat.start()  # with the first job: its log records the first renewals
-        if self.spec.max_runtime_seconds is not None:
-            self.cap = RuntimeCap(self.spec.max_runtime_seconds, self._write_over_cap_manifest)
-            self.cap.arm()
         try:
             if self.batch.interrupted is not None:
                 raise self.batch.interrupted
@@ -227,7 +224,11 @@ class _Job:
                     "waited_s": round(slot.waited_seconds, 3),
                 },
             )
-        self.batch.heartbeat.job_started(spec.job_id)  # waiting is not running: the runtime counts from here
+        # Waiting is not running: the job's runtime, and its cap, count from here.
+        self.batch.heartbeat.job_started(spec.job_id)
+        if spec.max_runtime_seconds is not None:
+            self.cap = RuntimeCap(spec.max_runtime_seconds, self._write_over_cap_manifest)
+            self.cap.arm()
 
     def _run_package(self) -> None:
         """A job package's job (worker/package_run.py); its report goes into the manifest."""
