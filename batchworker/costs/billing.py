@@ -277,12 +277,16 @@ def _busy_by_instance(jobs: Iterable[JobInterval], intervals: Iterable[RunningIn
             spans[job.instance_id].append((job.start, job.end))
     busy = {}
     for instance_id, job_spans in spans.items():
-        total = timedelta()
-        for start, end in _union(job_spans):
-            for run_start, run_end in running.get(instance_id, []):
-                overlap = min(end, run_end) - max(start, run_start)
-                if overlap > timedelta():
-                    total += overlap
+        # Both lists sorted and disjoint: one pass over the two (a month of jobs is tens of thousands).
+        jobs_union, runs = _union(job_spans), _union(running.get(instance_id, []))
+        total, j = timedelta(), 0
+        for start, end in jobs_union:
+            while j < len(runs) and runs[j][1] <= start:
+                j += 1
+            k = j
+            while k < len(runs) and runs[k][0] < end:
+                total += min(end, runs[k][1]) - max(start, runs[k][0])
+                k += 1
         busy[instance_id] = total.total_seconds()
     return busy
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -52,8 +53,8 @@ def events_in_window(events: Iterable[Mapping], start: datetime) -> list[dict]:
 class Span:
     x: float
     width: float
-    start: str
-    end: str
+    start: datetime
+    end: datetime
     label: str
 
 
@@ -113,9 +114,9 @@ def build_timeline(
                 last_stop_at=last_stop["at"] if last_stop else None,
                 last_stop_reason=(last_stop.get("reason") or None) if last_stop else None,
                 running=[scale.span(i.start, i.end, "running" + (" (still)" if i.still_running else "")) for i in own],
-                waiting=[scale.span(s, e, label) for s, e, label in _clip(waiting, own)],
-                busy=[scale.span(s, e, label) for s, e, label in _clip(working, own)],
-                ongoing=[scale.span(s, e, label) for s, e, label in _clip(ongoing, own)],
+                waiting=coalesce([scale.span(s, e, label) for s, e, label in _clip(waiting, own)]),
+                busy=coalesce([scale.span(s, e, label) for s, e, label in _clip(working, own)]),
+                ongoing=coalesce([scale.span(s, e, label) for s, e, label in _clip(ongoing, own)]),
                 billed_seconds=u.billed_seconds if u else 0,
                 busy_seconds=u.busy_seconds if u else 0.0,
                 starts=u.starts if u else 0,
@@ -159,15 +160,35 @@ def _job_phases(jobs: list[JobRow], now: datetime) -> tuple[list[JobInterval], .
 
 def _clip(jobs: list[JobInterval], running: list[RunningInterval]) -> list[tuple[datetime, datetime, str]]:
     """Each job interval clipped to its instance's running intervals (as billing counts busy time)."""
+    runs = sorted(running, key=lambda run: run.start)
+    ends = [run.end for run in runs]  # runs of one instance are disjoint: their ends are sorted too
     spans = []
     for job in jobs:
-        for run in running:
-            if job.instance_id != run.instance_id:
-                continue
-            start, end = max(job.start, run.start), min(job.end, run.end)
-            if end > start:
-                spans.append((start, end, job.job_id))
+        index = bisect.bisect_right(ends, job.start)
+        while index < len(runs) and runs[index].start < job.end:
+            run = runs[index]
+            if job.instance_id == run.instance_id:
+                start, end = max(job.start, run.start), min(job.end, run.end)
+                if end > start:
+                    spans.append((start, end, job.job_id))
+            index += 1
     return spans
+
+
+def coalesce(spans: list[Span], gap: float = 1.0) -> list[Span]:
+    """Spans closer than `gap` units drawn as one (a month of jobs is more rectangles than pixels)."""
+    merged: list[Span] = []
+    count = 0
+    for span in sorted(spans, key=lambda s: s.x):
+        if merged and span.x <= merged[-1].x + merged[-1].width + gap:
+            last = merged[-1]
+            count += 1
+            end_x = max(last.x + last.width, span.x + span.width)
+            merged[-1] = Span(last.x, round(end_x - last.x, 2), last.start, max(last.end, span.end), f"{count} jobs")
+        else:
+            count = 1
+            merged.append(span)
+    return merged
 
 
 class _Scale:
@@ -181,7 +202,7 @@ class _Scale:
 
     def span(self, start: datetime, end: datetime, label: str) -> Span:
         x = self.x(start)
-        return Span(x, max(0.5, round(self.x(end) - x, 2)), isoformat(start), isoformat(end), label)
+        return Span(x, max(0.5, round(self.x(end) - x, 2)), start, end, label)
 
     def ticks(self, count: int = 6) -> list[tuple[float, str]]:
         fmt = "%H:%M:%S" if self.seconds < 3 * 3600 else ("%H:%M" if self.seconds < 2 * 86400 else "%m-%d %H:%M")

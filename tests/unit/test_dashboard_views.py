@@ -81,3 +81,18 @@ def test_stage_bar_spans_the_reached_stages_and_leaves_out_a_warm_start():
     assert [s.label for s in segments] == ["uploaded → queued by the trigger", "queued by the trigger → job started",
                                            "job started → job ended", "job ended → manifest recorded"]
     assert segments[0].x == 0 and abs(sum(s.width for s in segments) - 1000) < 2
+
+
+def test_timeline_draws_thousands_of_jobs_as_a_bounded_number_of_spans():
+    from batchworker.dashboard.usage import build_timeline
+    from batchworker.models import Instance, InstanceState
+
+    events = [{"instance_id": "i-1", "at": at(-600), "state": "start"}, {"instance_id": "i-1", "at": at(-1), "state": "stop"}]
+    jobs = [row(job_id=f"j-{n:016x}", created_at=at(-590 + n * 0.1), running_since=at(-590 + n * 0.1 + 0.02),
+                updated_at=at(-590 + n * 0.1 + 0.05)) for n in range(5000)]
+    timeline = build_timeline([Instance("i-1", InstanceState.STOPPED, "g4dn.xlarge")], events, jobs, NOW,
+                              NOW - timedelta(minutes=601), "g4dn.xlarge", 0.526)
+    only = timeline.rows[0]
+    assert len(only.running) == 1 and 0 < len(only.busy) <= 1000
+    assert only.busy[0].label.endswith("jobs")
+    assert timeline.report.busy_seconds > 0 and only.billed_seconds == 599 * 60
