@@ -83,6 +83,9 @@ def test_every_page_in_a_browser(local_cloud, browser, dashboard_url):
     broken = put(local_cloud, "dash/broken.csv", b"1,2,3\n")
     for job_id in (hostile, digits, broken):
         local_cloud.wait_for_manifest(job_id)
+    # The table follows the manifest once the stop function has read it: the page shows the table.
+    local_cloud.wait_until(lambda: all((local_cloud.job(j) or {}).get("status") in ("SUCCEEDED", "FAILED")
+                                       for j in (hostile, digits, broken)), 60, "the jobs' final status")
     # Last, alone: jobs of one package may take turns in its warm process, and this one must be seen running.
     running = put(local_cloud, "dash/hold.json", json.dumps({"workload": "hold", "seconds": 20}).encode())
     local_cloud.wait_until(lambda: (local_cloud.job(running) or {}).get("status") == "RUNNING", 90, "hold job running")
