@@ -56,6 +56,7 @@ def make_server(
     hourly_price_dollars: float | None = None,
 ):
     """A threaded WSGI server for the dashboard app (not started); port 0 picks a free port."""
+    # Imported here: every other command starts without loading Flask.
     from werkzeug.serving import make_server as werkzeug_server
 
     from batchworker.dashboard.app import create_app

@@ -67,6 +67,27 @@ class Dashboard:
     def events(self, instances) -> list[dict]:
         return [event for instance in instances for event in self.history.events(instance.instance_id)]
 
+    def cost_context(self) -> dict:
+        """Cost windows, recomputed at most every COST_CACHE_SECONDS (30 days of jobs and a simulation)."""
+        with self._cost_lock:
+            if self._cost_cache and time.monotonic() - self._cost_cache[0] < COST_CACHE_SECONDS:
+                return self._cost_cache[1]
+            now = utc_now()
+            found = self.pool.list()
+            instance_type, price = self.pricing(found)
+            rows = self.jobs.since(now.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=30))
+            windows = cost_windows(self.events(found), rows, now, instance_type, price)
+            chart = {
+                "windows": [w.name for w in windows],
+                "this_system": [round(w.cost_dollars, 4) for w in windows],
+                "always_on": [round(w.always_on_dollars, 4) for w in windows],
+                "per_upload": [round(w.per_upload_dollars, 4) for w in windows],
+            }
+            context = {"windows": windows, "instance_type": instance_type, "price": price, "chart": chart,
+                       "computed_at": now}
+            self._cost_cache = (time.monotonic(), context)
+            return context
+
 
 def create_app(
     deployment: Deployment,
@@ -178,36 +199,13 @@ def create_app(
 
     @app.get("/cost")
     def cost():
-        return page("cost.html", "cost_live.html", section="cost", **_cost_context(board))
+        return page("cost.html", "cost_live.html", section="cost", **board.cost_context())
 
     @app.get("/queues")
     def queues():
         return page("queues.html", "queues_live.html", queues=board.queues.views(), section="queues")
 
     return app
-
-
-def _cost_context(board: Dashboard) -> dict:
-    """Cost windows, recomputed at most every COST_CACHE_SECONDS (30 days of jobs and a simulation)."""
-    with board._cost_lock:
-        cached = board._cost_cache
-        if cached and time.monotonic() - cached[0] < COST_CACHE_SECONDS:
-            return cached[1]
-        now = utc_now()
-        found = board.pool.list()
-        instance_type, price = board.pricing(found)
-        rows = board.jobs.since(now.replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=30))
-        windows = cost_windows(board.events(found), rows, now, instance_type, price)
-        chart = {
-            "windows": [w.name for w in windows],
-            "this_system": [round(w.cost_dollars, 4) for w in windows],
-            "always_on": [round(w.always_on_dollars, 4) for w in windows],
-            "per_upload": [round(w.per_upload_dollars, 4) for w in windows],
-        }
-        context = {"windows": windows, "instance_type": instance_type, "price": price, "chart": chart,
-                   "computed_at": now}
-        board._cost_cache = (time.monotonic(), context)
-        return context
 
 
 def _job_or_404(board: Dashboard, job_id: str):
