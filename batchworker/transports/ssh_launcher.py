@@ -42,12 +42,15 @@ class SshLauncher:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         poll_seconds: float = 0.5,
+        probe_seconds: float = 0.1,
     ):
         self.settings = settings
         self.ssm = ssm_client
         self.sleep = sleep
         self.clock = clock
-        self.poll_seconds = poll_seconds
+        self.poll_seconds = poll_seconds  # first wait between endpoint reads (SSM), then growing
+        # A known endpoint is probed often: its SSH answering is the moment a cold start waits for.
+        self.probe_seconds = probe_seconds
         self._pkey = None
 
     def launch(self, instance_id: str, spec: dict, deadline: float) -> dict:
@@ -58,14 +61,20 @@ class SshLauncher:
                 raise DispatchError(f"cannot load the SSH login key: {exc}") from exc
         payload = json.dumps(spec).encode()
         last_problem = "no SSH endpoint published yet"
-        poll = self.poll_seconds
+        read_every, next_read = self.poll_seconds, self.clock()
+        endpoint = None
         while True:
-            try:
-                endpoint = fetch_endpoint(self.ssm, self.settings.parameter_prefix, instance_id)
-            except ClientError as exc:
-                if not aws.is_throttling(exc):
-                    raise
-                endpoint, last_problem = None, f"SSM parameter reads throttled ({aws.error_code(exc)})"
+            if self.clock() >= next_read:
+                try:
+                    endpoint = fetch_endpoint(self.ssm, self.settings.parameter_prefix, instance_id)
+                except ClientError as exc:
+                    if not aws.is_throttling(exc):
+                        raise
+                    endpoint, last_problem = None, f"SSM parameter reads throttled ({aws.error_code(exc)})"
+                # Reads grow apart, jittered: many dispatchers waiting on booting instances stay well under
+                # SSM's limits. The probe below (a TCP connect, no AWS call) stays frequent.
+                next_read = self.clock() + random.uniform(read_every / 2, read_every)
+                read_every = min(read_every * 2, MAX_POLL_SECONDS)
             if endpoint is not None and probe(endpoint, timeout=2.0):
                 try:
                     result = run_with_stdin(
@@ -103,9 +112,7 @@ class SshLauncher:
                     f"instance {instance_id} was not reachable over SSH within "
                     f"{self.settings.instance_ready_timeout_seconds:.0f}s ({last_problem})"
                 )
-            # Looks grow apart, jittered: many dispatchers waiting on booting instances stay well under SSM's limits.
-            self.sleep(random.uniform(poll / 2, poll))
-            poll = min(poll * 2, MAX_POLL_SECONDS)
+            self.sleep(self.probe_seconds)
 
 
 def _parse_launch_reply(stdout: bytes) -> dict:
