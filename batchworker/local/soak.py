@@ -19,6 +19,7 @@ import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote_plus
 
@@ -28,8 +29,14 @@ import numpy as np
 from batchworker.jobpkg.config import load_job_config
 from batchworker.jobpkg.registry import PackageRegistry
 from batchworker.local import processes
+from batchworker.local.capacity_faults import refuse_capacity
 from batchworker.local.state import client_environment, read_state
-from batchworker.models import job_id_for
+from batchworker.models import job_id_for, parse_time
+
+CAPACITY_OUTAGE = "capacity outage in one AZ"
+CAPACITY_OUTAGE_SECONDS = 90.0
+# A stop decided just before a placement may be recorded just after it (the EC2 call between): not a miss.
+PLACED_SLACK_SECONDS = 0.5
 
 BAD_INPUTS = {
     "bad/corrupt.png": b"\x89PNG\r\n\x1a\nthis is not a png",
@@ -71,6 +78,9 @@ class SoakReport:
     bad_inputs_tried: int = 0
     bad_inputs_failed_clearly: int = 0
     faults_injected: list[str] = field(default_factory=list)
+    # stops the control plane made while a job was placed on the instance (placed more than
+    # PLACED_SLACK_SECONDS before the stop, finished after it): each costs a restart and delays the job
+    stops_under_placed_jobs: int = 0
     instance_states: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
     # name -> version -> manifests that named it (jobs of job packages); versions deployed per name
@@ -88,6 +98,7 @@ class SoakReport:
             ("lost jobs", str(len(self.lost))),
             ("bad inputs tried / failed with a clear error", f"{self.bad_inputs_tried} / {self.bad_inputs_failed_clearly}"),
             ("faults injected (all survived: no lost job)", ", ".join(self.faults_injected) or "none"),
+            ("stops landing on an instance with a placed job", str(self.stops_under_placed_jobs)),
             ("package jobs per version (deployed mid-burst: second)", "; ".join(
                 f"{name}: " + ", ".join(f"{v[:8]}={runs.get(v, 0)}" for v in self.package_versions.get(name, []))
                 for name, runs in sorted(self.package_runs.items())) or "none"),
@@ -98,6 +109,7 @@ class SoakReport:
 
 class Soak:
     def __init__(self, local_dir: Path, seed: int = 0):
+        self.local_dir = local_dir
         self.state = read_state(local_dir)
         env = client_environment(self.state)
         self.env = env
@@ -112,7 +124,8 @@ class Soak:
         self.rng = random.Random(seed)
 
     def run(self, uploads: int, duplicate_fraction: float = 0.1, faults: bool = True,
-            timeout_seconds: float = 1800, packages: list[Path] = (), package_share: float = 0.3) -> SoakReport:
+            timeout_seconds: float = 1800, packages: list[Path] = (), package_share: float = 0.3,
+            capacity_outage: bool = False) -> SoakReport:
         started = time.monotonic()
         report = SoakReport()
         package_uploads = int(uploads * package_share) if packages else 0
@@ -126,6 +139,8 @@ class Soak:
         jobs: dict[str, str] = {}  # job id -> key
         fault_points = {len(keys) // 3: "instance stopped mid-burst", len(keys) // 2: "job process killed",
                         2 * len(keys) // 3: "manifest event delivered twice"} if faults else {}
+        if capacity_outage:  # `make soak`: the local cloud refuses starts in one AZ for a while
+            fault_points[len(keys) // 5] = CAPACITY_OUTAGE
         if packages:
             fault_points[len(keys) // 2 + 1] = "package deployed again"
         with ThreadPoolExecutor(max_workers=8) as upload_pool:
@@ -163,6 +178,7 @@ class Soak:
                 elif key not in bad:
                     report.unexpected_failures.append(f"{key}: {manifest.get('error')}")
         report.duplicate_runs = self.duplicate_runs(jobs)
+        report.stops_under_placed_jobs = self.stops_under_placed_jobs()
         report.instance_states = self.wait_all_stopped(started + timeout_seconds + 120)
         report.wall_time_s = time.monotonic() - started
         return report
@@ -213,7 +229,13 @@ class Soak:
                              "s3": {"bucket": {"name": bucket, "arn": f"arn:aws:s3:::{bucket}"}, "object": obj}}]}
 
     def inject(self, fault: str, jobs: dict[str, str], report: SoakReport) -> None:
-        if fault == "instance stopped mid-burst":
+        if fault == CAPACITY_OUTAGE:
+            zones = sorted({i["Placement"]["AvailabilityZone"] for r in self.ec2.describe_instances()["Reservations"]
+                            for i in r["Instances"]})
+            if zones:
+                refuse_capacity(self.local_dir, zones[:1], CAPACITY_OUTAGE_SECONDS)
+                report.faults_injected.append(f"{fault} ({zones[0]}, {CAPACITY_OUTAGE_SECONDS:.0f}s)")
+        elif fault == "instance stopped mid-burst":
             running = [i["InstanceId"] for r in self.ec2.describe_instances()["Reservations"] for i in r["Instances"]
                        if i["State"]["Name"] == "running"]
             if running:
@@ -265,6 +287,33 @@ class Soak:
             retries = int(item.get("retries", {}).get("N", "0"))
             count += max(0, attempts - 1 - retries)
         return count
+
+    def stops_under_placed_jobs(self) -> int:
+        """Stops the control plane recorded while a job was placed on the instance and not finished yet."""
+        jobs = []
+        for page in self.ddb.get_paginator("scan").paginate(TableName=self.env["BATCHWORKER_JOBS_TABLE"]):
+            jobs.extend(page.get("Items", []))
+        count = 0
+        for instance_id in {job["instance_id"]["S"] for job in jobs if "instance_id" in job}:
+            stops = [parse_time(event["at"]["S"].split("#")[0]) for event in self._events(instance_id)
+                     if event.get("state", {}).get("S") == "stop"]
+            for stopped_at in stops:
+                count += any(
+                    job.get("instance_id", {}).get("S") == instance_id and "placed_at" in job
+                    and parse_time(job["placed_at"]["S"]) < stopped_at - timedelta(seconds=PLACED_SLACK_SECONDS)
+                    and (job["status"]["S"] not in ("SUCCEEDED", "FAILED") or parse_time(job["updated_at"]["S"]) > stopped_at)
+                    for job in jobs
+                )
+        return count
+
+    def _events(self, instance_id: str) -> list[dict]:
+        items = []
+        for page in self.ddb.get_paginator("query").paginate(
+            TableName=self.env["BATCHWORKER_INSTANCE_EVENTS_TABLE"], KeyConditionExpression="instance_id = :i",
+            ExpressionAttributeValues={":i": {"S": instance_id}},
+        ):
+            items.extend(page.get("Items", []))
+        return items
 
     def wait_all_stopped(self, deadline: float) -> list[str]:
         while True:

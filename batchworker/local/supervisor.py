@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from moto.server import ThreadedMotoServer
 
-from batchworker.local import gsi_lag, processes
+from batchworker.local import capacity_faults, gsi_lag, processes
 from batchworker.local.paths import DEFAULT_JOB_PACKAGE, LAMBDA_BUILD_DIR, MODEL_PATH, SCRIPTS_DIR, VENV_BIN
 from batchworker.local.state import LOCAL_CREDENTIALS, LOCAL_REGION, LocalOptions, read_state, write_state
 from batchworker.local.terraform import LocalTerraform
@@ -68,6 +68,7 @@ class Supervisor:
     def start(self) -> None:
         self.phase("building lambda zips and the model")
         self.build()
+        capacity_faults.install(self.local_dir)  # outages switched on by writing faults/capacity.json
         if self.options.gsi_lag_seconds > 0:
             gsi_lag.install(self.options.gsi_lag_seconds)  # the moto server runs in this process
             self.phase(f"GSI queries lag {self.options.gsi_lag_seconds:g}s behind writes")
@@ -140,7 +141,11 @@ class Supervisor:
         ec2 = boto3.client("ec2")
         images = ec2.describe_images(Filters=[{"Name": "name", "Values": ["Deep Learning AMI*"]}])["Images"]
         ami = images[0]["ImageId"]
+        # Two AZs, as subnet_ids asks for on AWS: a capacity outage in one leaves the other.
+        subnets = sorted(ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"],
+                         key=lambda subnet: subnet["AvailabilityZone"])
         return {
+            "subnet_ids": [subnet["SubnetId"] for subnet in subnets[:2]],
             "aws_endpoint_url": os.environ["AWS_ENDPOINT_URL"],
             "region": LOCAL_REGION,
             "ami_id": ami,
