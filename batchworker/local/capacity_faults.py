@@ -64,3 +64,9 @@ def install(local_dir: Path) -> None:
         return original(self, instance_ids)
 
     InstanceBackend.start_instances = start_instances
+
+
+def uninstall() -> None:
+    if _state["original"] is not None:
+        InstanceBackend.start_instances = _state["original"]
+    _state.update(path=None, original=None)

@@ -13,6 +13,7 @@ running in time") and no other instance was tried.
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import boto3
@@ -24,6 +25,7 @@ from batchworker.control import Upload, accept_upload, dispatch_jobs
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
+from batchworker.local import capacity_faults
 from batchworker.models import JobStatus, utc_now
 from batchworker.reaper import reap
 from tests.functional.test_faults import FakeClock, RecordingLauncher
@@ -157,3 +159,28 @@ def test_a_shortage_longer_than_the_maximum_wait_fails_the_job_with_a_manifest_t
 def _manifest_exists(stack, job_id) -> bool:
     listed = boto3.client("s3").list_objects_v2(Bucket=stack.output_bucket, Prefix=f"jobs/{job_id}/")
     return bool(listed.get("Contents"))
+
+
+def test_the_local_cloud_refuses_starts_in_the_outage_az_until_the_outage_ends(stack, tmp_path):
+    # GIVEN moto patched as the local cloud's supervisor patches it, and an outage of 2 s in one AZ
+    zones = two_zone_pool(stack)
+    (short_zone, short_instance), (_, other_instance) = sorted(zones.items())
+    ec2 = boto3.client("ec2")
+    capacity_faults.install(tmp_path)
+    try:
+        capacity_faults.refuse_capacity(tmp_path, [short_zone], 2.0)
+        # THEN a start there is refused with the code EC2 uses, and the other AZ starts
+        try:
+            ec2.start_instances(InstanceIds=[short_instance])
+            refused = None
+        except ClientError as exc:
+            refused = exc.response["Error"]["Code"]
+        assert refused == "InsufficientInstanceCapacity" and state(short_instance) == "stopped"
+        ec2.start_instances(InstanceIds=[other_instance])
+        assert state(other_instance) == "running"
+        # AND once the outage is over, the short AZ starts again
+        time.sleep(2.1)
+        ec2.start_instances(InstanceIds=[short_instance])
+        assert state(short_instance) == "running"
+    finally:
+        capacity_faults.uninstall()
