@@ -44,6 +44,8 @@ class Settings:
     # A job for which no instance of the pool can start (InsufficientInstanceCapacity in every AZ) stays
     # QUEUED this long, then fails with a manifest that says so.
     max_capacity_wait_seconds: float = 3600.0
+    # Final jobs' rows and instance events expire (DynamoDB TTL `expires_at`) after this many days.
+    job_retention_days: float = 90.0
     # A warm instance waits at most this long for more work before it stops (the reaper enforces it).
     idle_grace_seconds: float = 0.0
     # "adaptive": wait as long as recent gaps between idle and the next upload made worthwhile (at most

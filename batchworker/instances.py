@@ -26,9 +26,10 @@ TRANSIENT_START_ERRORS = frozenset(
 class InstanceHistory:
     """Every start and stop this system asks for, per instance (the `<prefix>-instance-events` table)."""
 
-    def __init__(self, table_name: str, client=None):
+    def __init__(self, table_name: str, client=None, retention_days: float | None = None):
         self.table_name = table_name
         self.client = client or aws.client("dynamodb")
+        self.retention_days = retention_days  # events expire (TTL `expires_at`); ledger and pool records never
 
     def record(self, instance_id: str, state: str, reason: str, now: datetime | None = None) -> None:
         moment = now or utc_now()
@@ -40,6 +41,8 @@ class InstanceHistory:
                 "at": {"S": f"{isoformat(moment)}#{time.monotonic_ns() % 10**9:09d}"},
                 "state": {"S": state},
                 "reason": {"S": reason[:500]},
+                **({"expires_at": {"N": str(int(moment.timestamp() + self.retention_days * 86400))}}
+                   if self.retention_days else {}),
             },
         )
 

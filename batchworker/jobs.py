@@ -20,9 +20,10 @@ STATUS_INDEX = "status-index"
 class JobStore:
     """Reads and writes jobs; `table_name` is the `<prefix>-jobs` table."""
 
-    def __init__(self, table_name: str, client=None):
+    def __init__(self, table_name: str, client=None, retention_days: float | None = None):
         self.table_name = table_name
         self.client = client or aws.client("dynamodb")
+        self.retention_days = retention_days  # a final job's row expires (TTL `expires_at`) this long after
 
     def create_queued(self, job: Job, now: datetime | None = None) -> bool:
         """Record a new QUEUED job. False when the job already exists (a duplicate delivery)."""
@@ -96,6 +97,9 @@ class JobStore:
             removes = ["waiting_reason", "capacity_wait_since"]  # an instance was found
         if to is JobStatus.QUEUED:
             removes = ["lease_expires_at", "running_since"]  # queued again: the next attempt starts afresh
+        if to.is_terminal and self.retention_days:
+            sets.append("expires_at = :expires")  # the table's TTL attribute: epoch seconds
+            values[":expires"] = {"N": str(int(moment.timestamp() + self.retention_days * 86400))}
         if lease_seconds is not None:
             sets.append("lease_expires_at = :lease")
             values[":lease"] = {"S": isoformat(moment + timedelta(seconds=lease_seconds))}

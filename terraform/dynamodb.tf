@@ -65,6 +65,13 @@ resource "aws_dynamodb_table" "instance_events" {
     type = "S"
   }
 
+  # Start/stop events expire after job_retention_days (InstanceHistory writes expires_at); the per-instance
+  # ledger and the pool's idle-gap record carry no expires_at and stay.
+  ttl {
+    attribute_name = "expires_at"
+    enabled        = true
+  }
+
   point_in_time_recovery {
     enabled = true
   }

@@ -8,9 +8,10 @@ data "aws_ami" "gpu" {
   most_recent = true
   owners      = var.ami_id == null ? ["amazon"] : null
 
+  # The supported DLAMI line, e.g. "Deep Learning OSS Nvidia Driver AMI GPU PyTorch 2.9 (Ubuntu 24.04) 20260317".
   filter {
     name   = var.ami_id == null ? "name" : "image-id"
-    values = [coalesce(var.ami_id, "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu 22.04) *")]
+    values = [coalesce(var.ami_id, "Deep Learning OSS Nvidia Driver AMI GPU PyTorch * (Ubuntu 24.04) *")]
   }
 
   # Only for the lookup: an explicit ami_id is taken as given.
@@ -190,8 +191,12 @@ resource "aws_instance" "gpu" {
   # User data comes from the launch template. The provider re-hashes the stored hash of
   # inherited user data and plans a perpetual (stop-the-instance) update:
   # hashicorp/terraform-provider-aws#30825.
+  # launch_template: an instance keeps the template version it was created from. A new DLAMI (AWS
+  # publishes them often: ami_id null follows the newest), a new instance type or new user data makes a
+  # new template version, never a replaced instance under a running job; the operator rolls the
+  # instances on purpose (terraform/README.md, "Rolling the instances").
   lifecycle {
-    ignore_changes = [user_data]
+    ignore_changes = [user_data, launch_template]
   }
 }
 

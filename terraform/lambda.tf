@@ -75,7 +75,7 @@ resource "aws_lambda_event_source_mapping" "jobs" {
   event_source_arn                   = aws_sqs_queue.jobs.arn
   function_name                      = aws_lambda_function.this["trigger"].arn
   batch_size                         = var.event_source_batch_size
-  maximum_batching_window_in_seconds = var.trigger_batching_window_seconds
+  maximum_batching_window_in_seconds = local.trigger_batching_window_seconds
   function_response_types            = ["ReportBatchItemFailures"]
   enabled                            = var.event_source_mappings_enabled
 }

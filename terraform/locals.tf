@@ -72,6 +72,7 @@ locals {
     BATCHWORKER_JOB_COMMAND                    = var.job_command
     BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS = tostring(var.instance_ready_timeout_seconds)
     BATCHWORKER_MAX_CAPACITY_WAIT_SECONDS      = tostring(var.max_capacity_wait_seconds)
+    BATCHWORKER_JOB_RETENTION_DAYS             = tostring(var.job_retention_days)
     BATCHWORKER_IDLE_GRACE_SECONDS             = tostring(var.idle_grace_seconds)
     BATCHWORKER_IDLE_GRACE_POLICY              = var.idle_grace_policy
     BATCHWORKER_MAX_JOBS_PER_INSTANCE          = tostring(var.max_jobs_per_instance)
@@ -84,4 +85,12 @@ locals {
     BATCHWORKER_SSM_OUTPUT_PREFIX              = local.ssm_output_prefix
     POWERTOOLS_SERVICE_NAME                    = var.name_prefix
   }
+
+  # Lambda refuses an SQS batch size over 10 without a batching window. Terraform 1.0 has no cross-variable
+  # validation: the impossible number conversion below fails the plan with this message instead.
+  trigger_batching_window_seconds = tonumber(
+    var.event_source_batch_size > 10 && var.trigger_batching_window_seconds < 1
+    ? "event_source_batch_size over 10 needs trigger_batching_window_seconds of at least 1 (AWS Lambda refuses it)"
+    : var.trigger_batching_window_seconds
+  )
 }

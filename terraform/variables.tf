@@ -174,6 +174,17 @@ variable "event_source_mappings_enabled" {
   default     = true
 }
 
+variable "job_retention_days" {
+  description = "Days a finished job's row (jobs table) and an instance start/stop event are kept; DynamoDB's TTL then deletes them (within a few days of expiry). Manifests and outputs in S3 are not affected."
+  type        = number
+  default     = 90
+
+  validation {
+    condition     = var.job_retention_days >= 1 && var.job_retention_days <= 3650
+    error_message = "The job_retention_days must be from 1 to 3650."
+  }
+}
+
 variable "log_retention_days" {
   description = "Retention of the Lambda functions' CloudWatch log groups, in days (one of the values CloudWatch Logs accepts)."
   type        = number
@@ -339,7 +350,7 @@ variable "ssh_public_key" {
 ################################################################################
 
 variable "ami_id" {
-  description = "AMI of the GPU instances. Null picks the newest AWS Deep Learning OSS Nvidia Driver AMI GPU PyTorch (Ubuntu 22.04, x86_64) owned by Amazon."
+  description = "AMI of the GPU instances. Null picks the newest AWS Deep Learning OSS Nvidia Driver AMI GPU PyTorch (Ubuntu 24.04, x86_64) owned by Amazon. Either way an existing instance keeps its image until you roll it (terraform/README.md, \"Rolling the instances\")."
   type        = string
   default     = null
 

@@ -14,8 +14,8 @@ from batchworker.reaper import reap
 
 settings = Settings.from_env()
 logger = Logger()
-jobs = JobStore(settings.jobs_table)
-pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
+jobs = JobStore(settings.jobs_table, retention_days=settings.job_retention_days)
+pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table, retention_days=settings.job_retention_days))
 ledger = InstanceLedger(settings.instance_events_table)
 gaps = IdleGaps(settings.instance_events_table)
 lambda_client = aws.client("lambda")

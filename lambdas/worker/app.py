@@ -22,8 +22,8 @@ MAX_JOBS_PER_EVENT = 1000
 
 settings = Settings.from_env()
 logger = Logger()
-jobs = JobStore(settings.jobs_table)
-pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table))
+jobs = JobStore(settings.jobs_table, retention_days=settings.job_retention_days)
+pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table, retention_days=settings.job_retention_days))
 launcher = make_launcher(settings, aws.client("ssm"))
 ledger = InstanceLedger(settings.instance_events_table)  # jobs moved to another AZ for capacity
 s3 = aws.client("s3")

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
@@ -84,3 +85,13 @@ def test_second_apply_changes_nothing(moto_endpoint, build_outputs, tmp_path, mo
     if terraform.plan_has_changes():
         _, out, err = terraform.tf.plan(capture_output=True, no_color=None)
         pytest.fail(f"the second apply would change resources:\n{out[-6000:]}\n{err[-2000:]}")
+
+    # WHEN the image lookup answers another AMI (AWS published a new Deep Learning AMI; here: another image)
+    current = variables["ami_id"]
+    images = boto3.client("ec2").describe_images(Filters=[{"Name": "name", "Values": ["Deep Learning AMI*"]}])["Images"]
+    newer = next(image["ImageId"] for image in images if image["ImageId"] != current and image.get("BlockDeviceMappings"))
+    actions = LocalTerraform(work_dir, {**variables, "ami_id": newer}).planned_actions()
+    # THEN the plan makes a new launch template version and touches no instance (issue 14: AMI drift)
+    assert actions.get("aws_launch_template.gpu") == ["update"], actions
+    touched = {address: act for address, act in actions.items() if address.startswith(("aws_instance.", "aws_ec2_"))}
+    assert touched == {}, f"a new AMI would touch the instances: {touched}"

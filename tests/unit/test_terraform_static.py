@@ -859,3 +859,44 @@ def test_trigger_may_read_the_pool_idle_gap_record(tf):
     statements = _blocks(tf["data"]["aws_iam_policy_document"]["trigger"], "statement")
     (events,) = [s for s in statements if s.get("sid") == "InstanceEventsTable"]
     assert "dynamodb:GetItem" in _actions(events)
+
+
+# --- issue 14: what AWS does that moto hides -------------------------------------------------------
+
+
+def test_a_new_ami_or_template_version_never_replaces_an_instance(tf):
+    # The instances keep the launch template version they were made from; the operator rolls them.
+    instance = tf["resource"]["aws_instance"]["gpu"]
+    ignored = {str(name) for block in instance["lifecycle"] for name in block["ignore_changes"]}
+    assert {"launch_template", "user_data"} <= ignored
+    assert "Ubuntu 24.04" in _raw_terraform_text()  # the supported DLAMI line
+    readme = (TERRAFORM_DIR / "README.md").read_text()
+    assert "### Rolling the instances" in readme and "-replace='aws_instance.gpu[0]'" in readme
+
+
+def test_the_pool_spreads_over_subnet_ids_and_keeps_subnet_id_working(tf):
+    text = (TERRAFORM_DIR / "ec2.tf").read_text()
+    assert "length(var.subnet_ids) > 0 ? var.subnet_ids : compact([var.subnet_id])" in text
+    assert "local.pool_subnet_ids[count.index % length(local.pool_subnet_ids)]" in text
+    assert tf["variable"]["subnet_ids"]["default"] == []
+
+
+def test_batch_size_over_ten_without_a_batching_window_fails_the_plan(tf):
+    # Terraform 1.0 has no cross-variable validation: the trigger's mapping takes its window from a local
+    # that cannot be converted to a number when the rule is broken (checked with terraform 1.11: the plan
+    # fails naming both variables).
+    mappings = tf["resource"]["aws_lambda_event_source_mapping"]
+    windows = {name: str(body["maximum_batching_window_in_seconds"]).strip("${}") for name, body in mappings.items()}
+    assert windows["jobs"] == "local.trigger_batching_window_seconds"
+    guard = str(tf["locals"]["trigger_batching_window_seconds"])
+    assert "var.event_source_batch_size > 10 && var.trigger_batching_window_seconds < 1" in guard
+    assert guard.startswith("${tonumber(") and "needs trigger_batching_window_seconds of at least 1" in guard
+    # every other mapping has a window of at least 1 s of its own
+    assert all(int(window) >= 1 for name, window in windows.items() if name != "jobs")
+
+
+def test_both_tables_expire_their_rows(tf):
+    for table in ("jobs", "instance_events"):
+        [ttl] = tf["resource"]["aws_dynamodb_table"][table]["ttl"]
+        assert ttl == {"attribute_name": "expires_at", "enabled": True}, table
+    assert tf["locals"]["lambda_environment"]["BATCHWORKER_JOB_RETENTION_DAYS"] == "${tostring(var.job_retention_days)}"
