@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -100,6 +102,11 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._started = False
         self._renewed: set[str] = set()  # jobs whose first renewal was logged
+        self._last_ok: dict[str, float] = {}  # job -> monotonic time of its last renewal (or of the start)
+        # Called (on a thread of its own) once a job's renewals have failed for a whole lease: the control
+        # plane then takes the job for lost, so the job must not go on unobserved (worker/runner.py).
+        self.on_lapse: Callable[[str, str, float], None] | None = None
+        self._lapsed = False
         self._progress: dict[str, tuple[int, int]] = {}  # job_id -> (items done, items total)
         shortest = min((lease.seconds for lease in leases.values()), default=0.0)
         self.interval_seconds = shortest / RENEWALS_PER_LEASE
@@ -109,6 +116,7 @@ class Heartbeat:
         if self._started or not self._leases:
             return
         self._started = True
+        self._last_ok = dict.fromkeys(self._leases, time.monotonic())
         if self._client is None:
             try:
                 self._client = make_client()
@@ -155,7 +163,13 @@ class Heartbeat:
                                   self._progress.get(job_id), started)
         except (BotoCoreError, ClientError) as exc:
             logger.warning("lease renewal failed; trying again", extra={"job_id": job_id, "error": str(exc)})
+            since = time.monotonic() - self._last_ok.get(job_id, time.monotonic())
+            if since >= lease.seconds and self.on_lapse is not None and not self._lapsed:
+                self._lapsed = True
+                threading.Thread(target=self.on_lapse, args=(job_id, f"{type(exc).__name__}: {exc}", lease.seconds),
+                                 name="lease-lapsed", daemon=True).start()
             return
+        self._last_ok[job_id] = time.monotonic()
         if not renewed:
             logger.warning(
                 "the job is no longer DISPATCHED or RUNNING in the jobs table (the control plane ended it); "

@@ -13,11 +13,14 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from worker.connectivity import check as check_connectivity
+from worker.connectivity import unreachable_message
 from worker.deadman import RUN_DONE_NAME, push_deadman
 from worker.errors import ExitCode, Interrupted, JobError, StorageError
 from worker.hosts import HostPool
@@ -28,7 +31,7 @@ from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest, u
 from worker.package_run import PackageReport
 from worker.paths import job_dir_for
 from worker.predictions import PREDICTIONS_NAME, write_predictions
-from worker.runtime_cap import RuntimeCap, over_cap_error, wait_to_be_killed
+from worker.runtime_cap import RuntimeCap, wait_to_be_killed
 from worker.slots import Slot, acquire_slot
 from worker.spec import JobSpec
 from worker.storage import AlreadyWritten, Storage
@@ -132,6 +135,39 @@ class _Batch:
         self.models: Any = None  # worker.model.ModelCache, created once torch is imported
         self.hosts = HostPool()
         self.interrupted: Interrupted | None = None
+        self.current: _Job | None = None  # the job running now (a lapsed lease stops it)
+        self.network: dict | None = None  # the boot check's results, once per process
+        heartbeat.on_lapse = self.lease_lapsed
+
+    def check_network(self, log: logging.Logger) -> None:
+        """Once per process, beside the first job (it must not delay it): say in that job's log which of S3,
+        DynamoDB and SSM the instance cannot reach."""
+        if self.network is not None:
+            return
+        self.network = {}
+
+        def check() -> None:
+            self.network = check_connectivity()
+            problem = unreachable_message(self.network)
+            if problem:
+                log.error("network check: " + problem, extra={"network": self.network})
+            else:
+                log.info("network check: S3, DynamoDB and SSM reachable", extra={"network": self.network})
+
+        threading.Thread(target=check, name="network-check", daemon=True).start()
+
+    def lease_lapsed(self, job_id: str, error: str, lease_seconds: float) -> None:
+        """No renewal went through for a whole lease: the control plane no longer sees the job. Stop it cleanly."""
+        job = self.current
+        if job is None or job.cap is None:
+            return
+        network = unreachable_message(check_connectivity(("dynamodb",)))
+        job.cap.stop_now(
+            f"the job could not renew its lease in the jobs table for {lease_seconds:.0f}s ({error})"
+            + (f"; {network}" if network else "")
+            + "; it stopped itself rather than run unobserved. Upload the file again once the instance reaches "
+            "DynamoDB"
+        )
 
     def hold_slot(self, count: int) -> Slot | None:
         """Take one of `count` slots for the rest of the batch; None when the batch holds one already."""
@@ -179,9 +215,14 @@ class _Job:
         )
         self._push_deadman()
         self.batch.heartbeat.start()  # with the first job: its log records the first renewals
+        # The guard ends the job on the instance: at its runtime cap (armed once its code starts, in
+        # _hold_slot) or, at any time, when its lease can no longer be renewed (_Batch.lease_lapsed).
+        self.cap = RuntimeCap(self.spec.max_runtime_seconds, self._write_stopped_manifest)
+        self.batch.current = self
         try:
             if self.batch.interrupted is not None:
                 raise self.batch.interrupted
+            self.batch.check_network(self.log)
             if self.package_report is not None:
                 self._run_package()
             else:
@@ -226,9 +267,8 @@ class _Job:
             )
         # Waiting is not running: the job's runtime, and its cap, count from here.
         self.batch.heartbeat.job_started(spec.job_id)
-        if spec.max_runtime_seconds is not None:
-            self.cap = RuntimeCap(spec.max_runtime_seconds, self._write_over_cap_manifest)
-            self.cap.arm()
+        if self.cap is not None:
+            self.cap.arm()  # a timer only when the spec has max_runtime_seconds
 
     def _run_package(self) -> None:
         """A job package's job (worker/package_run.py); its report goes into the manifest."""
@@ -302,12 +342,12 @@ class _Job:
         self.outcome.outputs.append(key)
         self.outcome.items = items
 
-    def _write_over_cap_manifest(self) -> None:
-        """On the cap's watchdog thread: the failed manifest of a job past its maximum runtime."""
+    def _write_stopped_manifest(self, error: str) -> None:
+        """On the guard's thread: the failed manifest of a job stopped on the instance (past its cap, or its
+        lease could not be renewed)."""
         spec = self.spec
         self.batch.heartbeat.finish(spec.job_id)
-        error = over_cap_error(spec.max_runtime_seconds or 0)
-        self.log.error("maximum runtime reached", extra={"max_runtime_s": spec.max_runtime_seconds})
+        self.log.error("job stopped on the instance", extra={"error": error})
         flush_handlers()
         storage = self.storage or Storage()
         outputs = []

@@ -28,6 +28,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from batchworker.transports.ssh import SshEndpoint, endpoint_parameter_name
 
+NO_DYNAMODB_FILE = "no-dynamodb"  # in the host's state dir: its jobs cannot reach DynamoDB
+UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
+
 logger = logging.getLogger("batchworker.local.instance_host")
 
 LISTEN_HOST = "127.0.0.1"
@@ -342,6 +345,10 @@ class InstanceHost:
             # The job's AWS calls say so in their User-Agent (the recorded calls per job, by component).
             "AWS_SDK_UA_APP_ID": INSTANCE_APP_ID,
         })
+        if (self.state_dir / NO_DYNAMODB_FILE).exists():
+            # Fault (issue 14): this instance has no route to DynamoDB, as a private subnet without a
+            # gateway endpoint; its jobs get an endpoint that refuses connections.
+            env["AWS_ENDPOINT_URL_DYNAMODB"] = UNREACHABLE_ENDPOINT
         return env
 
     async def _run_process(self, process: asyncssh.SSHServerProcess) -> None:

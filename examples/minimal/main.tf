@@ -19,4 +19,23 @@ module "batchworker" {
   region      = var.region
   name_prefix = var.name_prefix
   tags        = var.tags
+  subnet_ids  = var.subnet_ids
+}
+
+# Private subnets (no NAT gateway): the instances reach S3 and DynamoDB through gateway endpoints (free).
+# Without the DynamoDB one the jobs cannot renew their leases; SSM needs interface endpoints (ssm,
+# ssmmessages, ec2messages) or a NAT gateway as well: see ../../terraform/README.md.
+data "aws_subnet" "first" {
+  count = length(var.private_route_table_ids) > 0 ? 1 : 0
+
+  id = var.subnet_ids[0]
+}
+
+resource "aws_vpc_endpoint" "gateway" {
+  for_each = length(var.private_route_table_ids) > 0 ? toset(["s3", "dynamodb"]) : toset([])
+
+  vpc_id            = data.aws_subnet.first[0].vpc_id
+  service_name      = "com.amazonaws.${var.region}.${each.key}"
+  vpc_endpoint_type = "Gateway"
+  route_table_ids   = var.private_route_table_ids
 }

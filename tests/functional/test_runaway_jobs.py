@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,9 +29,11 @@ from batchworker.config import Settings
 from batchworker.control import fail_job, finish_job
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
+from batchworker.local.instance_host import UNREACHABLE_ENDPOINT
 from batchworker.models import Job, JobStatus
 from tests.functional.test_job_run import (  # noqa: F401  (moto_server, s3, aws_env, model_bytes are fixtures)
     ARTIFACTS,
+    AWS_ENV,
     INPUT,
     OUTPUT,
     TABLE,
@@ -160,3 +164,35 @@ def test_a_late_writer_cannot_overwrite_the_failed_manifest(s3, tmp_path):  # no
     # AND a second control-plane verdict does not replace the first either
     assert not fail_job(job, "another verdict", "i-1", settings_for(TABLE), jobs, s3)
     assert read_json(s3, f"jobs/{job_id(150)}/manifest.json")["error"] == "the job ran past the maximum runtime"
+
+
+def test_a_job_that_cannot_reach_dynamodb_stops_itself_and_says_why(
+    moto_server, model_bytes, tmp_path, launched_pids  # noqa: F811
+):
+    # Fault (issue 14): the instance has no route to DynamoDB (a private subnet without the gateway endpoint;
+    # the local instance host does the same with its `no-dynamodb` switch). S3 is reachable.
+    # Promise: the job's log names DynamoDB at once; the job cannot renew its lease, so instead of running on
+    # unobserved it stops itself after one lease: a failed manifest says why, and its process exits.
+    out, ddb = server_clients(moto_server)
+    out.put_object(Bucket=ARTIFACTS, Key="models/digits-cnn.pt", Body=model_bytes)
+    out.put_object(Bucket=INPUT, Key="cut-off.json", Body=compute_file(120, "hold"))
+    job = job_id(160)
+    create_jobs_table(ddb, {job: "DISPATCHED"})
+    spec = make_spec(job, "cut-off.json", lease={"table": TABLE, "seconds": 3}, server_linger_seconds=0)
+    env = {**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": moto_server, "BATCHWORKER_JOB_ROOT": str(tmp_path),
+           "AWS_ENDPOINT_URL_DYNAMODB": UNREACHABLE_ENDPOINT}
+    launched = subprocess.run([str(Path(sys.executable).with_name("batchworker-job")), "launch"],
+                              input=json.dumps(spec.to_json()).encode(), env=env, capture_output=True, timeout=30)
+    assert launched.returncode == 0, launched.stderr.decode()
+    reply = json.loads(launched.stdout)
+    launched_pids.append(reply["pid"])
+    manifest = wait_for_manifests(out, [job], tmp_path, timeout=60)[job]
+    assert manifest["status"] == "failed", manifest
+    assert "could not renew its lease" in manifest["error"] and "cannot reach DynamoDB" in manifest["error"]
+    assert manifest["timings"]["total_s"] < 60
+    deadline = time.monotonic() + 30
+    while is_process_alive(reply["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not is_process_alive(reply["pid"]), "the job ran on without a lease"
+    log = out.get_object(Bucket=OUTPUT, Key=f"jobs/{job}/job.log")["Body"].read().decode()
+    assert "network check: cannot reach DynamoDB" in log and "cannot reach S3" not in log
