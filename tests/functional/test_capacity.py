@@ -94,7 +94,7 @@ def test_a_job_placed_in_a_short_az_runs_in_another(stack):
     launcher = RecordingLauncher()
     outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock, ledger=ledger)
     # THEN it runs on the instance in the other AZ; the short one stays stopped; the ledgers follow the move
-    assert outcome == {job_id: JobStatus.RUNNING}
+    assert outcome == {job_id: JobStatus.DISPATCHED}  # launched; the job itself marks RUNNING
     assert [instance for instance, _ in launcher.launched] == [other_instance]
     assert state(short_instance) == "stopped" and state(other_instance) == "running"
     assert jobs.get(job_id).instance_id == other_instance
@@ -130,7 +130,7 @@ def test_when_every_az_is_short_the_job_waits_then_runs_when_capacity_returns(st
     ec2.short.clear()
     outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock, ledger=ledger)
     # THEN the job runs, and its waiting note is gone
-    assert outcome == {job_id: JobStatus.RUNNING} and len(launcher.launched) == 1
+    assert outcome == {job_id: JobStatus.DISPATCHED}  # launched; the job itself marks RUNNING and len(launcher.launched) == 1
     assert job_json(jobs.get(job_id))["waiting"] is None
 
 
