@@ -17,7 +17,7 @@ resource "aws_cloudwatch_log_group" "lambda" {
 resource "aws_lambda_function" "this" {
   #checkov:skip=CKV_AWS_116:trigger and stop are fed by SQS (redrive DLQs); worker sends failed async events to an on-failure destination (event invoke config).
   #checkov:skip=CKV_AWS_117:Only the worker may need a VPC (SSH to private IPs): lambda_subnet_ids puts it there; the others call public AWS APIs only.
-  #checkov:skip=CKV_AWS_115:Reserved concurrency takes capacity from the account pool and fails on new accounts (limit 10); the pool size bounds the work.
+  #checkov:skip=CKV_AWS_115:Reserved concurrency takes capacity from the account pool and fails on new accounts (limit 10): opt in with reserved_concurrency.
   #checkov:skip=CKV_AWS_272:Zips are built reproducibly from this repository by scripts/build_lambdas.py; code signing needs an AWS Signer profile per account.
   #checkov:skip=CKV_AWS_173:The environment holds names only (buckets, tables, prefix), no secrets: the SSH key stays in SSM; AWS encrypts it at rest.
   #checkov:skip=CKV_AWS_50:Powertools logs carry job_id end to end; X-Ray would add IAM and cost for three short functions.
@@ -33,6 +33,8 @@ resource "aws_lambda_function" "this" {
   architectures    = ["x86_64"]
   timeout          = each.value
   memory_size      = 256
+  # Off (-1) unless set: at scale, reserve some for trigger and stop so a flood of dispatchers cannot starve them.
+  reserved_concurrent_executions = lookup(var.reserved_concurrency, each.key, -1)
 
   environment {
     variables = local.lambda_environment

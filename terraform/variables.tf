@@ -372,13 +372,13 @@ variable "instance_type" {
 }
 
 variable "instance_count" {
-  description = "Number of GPU instances in the pool (created, then left stopped). At most 20: with SSH, each instance adds a statement to the instance role's policy."
+  description = "Number of GPU instances in the pool (created, then left stopped). At most 500 with the ssm transport (no per-instance IAM); at most 20 with ssh, where each instance adds a statement to the instance role's policy (inline policies are limited to 10,240 characters)."
   type        = number
   default     = 1
 
   validation {
-    condition     = var.instance_count >= 1 && var.instance_count <= 20 && floor(var.instance_count) == var.instance_count
-    error_message = "The instance_count must be a whole number from 1 to 20."
+    condition     = var.instance_count >= 1 && var.instance_count <= 500 && floor(var.instance_count) == var.instance_count
+    error_message = "The instance_count must be a whole number from 1 to 500 (at most 20 with transport = \"ssh\")."
   }
 }
 
@@ -449,4 +449,15 @@ variable "user_data" {
   description = "Replacement cloud-init user data of the GPU instances. Null renders templates/user_data.sh.tftpl (installs the job package, prepares the job and model cache directories, publishes the SSH endpoint when transport = \"ssh\")."
   type        = string
   default     = null
+}
+
+variable "reserved_concurrency" {
+  description = "Reserved concurrent executions per function (keys trigger, worker, stop, reaper; -1 or absent: unreserved). At high upload rates reserve some for trigger and stop (say 10 each) so dispatchers waiting on booting instances cannot starve them, and cap worker. Accounts with the default 10-execution quota cannot reserve any."
+  type        = map(number)
+  default     = {}
+
+  validation {
+    condition     = alltrue([for name, value in var.reserved_concurrency : contains(["trigger", "worker", "stop", "reaper"], name) && value >= -1 && floor(value) == value])
+    error_message = "The reserved_concurrency keys must be trigger, worker, stop or reaper, each a whole number >= -1."
+  }
 }
