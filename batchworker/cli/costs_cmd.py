@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from batchworker.cli import load_cmd
 from batchworker.cli.client import FIELDS, resolve
 from batchworker.cli.views import stores
 from batchworker.costs.billing import PRICES, CostReport, build_cost_report, job_intervals
@@ -34,7 +35,7 @@ def add_parsers(subparsers) -> None:
         help="this system's idle grace: the cap of the adaptive grace, the whole grace of batchworker-fixed (default: 120)",
     )
     p.add_argument(
-        "--pool-size", type=_positive_int, default=1, help="instances in this system's pool (default: 1)"
+        "--pool-size", type=_positive_int, help="instances in this system's pool (default: 1; with --load, 20)"
     )
     p.add_argument(
         "--concurrency-per-instance",
@@ -43,6 +44,7 @@ def add_parsers(subparsers) -> None:
         help="jobs at once per instance for this system and always-on (default: 1)",
     )
     p.add_argument("--instance-type", choices=sorted(PRICES), default=DEFAULT_INSTANCE_TYPE)
+    load_cmd.add_arguments(p)
     p.set_defaults(command=cmd_simulate)
 
     p = subparsers.add_parser("report", help="billed vs busy instance-seconds and cost of this deployment")
@@ -58,11 +60,13 @@ def add_parsers(subparsers) -> None:
 
 
 def cmd_simulate(args) -> int:
+    if args.load:
+        return load_cmd.run(args)
     result = simulate_all(
         days=args.days,
         seed=args.seed,
         idle_grace_seconds=args.idle_grace_seconds,
-        pool_size=args.pool_size,
+        pool_size=args.pool_size or 1,
         concurrency_per_instance=args.concurrency_per_instance,
         model=CloudModel(instance_type=args.instance_type),
     )
