@@ -200,7 +200,7 @@ def render_report(report: CostReport, console: Console) -> None:
     console.print(table)
     console.print(f"billed instance-seconds  {report.billed_seconds:,} (per second, 60 s minimum per start)")
     console.print(
-        f"busy seconds             {report.busy_seconds:,.0f} (jobs queued..finished, see docs/simulator.md)"
+        f"busy seconds             {report.busy_seconds:,.0f} (jobs running..finished, see docs/simulator.md)"
     )
     console.print(f"utilization              {report.utilization:.1%}")
     console.print(f"cost                     ${report.cost_dollars:,.2f}")

@@ -252,17 +252,18 @@ def price_of(instance_type: str) -> float:
 
 
 def job_intervals(jobs: Iterable[Job]) -> list[JobInterval]:
-    """Busy intervals from the job table: `created_at`..`updated_at` of each finished job with an instance.
+    """Busy intervals from the job table: `running_since`..`updated_at` of each finished job with an instance.
 
-    An approximation: the table keeps no RUNNING timestamp, so the interval starts when the job was queued
-    and includes its wait for the instance to boot; `updated_at` of a SUCCEEDED/FAILED job is when the
-    stop function recorded the manifest, a little after the job ended. Busy seconds are therefore an upper
-    bound (clipping to the running intervals removes the part before the instance started).
+    `running_since` is set when the job's code starts (its slot taken, its turn in the batch); a row without
+    it (written before it existed) starts at `created_at`, which includes the wait for the boot. `updated_at`
+    of a SUCCEEDED/FAILED job is when the stop function recorded the manifest, a little after the job ended,
+    so busy seconds are a slight upper bound (clipping to the running intervals removes anything outside).
     """
     found = []
     for job in jobs:
         if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED) and job.instance_id and job.created_at:
-            start, end = _as_time(job.created_at), _as_time(job.updated_at or job.created_at)
+            start = _as_time(job.running_since or job.created_at)
+            end = _as_time(job.updated_at or job.created_at)
             found.append(JobInterval(job.job_id, job.instance_id, start, max(start, end)))
     return found
 

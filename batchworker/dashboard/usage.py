@@ -140,8 +140,8 @@ def fit_window_start(events: list[dict], now: datetime, hours: float | None) -> 
 def _job_phases(jobs: list[JobRow], now: datetime) -> tuple[list[JobInterval], ...]:
     """(waiting, working, still working) intervals of each job on its instance, for drawing.
 
-    Waiting is from queued until the job's code started (`running_since`: the boot, a free slot); billing
-    counts a finished job from queued to recorded (`job_intervals`), so the busy numbers include the wait.
+    Waiting is from queued until the job's code started (`running_since`: the boot, a free slot); working is
+    what billing counts as busy (`job_intervals`).
     """
     waiting, working, ongoing = [], [], []
     for row in jobs:

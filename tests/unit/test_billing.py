@@ -155,6 +155,14 @@ def test_job_intervals_use_finished_jobs_with_an_instance():
     assert [(j.job_id, (j.end - j.start).total_seconds()) for j in found] == [("j-1", 90.0), ("j-2", 90.0)]
 
 
+
+def test_job_intervals_start_when_the_jobs_code_started():
+    job = Job("j-1", JobStatus.SUCCEEDED, "in", "k", instance_id="i-a", created_at=at(0), updated_at=at(90),
+              running_since=at(60))
+    (found,) = job_intervals([job])
+    assert (found.end - found.start).total_seconds() == 30.0
+
+
 def test_price_table_and_unknown_type():
     assert price_of("g4dn.xlarge") == 0.526 and price_of("g5.xlarge") == 1.006
     with pytest.raises(ConfigurationError, match="--hourly-price-dollars"):
