@@ -295,7 +295,7 @@ def cold_cycles(bench: Bench, args) -> dict:
         stages["instance_running"].append(running_at[manifest["instance_id"]] - uploaded_at)
         t = manifest["timings"]
         # When the job's work began: after any wait in a warm server's queue (a prewarming server included)
-        stages["job_start"].append(parse_time(t["started_at"]).timestamp() + t["slot_wait_s"] - uploaded_at)
+        stages["job_start"].append(parse_time(t["started_at"]).timestamp() + t.get("slot_wait_s", 0.0) - uploaded_at)
         stages["manifest"].append(seen_at - uploaded_at)
         stages["stopped"].append(stopped_at - uploaded_at)
         # Everything the cold path added beyond the boot delay before the job's own work was done: trigger,
