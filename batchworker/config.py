@@ -62,8 +62,9 @@ class Settings:
     max_input_bytes: int = 100 * 1024 * 1024
     # Dispatch attempts before a job that never started is failed.
     max_attempts: int = 3
-    # Job packages live in the artifacts bucket (job-packages/<name>/); uploads outside any `<name>/`
-    # folder of a deployed package run default_job. Unset: every upload runs the built-in model_uri job.
+    # Job packages live in the artifacts bucket (job-packages/<name>/); uploads under `<name>/` of a deployed
+    # package run it, the others default_job. No default_job: the others run the built-in model_uri job.
+    # No artifacts_bucket: job packages are off.
     artifacts_bucket: str | None = None
     default_job: str | None = None
 

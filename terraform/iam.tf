@@ -121,17 +121,12 @@ data "aws_iam_policy_document" "trigger" {
     resources = ["${aws_s3_bucket.this["artifacts"].arn}/job-packages/*"]
   }
 
-  # trigger: list deployed package names, only to suggest one when a key's folder names none.
+  # trigger: learn that a key's folder names no package (without s3:ListBucket S3 answers the GetObject
+  # of a missing pointer with 403, not 404), and list package names to suggest one for a mistyped folder.
   statement {
     sid       = "ListJobPackages"
     actions   = ["s3:ListBucket"]
     resources = [aws_s3_bucket.this["artifacts"].arn]
-
-    condition {
-      test     = "StringEquals"
-      variable = "s3:prefix"
-      values   = ["job-packages/"]
-    }
   }
 
   # trigger: fail an input over max_input_bytes with a manifest, before any instance starts.

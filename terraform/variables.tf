@@ -99,7 +99,7 @@ variable "model_uri" {
 }
 
 variable "default_job" {
-  description = "Job package that runs every upload outside a `<name>/` folder of a deployed package (docs/jobs.md). Empty: every upload runs the built-in model_uri job, and job packages are off."
+  description = "Job package that runs every upload outside a `<name>/` folder of a deployed package (docs/jobs.md). Empty: those uploads run the built-in model_uri job (packages still run under their `<name>/`)."
   type        = string
   default     = ""
 

@@ -29,7 +29,7 @@ ledger = InstanceLedger(settings.instance_events_table)
 gaps = IdleGaps(settings.instance_events_table)
 lambda_client = aws.client("lambda")
 s3 = aws.client("s3")
-registry = PackageRegistry(settings.artifacts_bucket, s3) if settings.default_job else None
+registry = PackageRegistry(settings.artifacts_bucket, s3) if settings.artifacts_bucket else None
 
 
 class Dispatches:

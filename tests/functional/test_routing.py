@@ -177,3 +177,20 @@ def test_one_batch_reads_each_package_pointer_once(stack, packages, monkeypatch)
         s3.put_object(Bucket=stack.input_bucket, Key=key, Body=b"d")
     trigger.handler(sqs_event(*(s3_event(stack.input_bucket, quote_plus(k)) for k in keys)), LambdaContext())
     assert sorted(reads) == ["digits", "wordstats"]
+
+
+def test_without_default_job_other_keys_run_the_built_in_job(stack, packages, monkeypatch):
+    # GIVEN job packages on (artifacts bucket) but no default_job: the built-in model_uri job is the default
+    monkeypatch.setenv("BATCHWORKER_DEFAULT_JOB", "")
+    stack.env["BATCHWORKER_DEFAULT_JOB"] = ""
+    ref = packages(WORDSTATS)
+    trigger = load_handler("trigger")
+    trigger.lambda_client = recorder = RecordingLambdaClient()
+    store = JobStore(stack.jobs_table)
+    # THEN <name>/ still runs the package, every other key the built-in job (no package, no params)
+    assert store.get(upload(stack, trigger, "wordstats/a.txt")).package == ref.to_spec()
+    for key in ("a.png", "photos/b.png", "wordstat/c.png"):
+        job = store.get(upload(stack, trigger, key))
+        assert job.status.value == "QUEUED" and job.package is None and job.params is None, key
+        assert "package" not in job_spec(job, Settings.from_env(stack.env), stack.instance_id)
+    assert len(recorder.calls) == 4
