@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from worker import cli
+from worker.errors import Interrupted
 from worker.hosts import HostPool
 from worker.paths import job_root_from_env
 from worker.server import claim_role
@@ -40,23 +41,23 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, m
     if role is None:
         logger.info("a warm server runs already (a job came first): nothing to prepare")
         return 0
-    hosts = HostPool()
-    from worker.runner import WarmState  # after the role: the slow imports start here
-    from worker.storage import Storage
-
     started = time.monotonic()
-    warm = WarmState(hosts=hosts)
+    hosts = HostPool()
+    # Serve at once (launch waits at most 2 s for an answer), idle: the first batch offered is taken while
+    # this process prepares, and waits for the preparation a new `run` would have to do anyway. A batch the
+    # server took before it was made idle comes back from next_batch: it runs first.
+    server = cli._open_server(job_root, role, hosts)
+    early = server.next_batch(0)
     try:
-        warm.storage = Storage()
-        ref = default_package(warm.storage, packages_uri, default_job) if default_job and packages_uri else None
-        if ref is not None:
-            hosts.expect([ref.version])  # the server admits this package's batches while it prepares
-        server = cli._open_server(job_root, role, hosts)
-        # Idle from now on: the server takes any batch while this process prepares (the batch waits for the
-        # preparation a new `run` would have to do anyway), and queues later ones by the usual rule.
-        server.next_batch(0)
+        from worker.runner import WarmState  # the slow imports start here
+        from worker.storage import Storage
+
+        warm = WarmState(hosts=hosts)
         try:
+            warm.storage = Storage()
+            ref = default_package(warm.storage, packages_uri, default_job) if default_job and packages_uri else None
             if ref is not None:
+                hosts.expect([ref.version])  # while busy, the server still admits this package's batches
                 from worker.package_run import prepare_package
 
                 host = prepare_package(ref, job_root, warm.storage, hosts, logger)
@@ -72,8 +73,13 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, m
             logger.exception("preparing the default job failed; jobs will prepare it themselves")
         logger.info("warm after %.2f s; serving for %.0f s without a batch", time.monotonic() - started,
                     linger_seconds)
-        if server is not None:
-            cli._serve(server, linger_seconds, job_root, warm)
+        linger = linger_seconds
+        if early is not None:
+            try:
+                linger = cli._serve_batch(early, job_root, warm) or linger
+            except Interrupted:  # SIGTERM: _serve below closes the server and runs what it took
+                pass
+        cli._serve(server, linger, job_root, warm)
     finally:
         hosts.close()
     return 0
