@@ -59,6 +59,8 @@ GOALS = {  # key: (comparison, goal), judged on the median
     "overhead_p50_s": ("<=", 1.0), "overhead_p95_s": ("<=", 2.0), "worker_vs_bare_ratio": (">=", 0.9),
     "pool4_efficiency": (">=", 0.85), "cold_start_overhead_s": ("<=", 0.5),
     "sim_seed_billed_over_limit": ("<=", 1.05), "sim_bursty_billed_over_busy": ("<=", 1.5),
+    "byo_runner_vs_direct_ratio": (">=", 0.95), "env_cache_hit_start_s": ("<=", 1.0),
+    "setup_calls_per_burst": ("<=", 1),
 }
 
 Measurement = Callable[["Bench", argparse.Namespace], dict]
@@ -187,7 +189,8 @@ def worker_vs_bare(bench: Bench, args) -> dict:
     np.save(buffer, data.reshape(items, 8, 8))
     job_id, _ = bench.put(f"bench/throughput-{time.time_ns()}.npy", buffer.getvalue())
     manifest = bench.manifest(job_id, poll_seconds=1.0)  # slow polls: moto answering them shares the cores
-    job_items_per_s = manifest["items"] / manifest["timings"]["inference_s"]
+    rows = manifest.get("results_rows") or manifest["items"]  # the digits package: one .npy item, N rows
+    job_items_per_s = rows / manifest["timings"]["inference_s"]
     model = torch.jit.load(str(MODEL_PATH)).eval()
     tensor = torch.from_numpy(data.reshape(items, 1, 8, 8).astype(np.float32) / 16.0)
     with torch.inference_mode():
@@ -356,6 +359,8 @@ def main() -> int:
     parser.add_argument("--cpu-pool-jobs", type=int, default=4, help="CPU-burning jobs per pool run (default 4)")
     parser.add_argument("--cpu-pool-seconds", type=float, default=4.0, help="duration of each CPU job (default 4)")
     parser.add_argument("--cold-cycles", type=int, default=3, help="cold jobs per repetition (default 3)")
+    parser.add_argument("--byo-items", type=int, default=2000, help="images in the runner-vs-direct zip (default 2000)")
+    parser.add_argument("--burst", type=int, default=50, help="uploads in the setup-calls burst (default 50)")
     parser.add_argument("--clouds", nargs="+", choices=list(CLOUDS), default=list(CLOUDS))
     parser.add_argument("--only", nargs="+", metavar="MEASUREMENT", help="run only these measurements (by name)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-results.json")
@@ -450,6 +455,95 @@ def dashboard_jobs_page(bench: Bench, args) -> dict[str, float]:
     seconds = time.perf_counter() - started
     assert response.status_code == 200 and response.get_data(as_text=True).count('<tr class="status-') == 50
     return {"dashboard_jobs_page_s": seconds}
+
+
+# --- job packages (issue 10) ------------------------------------------------------------------------------
+
+EXAMPLE_JOBS = REPO_ROOT / "examples" / "jobs"
+
+
+@measure("one")
+def byo_runner_vs_direct(bench: Bench, args) -> dict:
+    """Items/s of the digits package through the instance's runner (process() time in the manifest, warm
+    handler process) over the same handler called directly in this process, same zip of images."""
+    import contextlib
+    import logging
+    import tempfile
+    import zipfile
+
+    from worker.handler_context import Item, JobContext
+    from worker.items import expand_items
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for n in range(args.byo_items):
+            archive.writestr(f"img/{n:05d}.png", digits_png())
+    job_id, _ = bench.put(f"digits/bench-byo-{time.time_ns()}.zip", buffer.getvalue())  # the bundled package
+    manifest = bench.manifest(job_id, poll_seconds=1.0)
+    assert manifest["status"] == "succeeded", manifest["error"]
+    runner_items_per_s = manifest["items"] / manifest["timings"]["inference_s"]
+    package = EXAMPLE_JOBS / "digits"
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(package):
+        path = Path(scratch) / "in.zip"
+        path.write_bytes(buffer.getvalue())
+        items = [Item(i.name, i.path) for i in expand_items(path, "in.zip", Path(scratch) / "items")]
+        sys.path.insert(0, str(package))
+        try:
+            from handler import Digits
+        finally:
+            sys.path.remove(str(package))
+        log = logging.getLogger("bench.direct")
+        handler = Digits()
+        handler.setup(JobContext(package, log, job_id="direct", params={}, output_dir=Path(scratch) / "out0"))
+        ctx = JobContext(package, log, job_id="direct", params={}, output_dir=Path(scratch) / "out")
+        started = time.perf_counter()
+        rows = list(handler.process(items, ctx))
+        direct_items_per_s = len(items) / (time.perf_counter() - started)
+    assert len(rows) == manifest["items"] == args.byo_items
+    return {"byo_runner_vs_direct_ratio": runner_items_per_s / direct_items_per_s,
+            "byo_runner_items_per_s": runner_items_per_s, "byo_direct_items_per_s": direct_items_per_s}
+
+
+@measure("one")
+def env_cache(bench: Bench, args) -> dict:
+    """A fresh copy of the tabular package (requirements made unique, so its environment is new) is deployed;
+    its first job builds the environment (env_first_build_s), the next one on the warm instance finds it:
+    upload -> process() called is env_cache_hit_start_s."""
+    import shutil
+    import tempfile
+
+    from batchworker.jobpkg.registry import PackageRegistry
+
+    rep = time.time_ns()
+    registry = PackageRegistry(bench.env["BATCHWORKER_ARTIFACTS_BUCKET"], bench.s3)
+    with tempfile.TemporaryDirectory() as scratch:
+        package = Path(scratch) / "tabular"
+        shutil.copytree(EXAMPLE_JOBS / "tabular", package, ignore=shutil.ignore_patterns("__pycache__"))
+        requirements = package / "requirements.txt"
+        requirements.write_text(requirements.read_text() + f"pandas!=0.0.{rep % 100000}\n")  # same install, new key
+        registry.deploy(package)
+    sample = (EXAMPLE_JOBS / "tabular" / "sample" / "flowers.csv").read_bytes()
+    first_id, _ = bench.put(f"tabular/bench-{rep}-first.csv", sample)
+    first = bench.manifest(first_id, timeout=600)
+    assert first["status"] == "succeeded" and not first["environment"]["cache_hit"], first
+    second_id, uploaded_at = bench.put(f"tabular/bench-{rep}-second.csv", sample)
+    second = bench.manifest(second_id)
+    assert second["status"] == "succeeded" and second["environment"]["cache_hit"], second
+    started = parse_time(second["handler"]["process_started_at"]).timestamp()
+    return {"env_first_build_s": first["environment"]["build_s"], "env_cache_hit_start_s": started - uploaded_at}
+
+
+@measure("one")
+def setup_calls(bench: Bench, args) -> dict:
+    """A burst of uploads of one package (digits, as Terraform bundles it) to one instance: how many handler
+    processes served it; each ran setup() once."""
+    rep = time.time_ns()
+    jobs = [bench.put(f"digits/burst-{rep}-{n}.png", digits_png())[0] for n in range(args.burst)]
+    manifests = [bench.manifest(job_id) for job_id in jobs]
+    assert all(m["status"] == "succeeded" for m in manifests)
+    processes = {m["handler"]["pid"] for m in manifests}
+    return {"setup_calls_per_burst": len(processes),
+            "setups_started_in_burst": sum(bool(m["handler"]["setup_called"]) for m in manifests)}
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ class JobContext(SetupContext):
         self._on_item_error = on_item_error
 
     def write_output(self, relative_name: str, data: bytes | bytearray | memoryview | str | os.PathLike) -> Path:
-        """Write bytes (or copy the file at a path) to outputs/<relative_name>; the written path.
+        """Write outputs/<relative_name>: bytes as they are, a str as UTF-8 text, a pathlib.Path's file copied.
+        Returns the written path.
 
         The name must stay inside the job's output folder: no absolute path, no '..'; else OutputRefused.
         """
@@ -110,10 +111,12 @@ class JobContext(SetupContext):
         tmp = target.with_name(f".{target.name}.part")
         if isinstance(data, (bytes, bytearray, memoryview)):
             tmp.write_bytes(bytes(data))
-        elif isinstance(data, (str, os.PathLike)):
+        elif isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        elif isinstance(data, os.PathLike):
             shutil.copyfile(data, tmp)
         else:
-            raise TypeError(f"write_output takes bytes or a file path, not {type(data).__name__}")
+            raise TypeError(f"write_output takes bytes, str or a pathlib.Path, not {type(data).__name__}")
         os.replace(tmp, target)
         return target
 

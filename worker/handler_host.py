@@ -143,7 +143,7 @@ def finish_job(items: list[Item], ctx: JobContext, rows: RowCollector, results_p
         for error in ctx.errors:
             fh.write(json.dumps(error.to_json(), ensure_ascii=False) + "\n")
     failed = len({item.name for item in items} & failed_names)
-    return {"total": len(items), "succeeded": len(items) - failed, "failed": failed}
+    return {"total": len(items), "succeeded": len(items) - failed, "failed": failed, "rows": len(rows.rows)}
 
 
 def serve(package_dir: Path, entrypoint: str, stdin: TextIO, channel: _Channel) -> int:
@@ -172,6 +172,7 @@ def serve(package_dir: Path, entrypoint: str, stdin: TextIO, channel: _Channel) 
         ctx = JobContext(package_dir, logger, job_id=job["job_id"], params=job["params"],
                          output_dir=Path(job["output_dir"]), device=setup_ctx._device)
         channel.send("progress", done=0, total=len(items))
+        channel.send("process_started", at=time.time())
         started = time.monotonic()
         rows, process_error = run_process(
             handler, items, ctx, lambda done, total: channel.send("progress", done=done, total=total)

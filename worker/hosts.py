@@ -81,7 +81,8 @@ class HandlerHost:
                 )
 
     def run_job(self, job: dict[str, Any], on_log: Callable[[str, str], None],
-                on_progress: Callable[[int, int], None]) -> JobResult:
+                on_progress: Callable[[int, int], None],
+                on_started: Callable[[float], None] = lambda at: None) -> JobResult:
         with self._lock:
             assert self._process.stdin is not None
             try:
@@ -100,6 +101,8 @@ class HandlerHost:
                 kind = event.get("event")
                 if kind == "log":
                     on_log(str(event.get("level")), str(event.get("message")))
+                elif kind == "process_started":
+                    on_started(float(event.get("at") or 0.0))
                 elif kind == "progress":
                     on_progress(int(event.get("done") or 0), int(event.get("total") or 0))
                 elif kind == "done":

@@ -7,6 +7,7 @@ The job succeeds when the share of failed items is at most the package's max_fai
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import mimetypes
 import os
@@ -46,8 +47,11 @@ class PackageReport:
     items_total: int = 0
     items_succeeded: int = 0
     items_failed: int = 0
+    results_rows: int = 0
     device: str = "unknown"
-    setup_called: bool = False
+    handler_pid: int | None = None
+    setup_called: bool = False  # this job started the handler's process (setup() ran for it)
+    process_started_at: str | None = None
     outputs: list[str] = field(default_factory=list)
     scratch: list[Path] = field(default_factory=list)  # removed after the job (input, zip members)
 
@@ -57,6 +61,9 @@ class PackageReport:
             "environment": self.environment,
             "items_succeeded": self.items_succeeded,
             "items_failed": self.items_failed,
+            "results_rows": self.results_rows,
+            "handler": {"pid": self.handler_pid, "setup_called": self.setup_called,
+                        "process_started_at": self.process_started_at},
         }
 
 
@@ -111,7 +118,7 @@ def run_package_job(
     on_progress(0, len(items))
     with timings.measure("model_load_s"):
         host = _warm_host(hosts, package, environment, job_root, log, report)
-    report.device = host.device
+    report.device, report.handler_pid = host.device, host.pid
     output_dir = job_dir / OUTPUTS_DIR
     shutil.rmtree(output_dir, ignore_errors=True)  # a retried job starts clean
     output_dir.mkdir(parents=True)
@@ -126,7 +133,8 @@ def run_package_job(
     key = HostKey(spec.package.version, environment.key)
     try:
         with timings.measure("inference_s"):
-            result = host.run_job(request, lambda level, message: _handler_log(log, level, message), on_progress)
+            result = host.run_job(request, lambda level, message: _handler_log(log, level, message), on_progress,
+                                  lambda at: setattr(report, "process_started_at", _iso(at)))
     except Interrupted:
         hosts.discard(key)  # mid-job: its state is unknown
         raise
@@ -135,6 +143,7 @@ def run_package_job(
         raise
     counts = result.counts
     report.items_succeeded, report.items_failed = counts["succeeded"], counts["failed"]
+    report.results_rows = counts.get("rows", 0)
     log.info("process done", extra={**counts, "process_s": result.process_s})
     with timings.measure("upload_s"):
         _upload_results(spec, job_dir, output_dir, storage, report)
@@ -148,6 +157,11 @@ def run_package_job(
             f"{what} (the package allows a failed share of {ratio:g}){detail}. "
             f"Every failed item is in {spec.output_key(ERRORS_NAME)}"
         )
+
+
+def _iso(epoch: float) -> str:
+    moment = dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _resolve_params(config: Any, raw: dict[str, Any]) -> dict[str, Any]:

@@ -233,6 +233,7 @@ def test_write_output_refuses_names_that_leave_the_folder(tmp_path):
     source = tmp_path / "src.bin"
     source.write_bytes(b"copied")
     assert ctx.write_output("b.bin", source).read_bytes() == b"copied"
+    assert ctx.write_output("c.txt", "text ü").read_text(encoding="utf-8") == "text ü"
 
 
 def test_zip_items_reject_traversal_and_bombs(tmp_path, monkeypatch):
@@ -274,6 +275,38 @@ def test_handler_prints_do_not_break_the_protocol(tmp_path, job_root):
     assert manifest["status"] == "succeeded", manifest["error"]
     log = (job_files(tmp_path / "out", manifest) / "job.log").read_text()
     assert "handler: scored a.txt" in log
+
+
+def test_lease_heartbeat_writes_item_progress(monkeypatch):
+    import time
+
+    import boto3
+    from moto import mock_aws
+
+    from worker.lease import Heartbeat
+    from worker.spec import Lease
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        ddb = boto3.client("dynamodb", region_name="us-east-1")
+        ddb.create_table(TableName="jobs", BillingMode="PAY_PER_REQUEST",
+                         KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
+                         AttributeDefinitions=[{"AttributeName": "job_id", "AttributeType": "S"}])
+        ddb.put_item(TableName="jobs", Item={"job_id": {"S": "j-1"}, "status": {"S": "DISPATCHED"}})
+        heartbeat = Heartbeat({"j-1": Lease("jobs", 1.5)}, client=ddb)
+        heartbeat.set_progress("j-1", 3, 10)
+        heartbeat.start()
+        try:
+            deadline = time.monotonic() + 10
+            item: dict = {}
+            while time.monotonic() < deadline and "items_done" not in item:
+                time.sleep(0.1)
+                item = ddb.get_item(TableName="jobs", Key={"job_id": {"S": "j-1"}})["Item"]
+        finally:
+            heartbeat.stop()
+        assert (item["items_done"], item["items_total"]) == ({"N": "3"}, {"N": "10"})
 
 
 if __name__ == "__main__":  # pragma: no cover

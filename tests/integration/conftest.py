@@ -104,7 +104,8 @@ class LocalCloud:
 @pytest.fixture(scope="session")
 def local_cloud(tmp_path_factory) -> LocalCloud:
     local_dir = tmp_path_factory.mktemp("local-cloud")
-    env = {**os.environ, "BATCHWORKER_LOCAL_DIR": str(local_dir)}
+    # BATCHWORKER_PIP_ARGS: job package environments are built from what is installed, never an index
+    env = {**os.environ, "BATCHWORKER_LOCAL_DIR": str(local_dir), "BATCHWORKER_PIP_ARGS": "--no-index"}
     # A fast clock for the faults: leases of 6 s, the reaper every 3 s, jobs capped at 40 s, and one
     # attempt per job so that a lost job ends failed at once (retries are covered by the soak).
     options = ["--boot-delay-seconds", "1", "--job-lease-seconds", "6", "--schedule-speedup", "20",
