@@ -50,7 +50,7 @@ data "aws_iam_policy_document" "lambda_assume" {
 resource "aws_iam_role" "lambda" {
   for_each = local.lambda_timeout_seconds
 
-  name               = "${var.name_prefix}-${each.key}"
+  name               = "${var.name_prefix}-${each.key}${local.global_name_suffix}"
   assume_role_policy = data.aws_iam_policy_document.lambda_assume.json
 }
 
@@ -450,7 +450,7 @@ data "aws_iam_policy_document" "gpu_assume" {
 }
 
 resource "aws_iam_role" "gpu" {
-  name               = "${var.name_prefix}-gpu"
+  name               = "${var.name_prefix}-gpu${local.global_name_suffix}"
   assume_role_policy = data.aws_iam_policy_document.gpu_assume.json
 }
 
@@ -588,6 +588,6 @@ resource "aws_iam_role_policy" "gpu" {
 }
 
 resource "aws_iam_instance_profile" "gpu" {
-  name = "${var.name_prefix}-gpu"
+  name = "${var.name_prefix}-gpu${local.global_name_suffix}"
   role = aws_iam_role.gpu.name
 }

@@ -9,6 +9,20 @@ locals {
 
   parameter_prefix = "/${var.name_prefix}"
 
+  # Bucket names are global and IAM names account-wide: the region in them lets the same name_prefix be
+  # deployed in a second region without a collision.
+  global_name_suffix = var.region_in_global_names ? "-${var.region}" : ""
+  # S3 allows 63 characters. Terraform 1.0 has no cross-variable validation: a name too long fails the plan
+  # here (the impossible number conversion) with this message rather than later at the S3 call.
+  bucket_names = {
+    for key in ["input", "output", "artifacts"] :
+    key => tonumber(
+      length("${var.name_prefix}-${key}-${local.account_id}${local.global_name_suffix}") > 63
+      ? "bucket names would exceed 63 characters: shorten name_prefix (or set region_in_global_names = false)"
+      : "0"
+    ) == 0 ? "${var.name_prefix}-${key}-${local.account_id}${local.global_name_suffix}" : ""
+  }
+
   model_source_path = coalesce(var.model_source_path, "${path.module}/../build/model/digits-cnn.pt")
   model_key         = "models/digits-cnn.pt"
   model_uri         = coalesce(var.model_uri, "s3://${aws_s3_bucket.this["artifacts"].id}/${local.model_key}")

@@ -12,7 +12,7 @@ resource "aws_s3_bucket" "this" {
   #checkov:skip=CKV_AWS_145:SSE-S3 (AES256) is on for every bucket; a KMS key adds per-request cost and key policy to every reader.
   for_each = toset(["input", "output", "artifacts"])
 
-  bucket        = "${var.name_prefix}-${each.key}-${local.account_id}"
+  bucket        = local.bucket_names[each.key]
   force_destroy = var.force_destroy_buckets
 }
 

@@ -174,6 +174,12 @@ variable "event_source_mappings_enabled" {
   default     = true
 }
 
+variable "region_in_global_names" {
+  description = "Put the region in the names that are global (S3 buckets) or account-wide (IAM roles, instance profile), so the same name_prefix can be deployed in a second region. A deployment made before this variable existed sets false to keep its names (true would replace its buckets)."
+  type        = bool
+  default     = true
+}
+
 variable "job_retention_days" {
   description = "Days a finished job's row (jobs table) and an instance start/stop event are kept; DynamoDB's TTL then deletes them (within a few days of expiry). Manifests and outputs in S3 are not affected."
   type        = number

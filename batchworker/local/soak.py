@@ -230,11 +230,16 @@ class Soak:
 
     def inject(self, fault: str, jobs: dict[str, str], report: SoakReport) -> None:
         if fault == CAPACITY_OUTAGE:
-            zones = sorted({i["Placement"]["AvailabilityZone"] for r in self.ec2.describe_instances()["Reservations"]
-                            for i in r["Instances"]})
-            if zones:
-                refuse_capacity(self.local_dir, zones[:1], CAPACITY_OUTAGE_SECONDS)
-                report.faults_injected.append(f"{fault} ({zones[0]}, {CAPACITY_OUTAGE_SECONDS:.0f}s)")
+            # An instance at work is lost (stopped) and its AZ has no capacity for a while: its jobs must be
+            # restarted elsewhere or wait, not fail.
+            instances = [i for r in self.ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+            running = [i for i in instances if i["State"]["Name"] == "running"] or instances
+            if running:
+                zone = running[0]["Placement"]["AvailabilityZone"]
+                refuse_capacity(self.local_dir, [zone], CAPACITY_OUTAGE_SECONDS)
+                if running[0]["State"]["Name"] == "running":
+                    self.ec2.stop_instances(InstanceIds=[running[0]["InstanceId"]])
+                report.faults_injected.append(f"{fault} ({zone}, {CAPACITY_OUTAGE_SECONDS:.0f}s, its instance stopped)")
         elif fault == "instance stopped mid-burst":
             running = [i["InstanceId"] for r in self.ec2.describe_instances()["Reservations"] for i in r["Instances"]
                        if i["State"]["Name"] == "running"]

@@ -117,7 +117,9 @@ def test_input_and_output_buckets_are_distinct(tf):
     # THEN input and output are different instances whose names carry the role
     assert {"input", "output", "artifacts"} <= set(roles)
     assert len(roles) == len(set(roles))
-    assert "${each.key}" in bucket["bucket"]
+    assert bucket["bucket"] == "${local.bucket_names[each.key]}"
+    names = str(tf["locals"]["bucket_names"])
+    assert "${var.name_prefix}-${key}-${local.account_id}${local.global_name_suffix}" in names
     # AND the outputs and notifications point at different instances
     assert tf["output"]["input_bucket"]["value"] != tf["output"]["output_bucket"]["value"]
     notifications = tf["resource"]["aws_s3_bucket_notification"]
@@ -896,6 +898,17 @@ def test_batch_size_over_ten_without_a_batching_window_fails_the_plan(tf):
     assert guard.startswith("${tonumber(") and "needs trigger_batching_window_seconds of at least 1" in guard
     # every other mapping has a window of at least 1 s of its own
     assert all(int(window) >= 1 for name, window in windows.items() if name != "jobs")
+
+
+def test_global_names_carry_the_region(tf):
+    # Buckets (global) and IAM roles and the instance profile (account-wide): a second region with the same
+    # name_prefix must not collide. The bucket name's 63-character limit fails the plan with a message.
+    assert tf["locals"]["global_name_suffix"] == '${var.region_in_global_names ? "-${var.region}" : ""}'
+    assert tf["variable"]["region_in_global_names"]["default"] is True
+    assert "bucket names would exceed 63 characters" in str(tf["locals"]["bucket_names"])
+    roles = tf["resource"]["aws_iam_role"]
+    assert all(role["name"].endswith("${local.global_name_suffix}") for role in roles.values())
+    assert tf["resource"]["aws_iam_instance_profile"]["gpu"]["name"].endswith("${local.global_name_suffix}")
 
 
 def test_both_tables_expire_their_rows(tf):
