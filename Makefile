@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install build lint browser demo test test-fast soak bench clean
+.PHONY: install build lint browser demo test test-fast iam-check soak bench clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,12 @@ browser:
 test: build lint browser
 	bash scripts/check_terraform.sh
 	$(PY) -m pytest -ra
+	$(PY) -m batchworker.iamcheck.check
+
+# Every AWS call the integration tests recorded (build/iam/) against the policies Terraform rendered.
+iam-check: build
+	test -f build/iam/terraform.tfstate || $(PY) -m pytest -q -m integration tests/integration
+	$(PY) -m batchworker.iamcheck.check
 
 test-fast: build
 	$(PY) -m pytest -ra -m "not integration"

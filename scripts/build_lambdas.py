@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = ("trigger", "worker", "stop", "reaper")
 PACKAGE = "batchworker"
 # Sub-packages the Lambdas never import.
-EXCLUDED_SUBPACKAGES = ("local", "cli", "dashboard")
+EXCLUDED_SUBPACKAGES = ("local", "cli", "dashboard", "iamcheck")
 LAMBDA_REQUIREMENTS = Path(__file__).resolve().parent / "lambda-requirements.txt"
 PIP_PLATFORM_ARGS = (
     "--platform", "manylinux2014_x86_64",

@@ -18,6 +18,9 @@ locals {
   # Attributes the instance's lease renewal touches (the key included), for dynamodb:Attributes.
   job_lease_attributes = ["job_id", "status", "lease_expires_at", "updated_at", "running_since", "items_done", "items_total"]
 
+  # The customer-managed EBS key, when the account encrypts volumes with one (roles that start instances).
+  ebs_kms_key_arns = var.ebs_kms_key_id == null ? [] : [var.ebs_kms_key_id]
+
   use_ssh        = var.transport == "ssh"
   use_ssm        = var.transport == "ssm"
   worker_in_vpc  = length(var.lambda_subnet_ids) > 0
@@ -64,6 +67,7 @@ resource "aws_iam_role_policy" "lambda" {
 
 data "aws_iam_policy_document" "trigger" {
   # trigger: consume S3 upload events from the jobs queue (event source mapping).
+  # unexercised (sqs:GetQueueAttributes): Lambda's event source mapping reads the queue with it on AWS; the local poller does not.
   statement {
     sid       = "ConsumeJobsQueue"
     actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
@@ -71,6 +75,7 @@ data "aws_iam_policy_document" "trigger" {
   }
 
   # trigger: record jobs as QUEUED (idempotent put) and find active jobs by status.
+  # unexercised (dynamodb:GetItem): reads the job on a duplicate delivery of its upload event; moto never sends one.
   statement {
     sid       = "JobsTable"
     actions   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"]
@@ -82,7 +87,7 @@ data "aws_iam_policy_document" "trigger" {
   # (GetItem, IdleGaps.note_arrival) before placing a batch.
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"]
+    actions   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"]
     resources = local.instance_events_table_arns
   }
 
@@ -109,12 +114,13 @@ data "aws_iam_policy_document" "trigger" {
   # trigger: read an upload's version id when the event lacks it (HeadObject needs s3:GetObject).
   statement {
     sid       = "HeadInputObjects"
-    actions   = ["s3:GetObject", "s3:GetObjectVersion"]
+    actions   = ["s3:GetObject"]
     resources = ["${aws_s3_bucket.this["input"].arn}/*"]
   }
 
   # trigger: route each upload to a job package: read the package's pointer (current.json) or
   # Terraform's bundled record (bundled.json), with the config the upload is checked against.
+  # unexercised: no integration upload routes to a package until the default job is one (default_job).
   statement {
     sid       = "ReadJobPackagePointers"
     actions   = ["s3:GetObject"]
@@ -123,6 +129,7 @@ data "aws_iam_policy_document" "trigger" {
 
   # trigger: learn that a key's folder names no package (without s3:ListBucket S3 answers the GetObject
   # of a missing pointer with 403, not 404), and list package names to suggest one for a mistyped folder.
+  # unexercised: only for an upload under a folder that names no deployed package.
   statement {
     sid       = "ListJobPackages"
     actions   = ["s3:ListBucket"]
@@ -130,10 +137,47 @@ data "aws_iam_policy_document" "trigger" {
   }
 
   # trigger: fail an input over max_input_bytes with a manifest, before any instance starts.
+  # unexercised: no integration test uploads an input that large (tests/functional cover it in-process).
   statement {
     sid       = "WriteRejectedManifests"
     actions   = ["s3:PutObject"]
     resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
+  }
+
+  # trigger: start an instance whose root volume is encrypted with the customer-managed key ebs_kms_key_id
+  # (EBS creates a grant and decrypts the volume's data key on the caller's behalf; without these the
+  # instance goes pending -> stopped). Only when ebs_kms_key_id is set.
+  dynamic "statement" {
+    for_each = local.ebs_kms_key_arns
+
+    content {
+      sid       = "EbsKeyGrant"
+      actions   = ["kms:CreateGrant"]
+      resources = [statement.value]
+
+      condition {
+        test     = "Bool"
+        variable = "kms:GrantIsForAWSResource"
+        values   = ["true"]
+      }
+    }
+  }
+
+  # trigger: decrypt with ebs_kms_key_id, only through EC2 (see EbsKeyGrant).
+  dynamic "statement" {
+    for_each = local.ebs_kms_key_arns
+
+    content {
+      sid       = "EbsKeyDecrypt"
+      actions   = ["kms:Decrypt"]
+      resources = [statement.value]
+
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = ["ec2.${var.region}.amazonaws.com"]
+      }
+    }
   }
 
   # trigger: hand the job to the worker (dispatcher) function asynchronously.
@@ -144,6 +188,7 @@ data "aws_iam_policy_document" "trigger" {
   }
 
   # trigger: write its own logs.
+  # unexercised: Lambda writes the function\'s CloudWatch logs with this role on AWS; the local runtime writes files.
   statement {
     sid       = "Logs"
     actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
@@ -155,15 +200,16 @@ data "aws_iam_policy_document" "worker" {
   # worker: read the job and move it to RUNNING (or FAILED when dispatch fails).
   statement {
     sid       = "JobsTable"
-    actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Query"]
+    actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem"]
     resources = local.jobs_table_arns
   }
 
   # worker: record instance starts; move jobs an AZ without GPU capacity cannot start to another
   # instance's ledger item (UpdateItem: placed set), so no stop misses them.
+  # unexercised: only when the instance stopped meanwhile or its AZ has no GPU capacity; moto does neither.
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:UpdateItem"]
+    actions   = ["dynamodb:PutItem", "dynamodb:UpdateItem"]
     resources = local.instance_events_table_arns
   }
 
@@ -175,6 +221,7 @@ data "aws_iam_policy_document" "worker" {
   }
 
   # worker: start the instance again if it was stopped meanwhile, only one of this pool.
+  # unexercised: only when the instance stopped between placement and dispatch (tests/functional cover it).
   statement {
     sid       = "StartPoolInstances"
     actions   = ["ec2:StartInstances"]
@@ -184,6 +231,42 @@ data "aws_iam_policy_document" "worker" {
       test     = "StringEquals"
       variable = "ec2:ResourceTag/batchworker:pool"
       values   = [var.name_prefix]
+    }
+  }
+
+  # worker: start an instance whose root volume is encrypted with the customer-managed key ebs_kms_key_id
+  # (EBS creates a grant and decrypts the volume's data key on the caller's behalf; without these the
+  # instance goes pending -> stopped). Only when ebs_kms_key_id is set.
+  dynamic "statement" {
+    for_each = local.ebs_kms_key_arns
+
+    content {
+      sid       = "EbsKeyGrant"
+      actions   = ["kms:CreateGrant"]
+      resources = [statement.value]
+
+      condition {
+        test     = "Bool"
+        variable = "kms:GrantIsForAWSResource"
+        values   = ["true"]
+      }
+    }
+  }
+
+  # worker: decrypt with ebs_kms_key_id, only through EC2 (see EbsKeyGrant).
+  dynamic "statement" {
+    for_each = local.ebs_kms_key_arns
+
+    content {
+      sid       = "EbsKeyDecrypt"
+      actions   = ["kms:Decrypt"]
+      resources = [statement.value]
+
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = ["ec2.${var.region}.amazonaws.com"]
+      }
     }
   }
 
@@ -241,14 +324,15 @@ data "aws_iam_policy_document" "worker" {
     }
   }
 
-  # worker (ssh): decrypt the SecureString login key (aws/ssm key, only through SSM).
+  # worker (ssh): decrypt the SecureString login key (aws/ssm key, only through SSM; keys of this account
+  # and region: the aws/ssm key's id differs per account).
   dynamic "statement" {
     for_each = local.use_ssh ? ["DecryptSshKey"] : []
 
     content {
       sid       = statement.value
       actions   = ["kms:Decrypt"]
-      resources = ["*"]
+      resources = ["arn:${local.partition}:kms:${var.region}:${local.account_id}:key/*"]
 
       condition {
         test     = "StringEquals"
@@ -259,6 +343,7 @@ data "aws_iam_policy_document" "worker" {
   }
 
   # worker: write a failed manifest for a job it cannot start (so stop learns of it).
+  # unexercised: no integration test makes a dispatch fail (tests/functional inject the faults).
   statement {
     sid       = "WriteFailedManifests"
     actions   = ["s3:PutObject"]
@@ -267,6 +352,7 @@ data "aws_iam_policy_document" "worker" {
 
   # worker: Lambda sends an asynchronous invocation that failed all its retries to the worker's
   # dead-letter queue (on-failure destination), with the function's role.
+  # unexercised: only Lambda itself sends there, after an invocation failed every retry; the local runtime drops it.
   statement {
     sid       = "DeadLetterQueue"
     actions   = ["sqs:SendMessage"]
@@ -292,6 +378,7 @@ data "aws_iam_policy_document" "worker" {
   }
 
   # worker: write its own logs.
+  # unexercised: Lambda writes the function\'s CloudWatch logs with this role on AWS; the local runtime writes files.
   statement {
     sid       = "Logs"
     actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
@@ -301,6 +388,7 @@ data "aws_iam_policy_document" "worker" {
 
 data "aws_iam_policy_document" "stop" {
   # stop: consume manifest.json events from the done queue (event source mapping).
+  # unexercised (sqs:GetQueueAttributes): Lambda's event source mapping reads the queue with it on AWS; the local poller does not.
   statement {
     sid       = "ConsumeDoneQueue"
     actions   = ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"]
@@ -314,6 +402,15 @@ data "aws_iam_policy_document" "stop" {
     resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
   }
 
+  # stop: S3 answers a read of a missing object with 404 (NoSuchKey) only to a caller that may list the
+  # bucket, else 403: without it the "manifest gone" branch never runs and the record is retried to the DLQ.
+  # A prefix condition does not count for that implicit check, so it is bucket-wide (output keys only).
+  statement {
+    sid       = "MissingManifestIs404"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.this["output"].arn]
+  }
+
   # stop: set the final job status and check the instance has no queued/running job left.
   statement {
     sid       = "JobsTable"
@@ -325,7 +422,7 @@ data "aws_iam_policy_document" "stop" {
   # it and claim the stop with a conditional update (GetItem, UpdateItem).
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem", "dynamodb:UpdateItem"]
+    actions   = ["dynamodb:PutItem", "dynamodb:GetItem", "dynamodb:UpdateItem"]
     resources = local.instance_events_table_arns
   }
 
@@ -350,6 +447,7 @@ data "aws_iam_policy_document" "stop" {
   }
 
   # stop: write its own logs.
+  # unexercised: Lambda writes the function\'s CloudWatch logs with this role on AWS; the local runtime writes files.
   statement {
     sid       = "Logs"
     actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
@@ -361,7 +459,7 @@ data "aws_iam_policy_document" "reaper" {
   # reaper: find active jobs by status, fail lost or overlong ones, re-queue stuck ones.
   statement {
     sid       = "JobsTable"
-    actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Query"]
+    actions   = ["dynamodb:UpdateItem", "dynamodb:Query"]
     resources = local.jobs_table_arns
   }
 
@@ -370,7 +468,7 @@ data "aws_iam_policy_document" "reaper" {
   # the stops it requests.
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"]
+    actions   = ["dynamodb:PutItem", "dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"]
     resources = local.instance_events_table_arns
   }
 
@@ -418,6 +516,7 @@ data "aws_iam_policy_document" "reaper" {
   }
 
   # reaper: hand a stuck job to the worker (dispatcher) function again, asynchronously.
+  # unexercised: the integration tests allow one attempt per job, so the reaper fails stuck jobs instead.
   statement {
     sid       = "InvokeWorker"
     actions   = ["lambda:InvokeFunction"]
@@ -425,6 +524,7 @@ data "aws_iam_policy_document" "reaper" {
   }
 
   # reaper: write its own logs.
+  # unexercised: Lambda writes the function\'s CloudWatch logs with this role on AWS; the local runtime writes files.
   statement {
     sid       = "Logs"
     actions   = ["logs:CreateLogStream", "logs:PutLogEvents"]
@@ -456,21 +556,27 @@ resource "aws_iam_role" "gpu" {
 
 data "aws_iam_policy_document" "gpu" {
   # instance (job): download the uploaded input, at the version the event named.
+  # unexercised (s3:GetObject): an input without a version id (versioning suspended) is read unversioned.
   statement {
     sid       = "ReadInputs"
     actions   = ["s3:GetObject", "s3:GetObjectVersion"]
     resources = ["${aws_s3_bucket.this["input"].arn}/*"]
   }
 
-  # instance (job): download the model (bundled one or var.model_uri).
+  # instance (job): download the model (bundled one or var.model_uri) and read its optional sidecar
+  # <key>.json (worker/model.py), where a model without embedded metadata declares its input shape.
   statement {
-    sid       = "ReadModel"
-    actions   = ["s3:GetObject"]
-    resources = ["arn:${local.partition}:s3:::${local.model_object_path}"]
+    sid     = "ReadModel"
+    actions = ["s3:GetObject"]
+    resources = [
+      "arn:${local.partition}:s3:::${local.model_object_path}",
+      "arn:${local.partition}:s3:::${local.model_sidecar_path}",
+    ]
   }
 
   # instance (job): download the job package archive a job is pinned to (content-addressed,
   # job-packages/<name>/<sha256>.tar.gz; pointers and configs stay unreadable to it).
+  # unexercised: no integration upload runs a package until the default job is one (default_job).
   statement {
     sid       = "ReadJobPackageArchives"
     actions   = ["s3:GetObject"]
@@ -501,6 +607,7 @@ data "aws_iam_policy_document" "gpu" {
   }
 
   # instance (user data): read the pointer to the current job package.
+  # unexercised: user data runs at boot on AWS; the local instance host runs the job from the repository's venv.
   statement {
     sid       = "ReadJobPackagePointer"
     actions   = ["ssm:GetParameter"]
@@ -508,6 +615,7 @@ data "aws_iam_policy_document" "gpu" {
   }
 
   # instance (user data): download the job package at the S3 version the pointer pins.
+  # unexercised: user data runs at boot on AWS; the local instance host runs the job from the repository's venv.
   statement {
     sid       = "ReadJobPackage"
     actions   = ["s3:GetObject", "s3:GetObjectVersion"]
@@ -590,4 +698,116 @@ resource "aws_iam_role_policy" "gpu" {
 resource "aws_iam_instance_profile" "gpu" {
   name = "${var.name_prefix}-gpu${local.global_name_suffix}"
   role = aws_iam_role.gpu.name
+}
+
+################################################################################
+# Ready-made policies for people: attach client_policy_json to whoever only submits and downloads,
+# operator_policy_json to whoever runs the CLI's operator commands. Not attached to anything here.
+################################################################################
+
+data "aws_iam_policy_document" "client" {
+  # client: `batchworker submit` (or any S3 upload) puts inputs into the input bucket; each starts a job.
+  statement {
+    sid       = "UploadInputs"
+    actions   = ["s3:PutObject"]
+    resources = ["${aws_s3_bucket.this["input"].arn}/*"]
+  }
+
+  # client: `results` and `submit --wait` list one job's outputs (jobs/<job_id>/), never the whole bucket.
+  statement {
+    sid       = "ListJobOutputs"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.this["output"].arn]
+
+    condition {
+      test     = "StringLike"
+      variable = "s3:prefix"
+      values   = ["jobs/j-*/"]
+    }
+  }
+
+  # client: `results` and `logs` download a job's outputs, job.log and manifest.json.
+  statement {
+    sid       = "ReadJobOutputs"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
+  }
+
+  # client: `status` reads jobs (one by id, or all of them).
+  statement {
+    sid       = "ReadJobs"
+    actions   = ["dynamodb:GetItem", "dynamodb:Scan"]
+    resources = [aws_dynamodb_table.jobs.arn]
+  }
+
+  # client: `status` lists the pool's instances and their states (Describe* has no resource-level permissions).
+  statement {
+    sid       = "DescribeInstances"
+    actions   = ["ec2:DescribeInstances"]
+    resources = ["*"]
+  }
+}
+
+data "aws_iam_policy_document" "operator" {
+  # operator: `report` and `dashboard` read every job: all of them (Scan), by status (the status index),
+  # one by id.
+  statement {
+    sid       = "ReadJobs"
+    actions   = ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:Query"]
+    resources = [aws_dynamodb_table.jobs.arn, "${aws_dynamodb_table.jobs.arn}/index/*"]
+  }
+
+  # operator: `report` and `dashboard` read each instance's start/stop history.
+  statement {
+    sid       = "ReadInstanceEvents"
+    actions   = ["dynamodb:Query"]
+    resources = [aws_dynamodb_table.instance_events.arn]
+  }
+
+  # operator: `report` and `dashboard` list the pool's instances (Describe* has no resource-level permissions).
+  statement {
+    sid       = "DescribeInstances"
+    actions   = ["ec2:DescribeInstances"]
+    resources = ["*"]
+  }
+
+  # operator: `dashboard` lists a job's outputs, and reads a missing manifest as 404 (not 403): bucket-wide,
+  # as an operator sees every job anyway.
+  statement {
+    sid       = "ListOutputs"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.this["output"].arn]
+  }
+
+  # operator: `dashboard` shows a job's manifest, log and results.
+  statement {
+    sid       = "ReadJobOutputs"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
+  }
+
+  # operator: `dashboard` previews a job's input.
+  statement {
+    sid       = "PreviewInputs"
+    actions   = ["s3:GetObject"]
+    resources = ["${aws_s3_bucket.this["input"].arn}/*"]
+  }
+
+  # operator: `dashboard` shows the depth of every queue of the deployment.
+  statement {
+    sid     = "ReadQueues"
+    actions = ["sqs:GetQueueUrl", "sqs:GetQueueAttributes"]
+    resources = [
+      aws_sqs_queue.jobs.arn, aws_sqs_queue.jobs_dlq.arn, aws_sqs_queue.done.arn, aws_sqs_queue.done_dlq.arn,
+      aws_sqs_queue.worker_dlq.arn,
+    ]
+  }
+
+  # operator: `dashboard` peeks at dead letters (ReceiveMessage with VisibilityTimeout 0; never deletes).
+  # unexercised: only when a dead-letter queue holds messages; none does in the integration tests.
+  statement {
+    sid       = "PeekDeadLetters"
+    actions   = ["sqs:ReceiveMessage"]
+    resources = [aws_sqs_queue.jobs_dlq.arn, aws_sqs_queue.done_dlq.arn, aws_sqs_queue.worker_dlq.arn]
+  }
 }

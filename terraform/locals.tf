@@ -28,6 +28,8 @@ locals {
   model_uri         = coalesce(var.model_uri, "s3://${aws_s3_bucket.this["artifacts"].id}/${local.model_key}")
   # "s3://bucket/key" -> "bucket/key", for the instance role's s3:GetObject.
   model_object_path = trimprefix(local.model_uri, "s3://")
+  # Its sidecar <key without extension>.json (worker/model.py), where a model may declare its input.
+  model_sidecar_path = "${replace(local.model_object_path, "/\\.[^./]*$/", "")}.json"
 
   lambda_build_dir = coalesce(var.lambda_build_dir, "${path.module}/../build/lambdas")
 

@@ -127,3 +127,13 @@ output "gpu_security_group_id" {
   description = "Security group of the GPU instances (no inbound rule unless transport = ssh)."
   value       = aws_security_group.gpu.id
 }
+
+output "client_policy_json" {
+  description = "IAM policy for a client of this deployment: upload inputs, read results, logs and manifests, read job status (batchworker submit/status/results/logs). Attach it to the client's user or role."
+  value       = data.aws_iam_policy_document.client.json
+}
+
+output "operator_policy_json" {
+  description = "IAM policy for the CLI's operator commands (batchworker report, dashboard). Attach it together with client_policy_json."
+  value       = data.aws_iam_policy_document.operator.json
+}

@@ -121,6 +121,17 @@ variable "job_package_dir" {
   default     = null
 }
 
+variable "ebs_kms_key_id" {
+  description = "ARN of the customer-managed KMS key that encrypts the GPU instances' EBS volumes (the account's default EBS key when it is one, or the launch template's). The trigger and worker roles, which start instances, then get kms:CreateGrant (for AWS resources only) and kms:Decrypt (through EC2) on it. Null: volumes use the AWS-managed aws/ebs key or none, which needs no grant."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.ebs_kms_key_id == null || can(regex("^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[0-9a-f-]+$", var.ebs_kms_key_id))
+    error_message = "The ebs_kms_key_id must be a KMS key ARN (arn:aws:kms:<region>:<account>:key/<id>); an alias or key id does not work in IAM policies."
+  }
+}
+
 ################################################################################
 # Queues
 ################################################################################

@@ -139,11 +139,18 @@ def translate_errors(action: str, bucket: str, key: str) -> Iterator[None]:
         code = str(error.get("Code", "Unknown"))
         if code in _MISSING_CODES:
             raise StorageError(f"{where} does not exist (S3 {code})", transient=False) from exc
-        if code in _DENIED_CODES:
-            grant = "s3:GetObject" if action == "read" else "s3:PutObject"
+        if code in _DENIED_CODES and action == "read":
+            # The instance role may not list the input bucket (it would see every client's keys), so S3
+            # answers a missing object with 403 too: say both.
             raise StorageError(
-                f"access denied to {action} {where} (S3 {code}); check that it exists and that the "
-                f"instance role has {grant} on it",
+                f"{where} does not exist, or the instance role may not read it (S3 {code}); check the key, "
+                "and that the instance role has s3:GetObject on it",
+                transient=False,
+            ) from exc
+        if code in _DENIED_CODES:
+            raise StorageError(
+                f"access denied to {action} {where} (S3 {code}); check that the instance role has "
+                "s3:PutObject on it",
                 transient=False,
             ) from exc
         raise StorageError(

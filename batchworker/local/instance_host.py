@@ -26,6 +26,7 @@ import asyncssh
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
+from batchworker.local import call_log
 from batchworker.transports.ssh import SshEndpoint, endpoint_parameter_name
 
 NO_DYNAMODB_FILE = "no-dynamodb"  # in the host's state dir: its jobs cannot reach DynamoDB
@@ -174,7 +175,8 @@ class InstanceHost:
         endpoint = SshEndpoint(host=LISTEN_HOST, port=self.port, host_key=public_key)
         name = endpoint_parameter_name(self.parameter_prefix, self.instance_id)
         await asyncio.to_thread(
-            self.ssm.put_parameter, Name=name, Value=endpoint.to_parameter(), Type="String", Overwrite=True
+            self._publisher_ssm().put_parameter, Name=name, Value=endpoint.to_parameter(), Type="String",
+            Overwrite=True,
         )
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -334,6 +336,13 @@ class InstanceHost:
         logger.log(level, "instance %s power off (%s): killed %d process group(s) and pids %s, dropped %d "
                    "connection(s)", self.instance_id, reason, groups, marked, len(connections))
 
+    def _publisher_ssm(self) -> Any:
+        """The client that publishes the endpoint: the instance's user data on AWS, so its calls are the instance's."""
+        session = boto3.session.Session()
+        if call_log.record_session(session, f"instance:{self.instance_id}"):
+            return session.client("ssm")
+        return self.ssm
+
     def _environment(self, username: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update({
@@ -349,7 +358,7 @@ class InstanceHost:
             # Fault (issue 14): this instance has no route to DynamoDB, as a private subnet without a
             # gateway endpoint; its jobs get an endpoint that refuses connections.
             env["AWS_ENDPOINT_URL_DYNAMODB"] = UNREACHABLE_ENDPOINT
-        return env
+        return call_log.child_environment(env, f"instance:{self.instance_id}")
 
     async def _run_process(self, process: asyncssh.SSHServerProcess) -> None:
         if process.subsystem:

@@ -24,6 +24,7 @@ import boto3
 from botocore.exceptions import ClientError
 
 from batchworker.errors import BatchworkerError, ConfigurationError
+from batchworker.local import call_log
 from batchworker.local.lambda_invoke_api import InvokeApiServer
 from batchworker.local.lambda_pool import FunctionPool, FunctionSpec, InvocationResult, PoolClosed
 from batchworker.local.lambda_scheduler import Scheduler, discover_scheduled_targets
@@ -243,7 +244,17 @@ class LocalLambdaRuntime:
         }
         if frozen.token:
             env["AWS_SESSION_TOKEN"] = frozen.token
-        return env
+        return call_log.child_environment(env, f"lambda:{spec.name}")
+
+    def _poller_sqs(self, mapping: SqsMapping) -> Any:
+        """The shared client, or with the call log on, one recording under the function (Lambda polls with its role).
+
+        GetQueueUrl is not recorded: Lambda's poller uses the queue ARN, only this local one looks the URL up.
+        """
+        session = boto3.session.Session(region_name=self.region)
+        if call_log.record_session(session, f"lambda:{mapping.function_name}", skip=frozenset({"GetQueueUrl"})):
+            return session.client("sqs", endpoint_url=self.endpoint_url)
+        return self._sqs
 
     def _start_pollers(self) -> None:
         lambda_client = self._client("lambda")
@@ -260,7 +271,7 @@ class LocalLambdaRuntime:
                     continue
                 pool = self._pools[mapping.function_name]
                 try:
-                    self.pollers.append(SqsPoller(mapping, self._sqs, pool.invoke, self._stop))
+                    self.pollers.append(SqsPoller(mapping, self._poller_sqs(mapping), pool.invoke, self._stop))
                 except ClientError as exc:
                     logger.warning("mapping %s is not polled: %s", mapping.uuid, exc)
         for poller in self.pollers:

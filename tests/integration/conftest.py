@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from batchworker.local import processes
+from batchworker.iamcheck.check import CALL_LOG_DIR, STATE_COPY
+from batchworker.local import call_log, processes
 from batchworker.local.state import read_state
 
 CLI = str(Path(sys.executable).parent / "batchworker")
@@ -26,7 +28,9 @@ RESTART_CYCLES = pytest.StashKey[tuple[subprocess.Popen, Path]]()
 @pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselection: start the cycles only when their test will run
 def pytest_collection_modifyitems(session, config, items):
     """The restart cycles run in the background from the start (four `local up`, ~1.5 min each, mostly Terraform
-    waiting); their test runs last and checks them, so they cost the suite little wall time."""
+    waiting); their test runs last and checks them, so they cost the suite little wall time. The IAM check's
+    tests run just before it: they evaluate the calls the other integration tests recorded."""
+    items.sort(key=lambda item: item.path.name == "test_iam_check.py")
     restart = [item for item in items if item.nodeid.endswith(RESTART_TEST)]
     if not restart or config.option.collectonly:
         return
@@ -61,8 +65,10 @@ class LocalCloud:
         return self.env["BATCHWORKER_OUTPUT_BUCKET"]
 
     def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **self.env, "BATCHWORKER_LOCAL_DIR": str(self.local_dir)})
+        # Its AWS calls are recorded as the command's (cli:submit, ...) for the client/operator policies.
+        env = call_log.child_environment({**os.environ, **self.env, "BATCHWORKER_LOCAL_DIR": str(self.local_dir)},
+                                         f"cli:{args[0]}")
+        return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
     def instance_states(self) -> list[str]:
         reservations = self.client("ec2").describe_instances(
@@ -104,8 +110,13 @@ class LocalCloud:
 @pytest.fixture(scope="session")
 def local_cloud(tmp_path_factory) -> LocalCloud:
     local_dir = tmp_path_factory.mktemp("local-cloud")
+    # Every AWS call of the Lambda handlers, the instance jobs and the CLI goes to the call log that
+    # `make iam-check` evaluates against the policies this session's terraform apply rendered.
+    shutil.rmtree(CALL_LOG_DIR, ignore_errors=True)
+    STATE_COPY.unlink(missing_ok=True)
     # BATCHWORKER_PIP_ARGS: job package environments are built from what is installed, never an index
-    env = {**os.environ, "BATCHWORKER_LOCAL_DIR": str(local_dir), "BATCHWORKER_PIP_ARGS": "--no-index"}
+    env = {**os.environ, "BATCHWORKER_LOCAL_DIR": str(local_dir), "BATCHWORKER_PIP_ARGS": "--no-index",
+           call_log.LOG_VARIABLE: str(CALL_LOG_DIR)}
     # A fast clock for the faults: leases of 6 s, the reaper every 3 s, jobs capped at 40 s, and one
     # attempt per job so that a lost job ends failed at once (retries are covered by the soak).
     options = ["--boot-delay-seconds", "1", "--job-lease-seconds", "6", "--schedule-speedup", "20",
@@ -118,7 +129,9 @@ def local_cloud(tmp_path_factory) -> LocalCloud:
     for line in exported.stdout.splitlines():
         name, _, value = line.removeprefix("export ").partition("=")
         values[name] = shlex.split(value)[0]
+    values[call_log.LOG_VARIABLE] = str(CALL_LOG_DIR)  # LocalCloud.cli records the CLI's calls there too
     cloud_id = read_state(local_dir)["cloud_id"]
+    shutil.copyfile(local_dir / "terraform" / "terraform.tfstate", STATE_COPY)
     try:
         yield LocalCloud(values, local_dir)
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from batchworker.local import call_log
 from batchworker.models import job_id_for
 from tests.integration.conftest import CLI
 
@@ -39,7 +40,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def dashboard_url(local_cloud):
-    env = {**os.environ, **local_cloud.env, "BATCHWORKER_LOCAL_DIR": str(local_cloud.local_dir)}
+    # Its AWS calls are recorded as the operator's (make iam-check: operator_policy_json).
+    env = call_log.child_environment(
+        {**os.environ, **local_cloud.env, "BATCHWORKER_LOCAL_DIR": str(local_cloud.local_dir)}, "cli:dashboard")
     process = subprocess.Popen(
         [CLI, "dashboard", "--port", "0", "--refresh-seconds", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

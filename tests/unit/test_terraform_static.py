@@ -342,7 +342,7 @@ def test_cross_variable_rules(tf):
 # --- every statement says who needs it ------------------------------------------------------------
 
 _STATEMENT_OWNERS = re.compile(
-    r"^\s*# (trigger|worker|stop|reaper|instance|S3|Everyone|Lambda service|EC2 service)\b[^:]*: \S"
+    r"^\s*# (trigger|worker|stop|reaper|instance|client|operator|S3|Everyone|Lambda service|EC2 service)\b[^:]*: \S"
 )
 
 

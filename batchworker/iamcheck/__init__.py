@@ -1,0 +1,1 @@
+"""The IAM check: recorded AWS calls against the policies Terraform rendered (`make iam-check`)."""
