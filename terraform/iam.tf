@@ -75,7 +75,7 @@ data "aws_iam_policy_document" "trigger" {
   }
 
   # trigger: record jobs as QUEUED (idempotent put) and find active jobs by status.
-  # unexercised (dynamodb:GetItem): reads the job on a duplicate delivery of its upload event; moto never sends one.
+  # unexercised (dynamodb:GetItem): reads the job on a duplicate delivery of its upload event (only the soak sends one).
   statement {
     sid       = "JobsTable"
     actions   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"]
@@ -206,7 +206,7 @@ data "aws_iam_policy_document" "worker" {
 
   # worker: record instance starts; move jobs an AZ without GPU capacity cannot start to another
   # instance's ledger item (UpdateItem: placed set), so no stop misses them.
-  # unexercised: only when the instance stopped meanwhile or its AZ has no GPU capacity; moto does neither.
+  # unexercised: only when the instance stopped meanwhile (the backlog test) or its AZ has no GPU capacity.
   statement {
     sid       = "InstanceEventsTable"
     actions   = ["dynamodb:PutItem", "dynamodb:UpdateItem"]
@@ -221,7 +221,7 @@ data "aws_iam_policy_document" "worker" {
   }
 
   # worker: start the instance again if it was stopped meanwhile, only one of this pool.
-  # unexercised: only when the instance stopped between placement and dispatch (tests/functional cover it).
+  # unexercised: only when the instance stopped between placement and dispatch (the backlog test).
   statement {
     sid       = "StartPoolInstances"
     actions   = ["ec2:StartInstances"]
@@ -456,16 +456,17 @@ data "aws_iam_policy_document" "stop" {
 }
 
 data "aws_iam_policy_document" "reaper" {
-  # reaper: find active jobs by status, fail lost or overlong ones, re-queue stuck ones.
+  # reaper: find active jobs by status, re-read one (GetItem), fail lost or overlong ones, re-queue stuck ones.
   statement {
     sid       = "JobsTable"
-    actions   = ["dynamodb:UpdateItem", "dynamodb:Query"]
+    actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Query"]
     resources = local.jobs_table_arns
   }
 
   # reaper: read the pool's ledger items in one batch (BatchGetItem, one call per pass whatever the pool
   # size), claim stops (conditional update), release placements that ended unrecorded (UpdateItem), record
   # the stops it requests.
+  # unexercised (dynamodb:GetItem): single ledger and idle-gap reads (InstanceLedger.read, IdleGaps) the reaper's pass rarely reaches.
   statement {
     sid       = "InstanceEventsTable"
     actions   = ["dynamodb:PutItem", "dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"]

@@ -130,7 +130,7 @@ def test_a_boto3_call_added_to_a_lambda_without_a_grant_fails_the_check(session,
     code = tmp_path / "trigger"
     subprocess.run(["cp", "-r", str(local_cloud.local_dir / "lambda-runtime" / "code" / function), str(code)], check=True)
     app = code / "app.py"
-    app.write_text(app.read_text() + "\nboto3.client('dynamodb').scan(TableName=settings.jobs_table, Limit=1)\n")
+    app.write_text(app.read_text() + "\nimport boto3\nboto3.client('dynamodb').scan(TableName=settings.jobs_table, Limit=1)\n")
     config = local_cloud.client("lambda").get_function_configuration(FunctionName=function)
     log_dir = tmp_path / "calls"
     env = call_log.child_environment({
