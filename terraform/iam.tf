@@ -804,6 +804,22 @@ data "aws_iam_policy_document" "operator" {
     ]
   }
 
+  # operator: `job deploy`, `job list`, `job rollback` read and write the package registry (archives,
+  # configs, the conditional pointer moves) under job-packages/ of the artifacts bucket.
+  statement {
+    sid       = "ManageJobPackages"
+    actions   = ["s3:GetObject", "s3:PutObject"]
+    resources = ["${aws_s3_bucket.this["artifacts"].arn}/job-packages/*"]
+  }
+
+  # operator: `job list` lists package names, and a missing pointer or archive must read as 404 (not 403):
+  # bucket-wide (the artifacts bucket holds only the model and the packages).
+  statement {
+    sid       = "ListArtifacts"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.this["artifacts"].arn]
+  }
+
   # operator: `dashboard` peeks at dead letters (ReceiveMessage with VisibilityTimeout 0; never deletes).
   # unexercised: only when a dead-letter queue holds messages; none does in the integration tests.
   statement {

@@ -134,6 +134,6 @@ output "client_policy_json" {
 }
 
 output "operator_policy_json" {
-  description = "IAM policy for the CLI's operator commands (batchworker report, dashboard). Attach it together with client_policy_json."
+  description = "IAM policy for the CLI's operator commands (batchworker report, dashboard, job deploy/list/rollback). Attach it together with client_policy_json."
   value       = data.aws_iam_policy_document.operator.json
 }
