@@ -111,16 +111,16 @@ data "aws_iam_policy_document" "trigger" {
     }
   }
 
-  # trigger: read an upload's version id when the event lacks it (HeadObject needs s3:GetObject).
+  # trigger: read an upload's version id when the event lacks it, and its param-* metadata at the event's
+  # version (HeadObject needs s3:GetObject, with VersionId s3:GetObjectVersion).
   statement {
     sid       = "HeadInputObjects"
-    actions   = ["s3:GetObject"]
+    actions   = ["s3:GetObject", "s3:GetObjectVersion"]
     resources = ["${aws_s3_bucket.this["input"].arn}/*"]
   }
 
   # trigger: route each upload to a job package: read the package's pointer (current.json) or
   # Terraform's bundled record (bundled.json), with the config the upload is checked against.
-  # unexercised: no integration upload routes to a package until the default job is one (default_job).
   statement {
     sid       = "ReadJobPackagePointers"
     actions   = ["s3:GetObject"]
@@ -129,7 +129,6 @@ data "aws_iam_policy_document" "trigger" {
 
   # trigger: learn that a key's folder names no package (without s3:ListBucket S3 answers the GetObject
   # of a missing pointer with 403, not 404), and list package names to suggest one for a mistyped folder.
-  # unexercised: only for an upload under a folder that names no deployed package.
   statement {
     sid       = "ListJobPackages"
     actions   = ["s3:ListBucket"]
@@ -137,7 +136,6 @@ data "aws_iam_policy_document" "trigger" {
   }
 
   # trigger: fail an input over max_input_bytes with a manifest, before any instance starts.
-  # unexercised: no integration test uploads an input that large (tests/functional cover it in-process).
   statement {
     sid       = "WriteRejectedManifests"
     actions   = ["s3:PutObject"]
@@ -577,7 +575,6 @@ data "aws_iam_policy_document" "gpu" {
 
   # instance (job): download the job package archive a job is pinned to (content-addressed,
   # job-packages/<name>/<sha256>.tar.gz; pointers and configs stay unreadable to it).
-  # unexercised: no integration upload runs a package until the default job is one (default_job).
   statement {
     sid       = "ReadJobPackageArchives"
     actions   = ["s3:GetObject"]
