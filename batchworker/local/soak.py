@@ -142,7 +142,7 @@ class Soak:
         if capacity_outage:  # `make soak`: the local cloud refuses starts in one AZ for a while
             fault_points[len(keys) // 5] = CAPACITY_OUTAGE
         if packages:
-            fault_points[len(keys) // 2 + 1] = "package deployed again"
+            fault_points[len(keys) // 3 + 1] = "package deployed again"
         with ThreadPoolExecutor(max_workers=8) as upload_pool:
             for start in range(0, len(keys), 50):
                 chunk = keys[start:start + 50]
@@ -151,7 +151,7 @@ class Soak:
                 for point, fault in fault_points.items():
                     if start <= point < start + 50:
                         if fault == "package deployed again":
-                            self.redeploy(packages[0], report)
+                            self.redeploy(packages[0], report, jobs)
                         else:
                             self.inject(fault, jobs, report)
                 time.sleep(0.2)
@@ -200,8 +200,15 @@ class Soak:
                 bodies[f"{config.name}/soak-{i:05d}-{sample.name}"] = sample.read_bytes()
         return bodies
 
-    def redeploy(self, folder: Path, report: SoakReport) -> None:
-        """Deploy a new version of the package (same code, one more file) while its jobs are under way."""
+    def redeploy(self, folder: Path, report: SoakReport, jobs: dict[str, str], wait_seconds: float = 120) -> None:
+        """Deploy a new version of the package (same code, one more file) once the trigger has accepted some
+        of its jobs under the first version (bounded wait), so both versions run during the burst."""
+        name = load_job_config(folder).name
+        first = report.package_versions[name][0]
+        own = [job_id for job_id, key in jobs.items() if key.startswith(f"{name}/")]
+        deadline = time.monotonic() + wait_seconds
+        while own and time.monotonic() < deadline and not any(self.pinned_version(j) == first for j in own):
+            time.sleep(0.5)
         with tempfile.TemporaryDirectory(prefix="batchworker-soak-") as work:
             copy = Path(work) / folder.name
             shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -209,6 +216,10 @@ class Soak:
             ref = self.registry().deploy(copy).ref
         report.package_versions[ref.name].append(ref.version)
         report.faults_injected.append("package deployed again")
+
+    def pinned_version(self, job_id: str) -> str | None:
+        item = self.ddb.get_item(TableName=self.env["BATCHWORKER_JOBS_TABLE"], Key={"job_id": {"S": job_id}})
+        return item.get("Item", {}).get("package_version", {}).get("S")
 
     def put(self, key: str, body: bytes, report: SoakReport) -> str:
         response = self.s3.put_object(Bucket=self.env["BATCHWORKER_INPUT_BUCKET"], Key=key, Body=body)
