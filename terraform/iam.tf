@@ -574,11 +574,16 @@ data "aws_iam_policy_document" "gpu" {
   }
 
   # instance (job): download the job package archive a job is pinned to (content-addressed,
-  # job-packages/<name>/<sha256>.tar.gz; pointers and configs stay unreadable to it).
+  # job-packages/<name>/<sha256>.tar.gz); instance (prewarm): read the default job's pointer
+  # (current.json, else Terraform's bundled.json) to prepare that version at boot. Configs stay unread.
   statement {
-    sid       = "ReadJobPackageArchives"
-    actions   = ["s3:GetObject"]
-    resources = ["${aws_s3_bucket.this["artifacts"].arn}/job-packages/*.tar.gz"]
+    sid     = "ReadJobPackageArchives"
+    actions = ["s3:GetObject"]
+    resources = [
+      "${aws_s3_bucket.this["artifacts"].arn}/job-packages/*.tar.gz",
+      "${aws_s3_bucket.this["artifacts"].arn}/job-packages/*/current.json",
+      "${aws_s3_bucket.this["artifacts"].arn}/job-packages/*/bundled.json",
+    ]
   }
 
   # instance (job): upload predictions, job.log and manifest.json under jobs/<job_id>/.
