@@ -38,6 +38,10 @@ BASE_KEY = "base"
 PIP_ARGS_ENV = "BATCHWORKER_PIP_ARGS"
 BUILD_TIMEOUT_SECONDS = 1800
 FAILED_BUILD_REUSE_SECONDS = 300
+# A job waiting for another job's build gives up after the longest a build can take (pip's timeout plus the
+# venv steps) and a margin: a build that outlives that is stuck, and the waiting job is retried later.
+BUILD_WAIT_SECONDS = BUILD_TIMEOUT_SECONDS + 300
+LOCK_POLL_SECONDS = 0.5
 OUTPUT_TAIL_CHARS = 3000
 # Never installed into a package environment: the base's builds (CUDA-matched) are the ones to use.
 PINNED_PATTERN = re.compile(r"^(torch|torchvision|torchaudio|triton|numpy|nvidia-.*)$")
@@ -46,6 +50,12 @@ BASE_PTH_NAME = "_batchworker_base.pth"
 
 class EnvironmentBuildError(JobError):
     """The package's requirements cannot be installed: a package problem, not retried."""
+
+
+class EnvironmentBusy(JobError):
+    """Another job's build of the same environment did not finish in time: retried later."""
+
+    transient = True
 
 
 @dataclass(frozen=True)
@@ -83,8 +93,11 @@ def base_environment() -> Environment:
     return Environment(BASE_KEY, sys.executable, True, 0.0)
 
 
-def ensure_environment(envs_dir: Path, requirements: str, log) -> Environment:
-    """The environment for these requirements, built if needed (by this process or another)."""
+def ensure_environment(
+    envs_dir: Path, requirements: str, log, wait_seconds: float = BUILD_WAIT_SECONDS
+) -> Environment:
+    """The environment for these requirements, built if needed (by this process or another, waiting for
+    that build at most `wait_seconds`)."""
     if not significant_requirements(requirements):
         return base_environment()
     key = environment_key(requirements)
@@ -95,7 +108,7 @@ def ensure_environment(envs_dir: Path, requirements: str, log) -> Environment:
     started = time.monotonic()
     lock_fd = os.open(envs_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # another job may be building it: wait for its outcome
+        _lock(lock_fd, key, wait_seconds, log)  # another job may be building it: wait for its outcome
         if (final / ".complete").exists():
             return Environment(key, str(_python(final)), True, 0.0)
         _raise_recent_failure(envs_dir / f"{key}.failed")
@@ -106,6 +119,27 @@ def ensure_environment(envs_dir: Path, requirements: str, log) -> Environment:
         return Environment(key, str(_python(final)), False, build_s)
     finally:
         os.close(lock_fd)
+
+
+def _lock(lock_fd: int, key: str, wait_seconds: float, log) -> None:
+    """Take the build lock, waiting at most wait_seconds for whoever holds it; EnvironmentBusy after that."""
+    deadline = time.monotonic() + wait_seconds
+    announced = False
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if not announced:
+            log.info("waiting for another job to build the package environment", extra={"environment": key})
+            announced = True
+        if time.monotonic() >= deadline:
+            raise EnvironmentBusy(
+                f"waited {wait_seconds:.0f} s for another job building the package environment {key}; it has "
+                "not finished, so this job will be tried again later"
+            )
+        time.sleep(LOCK_POLL_SECONDS)
 
 
 def _python(env_dir: Path) -> Path:
