@@ -8,6 +8,9 @@ default_job, the built-in model_uri job). The upload's extension must be one the
 from __future__ import annotations
 
 import difflib
+import email.charset
+import email.errors
+import email.header
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -52,10 +55,30 @@ class PackageLookup:
 def params_from_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """`param-<name>` S3 user metadata (keys arrive lowercased, without x-amz-meta-) -> {name: text}."""
     return {
-        key[len(PARAM_METADATA_PREFIX):]: value
+        key[len(PARAM_METADATA_PREFIX):]: decode_metadata_value(value)
         for key, value in metadata.items()
         if key.lower().startswith(PARAM_METADATA_PREFIX)
     }
+
+
+def param_metadata(params: Mapping[str, str]) -> dict[str, str]:
+    """{name: text} -> the upload's `param-<name>` S3 user metadata (what params_from_metadata reads back)."""
+    return {f"{PARAM_METADATA_PREFIX}{name}": encode_metadata_value(text) for name, text in params.items()}
+
+
+def encode_metadata_value(text: str) -> str:
+    """A metadata value as S3 takes it: HTTP headers are ASCII, so other text goes as an RFC 2047 word."""
+    return text if text.isascii() else email.charset.Charset("utf-8").header_encode(text)
+
+
+def decode_metadata_value(value: str) -> str:
+    """The text of a metadata value: S3 returns non-ASCII values RFC 2047-encoded (=?UTF-8?B?...?=)."""
+    if "=?" not in value:
+        return value
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (email.errors.HeaderParseError, LookupError, UnicodeDecodeError):
+        return value  # not an encoded word after all: validated as the text it is
 
 
 def route_upload(

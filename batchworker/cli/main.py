@@ -19,6 +19,7 @@ from batchworker.local import cloud
 from batchworker.local.paths import local_dir
 from batchworker.local.state import LocalOptions
 from batchworker.models import JobStatus, utc_now
+from batchworker.routing import param_metadata
 
 out = Console()
 err = Console(stderr=True)
@@ -107,7 +108,7 @@ def cmd_submit(args) -> int:
     named = {}
     for path in args.files:
         key = prefix + args.key_prefix + path.name
-        job_id = transfer.upload(deployment, path, key, metadata={f"param-{k}": v for k, v in params.items()})
+        job_id = transfer.upload(deployment, path, key, metadata=param_metadata(params))
         named[job_id] = path.name
         err.print(f"uploaded {path} -> s3://{deployment.input_bucket}/{key}  job {job_id}")
     if not args.wait:

@@ -11,6 +11,7 @@ from batchworker.control import job_spec
 from batchworker.jobpkg.registry import PackageRegistry
 from batchworker.jobs import JobStore
 from batchworker.models import job_id_for
+from batchworker.routing import param_metadata
 from tests.functional.conftest import PREFIX
 from tests.functional.handler_support import (
     LambdaContext,
@@ -91,6 +92,21 @@ def test_prefix_routes_to_the_package_with_typed_params(stack, packages):
     spec = job_spec(job, Settings.from_env(stack.env), stack.instance_id)
     assert spec["package"] == {"name": "wordstats", "version": ref.version, "uri": ref.uri}
     assert spec["params"] == {"top": 3}
+
+
+def test_non_ascii_parameter_values_arrive_as_written(stack, packages):
+    """HTTP headers are ASCII: `submit --param` sends other text as an RFC 2047 word (as S3 also returns it),
+    and the trigger decodes it before validating."""
+    ref = packages('name = "captions"\nentrypoint = "handler:Job"\naccept = [".txt"]\n'
+                   '[params.title]\ntype = "str"\ndefault = ""\n')
+    trigger = load_handler("trigger")
+    trigger.lambda_client = RecordingLambdaClient()
+    title = "Grüße, 日本 =?not-a-word?="
+    metadata = param_metadata({"title": title})
+    assert metadata["param-title"].isascii()
+    job_id = upload(stack, trigger, "captions/a.txt", **metadata)
+    job = JobStore(stack.jobs_table).get(job_id)
+    assert job.package == ref.to_spec() and job.params == {"title": title}
 
 
 def test_other_keys_run_the_default_job(stack, packages):
