@@ -65,6 +65,11 @@ def _good_csv(rng: random.Random) -> bytes:
     return ("\n".join(rows) + "\n").encode()
 
 
+def is_lost_job_error(error: str | None) -> bool:
+    """The failure of a job the control plane gave up on (its lease lapsed) or that an instance stop ended."""
+    return bool(error) and ("stopped reporting progress" in error or "interrupted" in error)
+
+
 @dataclass
 class SoakReport:
     uploads: int = 0
@@ -86,6 +91,11 @@ class SoakReport:
     # name -> version -> manifests that named it (jobs of job packages); versions deployed per name
     package_runs: dict[str, dict[str, int]] = field(default_factory=dict)
     package_versions: dict[str, list[str]] = field(default_factory=dict)
+    # jobs active on an instance when a stop or kill fault hit it: the only ones that may fail as lost
+    fault_exposed: set[str] = field(default_factory=set)
+    # lost-job failures ("stopped reporting progress", "interrupted") of jobs no fault hit: a waiting or
+    # running job whose lease lapsed on a healthy instance (must be none)
+    lost_without_fault: list[str] = field(default_factory=list)
 
     def rows(self) -> list[tuple[str, str]]:
         return [
@@ -98,6 +108,8 @@ class SoakReport:
             ("lost jobs", str(len(self.lost))),
             ("bad inputs tried / failed with a clear error", f"{self.bad_inputs_tried} / {self.bad_inputs_failed_clearly}"),
             ("faults injected (all survived: no lost job)", ", ".join(self.faults_injected) or "none"),
+            ("jobs a stop/kill fault hit / failed as lost without one",
+             f"{len(self.fault_exposed)} / {len(self.lost_without_fault)}"),
             ("stops landing on an instance with a placed job", str(self.stops_under_placed_jobs)),
             ("package jobs per version (deployed mid-burst: second)", "; ".join(
                 f"{name}: " + ", ".join(f"{v[:8]}={runs.get(v, 0)}" for v in self.package_versions.get(name, []))
@@ -177,6 +189,8 @@ class Soak:
                     report.bad_inputs_failed_clearly += 1
                 elif key not in bad:
                     report.unexpected_failures.append(f"{key}: {manifest.get('error')}")
+                    if job_id not in report.fault_exposed and is_lost_job_error(manifest.get("error")):
+                        report.lost_without_fault.append(f"{key}: {manifest.get('error')}")
         report.duplicate_runs = self.duplicate_runs(jobs)
         report.stops_under_placed_jobs = self.stops_under_placed_jobs()
         report.instance_states = self.wait_all_stopped(started + timeout_seconds + 120)
@@ -249,12 +263,14 @@ class Soak:
                 zone = running[0]["Placement"]["AvailabilityZone"]
                 refuse_capacity(self.local_dir, [zone], CAPACITY_OUTAGE_SECONDS)
                 if running[0]["State"]["Name"] == "running":
+                    report.fault_exposed |= self.active_jobs([running[0]["InstanceId"]])
                     self.ec2.stop_instances(InstanceIds=[running[0]["InstanceId"]])
                 report.faults_injected.append(f"{fault} ({zone}, {CAPACITY_OUTAGE_SECONDS:.0f}s, its instance stopped)")
         elif fault == "instance stopped mid-burst":
             running = [i["InstanceId"] for r in self.ec2.describe_instances()["Reservations"] for i in r["Instances"]
                        if i["State"]["Name"] == "running"]
             if running:
+                report.fault_exposed |= self.active_jobs(running[:1])
                 self.ec2.stop_instances(InstanceIds=running[:1])
                 report.faults_injected.append(fault)
         elif fault == "job process killed":
@@ -263,7 +279,9 @@ class Soak:
                     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
                 except OSError:
                     continue
-                if b"worker.cli\0run" in cmdline:
+                # a `run` process, or the boot's prewarm process serving as the warm server
+                if b"worker.cli\0run" in cmdline or b"batchworker-job\0prewarm" in cmdline:
+                    report.fault_exposed |= self.active_jobs()
                     os.kill(pid, signal.SIGKILL)
                     report.faults_injected.append(fault)
                     break
@@ -287,6 +305,18 @@ class Soak:
                         if self.job_status(job_id) in ("SUCCEEDED", "FAILED"):
                             found[job_id] = manifest
             time.sleep(1)
+        return found
+
+    def active_jobs(self, instance_ids: list[str] | None = None) -> set[str]:
+        """Jobs placed, dispatched or running (on these instances, or anywhere) right now."""
+        found = set()
+        for page in self.ddb.get_paginator("scan").paginate(TableName=self.env["BATCHWORKER_JOBS_TABLE"],
+                                                            ConsistentRead=True):
+            for item in page.get("Items", []):
+                on = item.get("instance_id", {}).get("S")
+                if item["status"]["S"] in ("QUEUED", "DISPATCHED", "RUNNING") and (
+                        instance_ids is None or on in instance_ids):
+                    found.add(item["job_id"]["S"])
         return found
 
     def job_status(self, job_id: str) -> str | None:
