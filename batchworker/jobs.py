@@ -94,7 +94,8 @@ class JobStore:
         removes = []
         # `running_since` is the job's own to set, when its code starts (worker/lease.py): waiting is not running.
         if to is JobStatus.DISPATCHED:
-            removes = ["waiting_reason", "capacity_wait_since"]  # an instance was found
+            # an instance was found; what the last one could not reach is for its next run to say again
+            removes = ["waiting_reason", "capacity_wait_since", "instance_problem"]
         if to is JobStatus.QUEUED:
             removes = ["lease_expires_at", "running_since"]  # queued again: the next attempt starts afresh
         if to.is_terminal and self.retention_days:
@@ -228,6 +229,7 @@ def _to_job(item: dict) -> Job:
         params=json.loads(item["params"]["S"]) if "params" in item else None,
         items_done=n("items_done"),
         items_total=n("items_total"),
+        instance_problem=s("instance_problem"),
     )
 
 

@@ -77,6 +77,8 @@ class Job:
     params: dict | None = None
     items_done: int | None = None  # progress the job's lease heartbeat reports, when its runner counts items
     items_total: int | None = None
+    # What its instance said it cannot do ("cannot reach S3 (...); add ..."), from the job's network check.
+    instance_problem: str | None = None
 
     @property
     def output_prefix(self) -> str:

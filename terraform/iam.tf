@@ -16,7 +16,7 @@ locals {
   instance_events_table_arns = [aws_dynamodb_table.instance_events.arn]
 
   # Attributes the instance's lease renewal touches (the key included), for dynamodb:Attributes.
-  job_lease_attributes = ["job_id", "status", "lease_expires_at", "updated_at", "running_since", "items_done", "items_total"]
+  job_lease_attributes = ["job_id", "status", "lease_expires_at", "updated_at", "running_since", "items_done", "items_total", "instance_problem"]
 
   # The customer-managed EBS key, when the account encrypts volumes with one (roles that start instances).
   ebs_kms_key_arns = var.ebs_kms_key_id == null ? [] : [var.ebs_kms_key_id]
@@ -595,7 +595,8 @@ data "aws_iam_policy_document" "gpu" {
 
   # instance (job): renew the job's lease while it runs (worker/lease.py: status, lease_expires_at,
   # updated_at, running_since, and items_done/items_total for progress, of the job's item, conditional on
-  # it being dispatched or running). Only
+  # it being dispatched or running), and say on it which service the instance cannot reach
+  # (instance_problem, shown by `batchworker status`). Only
   # UpdateItem, and only on those attributes: the instance cannot read or create jobs.
   statement {
     sid       = "RenewJobLease"

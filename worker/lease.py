@@ -88,6 +88,30 @@ def renew_lease(
     return True
 
 
+def note_instance_problem(client: Any, job_id: str, lease: Lease, problem: str) -> bool:
+    """Put what the instance cannot do ("cannot reach S3 (...)") on the job's row, where `batchworker status`
+    shows it; False when the job has ended already. Nothing else changes (updated_at stays: it times waits)."""
+    try:
+        client.update_item(
+            TableName=lease.table,
+            Key={"job_id": {"S": job_id}},
+            UpdateExpression="SET instance_problem = :problem",
+            # Only a job still on the instance: a finished job's row is the control plane's.
+            ConditionExpression="#s IN (:dispatched, :running)",
+            ExpressionAttributeNames={"#s": "status"},
+            ExpressionAttributeValues={
+                ":problem": {"S": problem[:1000]},
+                ":dispatched": {"S": STATUS_DISPATCHED},
+                ":running": {"S": STATUS_RUNNING},
+            },
+        )
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            return False
+        raise
+    return True
+
+
 class Heartbeat:
     """A daemon thread renewing the leases of the given jobs at once and then every min(seconds) / 3.
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import boto3
+from botocore.exceptions import BotoCoreError, ClientError
+
 from worker.connectivity import check as check_connectivity
 from worker.connectivity import unreachable_message
 from worker.deadman import RUN_DONE_NAME, push_deadman
@@ -26,19 +29,21 @@ from worker.errors import ExitCode, Interrupted, JobError, StorageError
 from worker.hosts import HostPool
 from worker.inputs import COMPUTE_EXTENSION, MAX_INPUT_BYTES, decode_input, display_name, input_extension
 from worker.joblog import flush_handlers, job_logging
-from worker.lease import Heartbeat
+from worker.lease import Heartbeat, note_instance_problem
+from worker.lease import make_client as make_lease_client
 from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest, utc_now
 from worker.package_run import PackageReport
 from worker.paths import job_dir_for
 from worker.predictions import PREDICTIONS_NAME, write_predictions
 from worker.runtime_cap import RuntimeCap, wait_to_be_killed
 from worker.slots import Slot, acquire_slot
-from worker.spec import JobSpec
+from worker.spec import JobSpec, Lease
 from worker.storage import AlreadyWritten, Storage
 
 INSTANCE_ID_ENV = "BATCHWORKER_INSTANCE_ID"
 LOG_NAME = "job.log"
 MODEL_CACHE_DIR = ".model-cache"
+NETWORK_CHECK_WAIT_SECONDS = 20.0  # the check's three connects time out after 5 s each
 
 
 @dataclass
@@ -84,7 +89,7 @@ def run_jobs(
     batch's earlier jobs, counts as slot_wait_s, and only the job's own run counts toward the runtime cap.
     """
     leases = {spec.job_id: spec.lease for spec in specs if spec.lease}
-    batch = _Batch(job_root, heartbeat or Heartbeat(leases))
+    batch = _Batch(job_root, heartbeat or Heartbeat(leases), leases)
     if warm is not None:
         batch.models, batch.interrupted, batch.hosts = warm.models, warm.interrupted, warm.hosts
         storage = storage or warm.storage
@@ -128,20 +133,23 @@ def _mark_done(job_dir: Path) -> None:
 class _Batch:
     """What the jobs of one `run` process share."""
 
-    def __init__(self, job_root: Path, heartbeat: Heartbeat) -> None:
+    def __init__(self, job_root: Path, heartbeat: Heartbeat, leases: dict[str, Lease] | None = None) -> None:
         self.job_root = job_root
         self.heartbeat = heartbeat
+        self.leases = leases or {}  # every job of the batch with a row to write to
         self.slot: Slot | None = None
         self.models: Any = None  # worker.model.ModelCache, created once torch is imported
         self.hosts = HostPool()
         self.interrupted: Interrupted | None = None
         self.current: _Job | None = None  # the job running now (a lapsed lease stops it)
-        self.network: dict | None = None  # the boot check's results, once per process
+        self.network: dict | None = None  # the network check's results, once per batch
+        self._network_check: threading.Thread | None = None
         heartbeat.on_lapse = self.lease_lapsed
 
     def check_network(self, log: logging.Logger) -> None:
-        """Once per process, beside the first job (it must not delay it): say in that job's log which of S3,
-        DynamoDB and SSM the instance cannot reach."""
+        """Once per batch, beside its first job (it must not delay it): say which of S3, DynamoDB and SSM the
+        instance cannot reach, in that job's log and on the batch's job rows (`batchworker status` shows it:
+        without S3 the job can write neither its log nor its manifest)."""
         if self.network is not None:
             return
         self.network = {}
@@ -151,10 +159,21 @@ class _Batch:
             problem = unreachable_message(self.network)
             if problem:
                 log.error("network check: " + problem, extra={"network": self.network})
+                if self.network.get("dynamodb", {}).get("reachable"):
+                    self._note_problem(problem, log)
             else:
                 log.info("network check: S3, DynamoDB and SSM reachable", extra={"network": self.network})
 
-        threading.Thread(target=check, name="network-check", daemon=True).start()
+        self._network_check = threading.Thread(target=check, name="network-check", daemon=True)
+        self._network_check.start()
+
+    def _note_problem(self, problem: str, log: logging.Logger) -> None:
+        try:
+            client = make_lease_client(boto3.session.Session())  # this thread's own session
+            for job_id, lease in self.leases.items():
+                note_instance_problem(client, job_id, lease, problem)
+        except (BotoCoreError, ClientError) as exc:
+            log.warning("could not record the network problem on the job rows", extra={"error": str(exc)})
 
     def lease_lapsed(self, job_id: str, error: str, lease_seconds: float) -> None:
         """No renewal went through for a whole lease: the control plane no longer sees the job. Stop it cleanly."""
@@ -178,6 +197,9 @@ class _Batch:
 
     def close(self) -> None:
         self.heartbeat.stop()
+        if self._network_check is not None:
+            # A job that failed at once (no route to S3) must not take the check's verdict with it.
+            self._network_check.join(NETWORK_CHECK_WAIT_SECONDS)
         if self.slot is not None:
             self.slot.release()
 

@@ -51,8 +51,10 @@ def progress(job: Job) -> str:
 
 
 def note(job: Job, now: datetime) -> str:
-    """What the row cannot show in its columns: the error, the wait, the retries."""
+    """What the row cannot show in its columns: what its instance cannot reach, the error, the wait, the retries."""
     parts = []
+    if job.instance_problem and job.instance_problem not in (job.error or ""):
+        parts.append(f"instance {job.instance_problem}")  # first: a narrow NOTE column still shows it
     if job.status is JobStatus.QUEUED and job.capacity_wait_since:
         # "waiting for capacity: InsufficientInstanceCapacity: no g5.xlarge capacity for i-... in us-east-1a; ..."
         parts.append(f"{job.waiting_reason or 'waiting for capacity'} (for {age(job.capacity_wait_since, now)})")

@@ -45,6 +45,8 @@ def job_json(job: Job) -> dict:
         # why a QUEUED job is not running yet ("waiting for capacity: ..."), else null
         "waiting": job.waiting_reason if is_waiting_for_capacity(job) else None,
         "queued_s": queued_seconds(job),
+        # what the job's instance cannot reach ("cannot reach S3 (...); add ..."), else null
+        "instance_problem": job.instance_problem,
     }
 
 

@@ -29,7 +29,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from batchworker.local import call_log
 from batchworker.transports.ssh import SshEndpoint, endpoint_parameter_name
 
-NO_DYNAMODB_FILE = "no-dynamodb"  # in the host's state dir: its jobs cannot reach DynamoDB
+# Fault switches (issue 14): a file of this name in the host's state dir cuts the instance off that service,
+# as a private subnet without its VPC endpoint; every process started after it appears (the boot command
+# included) gets an endpoint that refuses connections. `no-dynamodb` cuts off DynamoDB, and so on.
+UNREACHABLE_SWITCHES = {"no-s3": "AWS_ENDPOINT_URL_S3", "no-dynamodb": "AWS_ENDPOINT_URL_DYNAMODB",
+                        "no-ssm": "AWS_ENDPOINT_URL_SSM"}
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
 
 logger = logging.getLogger("batchworker.local.instance_host")
@@ -354,10 +358,9 @@ class InstanceHost:
             # The job's AWS calls say so in their User-Agent (the recorded calls per job, by component).
             "AWS_SDK_UA_APP_ID": INSTANCE_APP_ID,
         })
-        if (self.state_dir / NO_DYNAMODB_FILE).exists():
-            # Fault (issue 14): this instance has no route to DynamoDB, as a private subnet without a
-            # gateway endpoint; its jobs get an endpoint that refuses connections.
-            env["AWS_ENDPOINT_URL_DYNAMODB"] = UNREACHABLE_ENDPOINT
+        for switch, variable in UNREACHABLE_SWITCHES.items():
+            if (self.state_dir / switch).exists():
+                env[variable] = UNREACHABLE_ENDPOINT
         return call_log.child_environment(env, f"instance:{self.instance_id}")
 
     async def _run_process(self, process: asyncssh.SSHServerProcess) -> None:

@@ -1,12 +1,13 @@
 """Issue 14, capacity: EC2 answers InsufficientInstanceCapacity for one Availability Zone, or for all of them.
 
 Fault: starts of instances in the short AZs are refused (a wrapper around the EC2 client, as in
-test_faults.py; the local cloud does the same inside its moto server, batchworker/local/capacity.py).
+test_faults.py; the local cloud does the same inside its moto server, batchworker/local/capacity_faults.py).
 Promise: a job placed in the short AZ runs on an instance of another AZ; when every AZ is short, the job
 stays QUEUED, `status` says "waiting for capacity", the reaper keeps trying, and the job runs as soon as
 capacity comes back; only after `max_capacity_wait_seconds` does it fail, with a manifest that says so.
 
-On the code before this issue the job failed at the end of instance_ready_timeout_seconds ("did not reach
+The jobs go through the worker function's handler, the entry point that is the same before and after this
+issue: on the code before it the job failed at the end of instance_ready_timeout_seconds ("did not reach
 running in time") and no other instance was tried.
 """
 
@@ -20,14 +21,13 @@ import boto3
 from botocore.exceptions import ClientError
 
 from batchworker.cli.views import job_json
-from batchworker.config import Settings
-from batchworker.control import Upload, accept_upload, dispatch_jobs
+from batchworker.control import Upload, accept_upload
 from batchworker.instances import InstanceHistory, InstancePool
-from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
 from batchworker.local import capacity_faults
 from batchworker.models import JobStatus, utc_now
 from batchworker.reaper import reap
+from tests.functional.handler_support import LambdaContext, load_handler
 from tests.functional.test_faults import FakeClock, RecordingLauncher
 
 
@@ -64,12 +64,26 @@ def two_zone_pool(stack) -> dict[str, str]:
     return {zone_a: stack.instance_id, subnet_b["AvailabilityZone"]: second}
 
 
-def parts(stack, ec2, clock):
-    settings = Settings.from_env({**stack.env, "BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS": "300",
-                                  "BATCHWORKER_MAX_CAPACITY_WAIT_SECONDS": "1800"})
-    pool = InstancePool(settings.pool_tag, InstanceHistory(settings.instance_events_table), client=ec2,
-                        sleep=clock.sleep, clock=clock, jitter=lambda s: s)
-    return settings, JobStore(settings.jobs_table), pool, InstanceLedger(settings.instance_events_table)
+def worker_function(monkeypatch, ec2, clock):
+    """The worker Lambda (lambdas/worker/app.py) as deployed, but its pool's EC2 client short of capacity and its
+    waits on a fake clock (which starts at the real monotonic time the handler takes its deadline from)."""
+    monkeypatch.setenv("BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS", "300")
+    monkeypatch.setenv("BATCHWORKER_MAX_CAPACITY_WAIT_SECONDS", "1800")
+    app = load_handler("worker")
+    clock.now = time.monotonic()
+    app.pool = InstancePool(app.settings.pool_tag, InstanceHistory(app.settings.instance_events_table), client=ec2,
+                            sleep=clock.sleep, clock=clock, jitter=lambda s: s)
+    app.launcher = RecordingLauncher()
+    return app
+
+
+def dispatch(app, job_id: str) -> dict[str, str]:
+    return app.handler({"job_ids": [job_id]}, LambdaContext())["statuses"]
+
+
+def accept(app, key: str) -> str:
+    return accept_upload(Upload(app.settings.input_bucket, key, 1, "e", "v1"), app.settings, app.jobs, app.pool,
+                         InstanceLedger(app.settings.instance_events_table), lambda *_: None, boto3.client("s3"))
 
 
 def state(instance_id):
@@ -77,82 +91,82 @@ def state(instance_id):
     return described[0]["Instances"][0]["State"]["Name"]
 
 
-def test_a_job_placed_in_a_short_az_runs_in_another(stack):
+def test_a_job_placed_in_a_short_az_runs_in_another(stack, monkeypatch):
     # GIVEN a pool in two AZs, and no capacity in the AZ of the instance the job is placed on
     zones = two_zone_pool(stack)
     clock = FakeClock()
     ec2 = ShortZones(boto3.client("ec2"), set())
-    settings, jobs, pool, ledger = parts(stack, ec2, clock)
-    job_id = accept_upload(Upload(stack.input_bucket, "a.png", 1, "e", "v1"), settings, jobs, pool, ledger,
-                           lambda *_: None, boto3.client("s3"))
-    short_instance = jobs.get(job_id).instance_id  # placed on a stopped instance of the pool
+    app = worker_function(monkeypatch, ec2, clock)
+    job_id = accept(app, "a.png")
+    short_instance = app.jobs.get(job_id).instance_id  # placed on a stopped instance of the pool
     [short_zone] = [zone for zone, instance in zones.items() if instance == short_instance]
     [other_instance] = [instance for instance in zones.values() if instance != short_instance]
     ec2.short.add(short_zone)
     boto3.client("ec2").stop_instances(InstanceIds=[short_instance])  # the trigger's own start went through
-    # WHEN the worker dispatches it
-    launcher = RecordingLauncher()
-    outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock, ledger=ledger)
+    # WHEN the worker function dispatches it
+    started = clock.now
+    outcome = dispatch(app, job_id)
     # THEN it runs on the instance in the other AZ; the short one stays stopped; the ledgers follow the move
-    assert outcome == {job_id: JobStatus.DISPATCHED}  # launched; the job itself marks RUNNING
-    assert [instance for instance, _ in launcher.launched] == [other_instance]
+    assert outcome == {job_id: "DISPATCHED"}  # launched; the job itself marks RUNNING
+    assert [instance for instance, _ in app.launcher.launched] == [other_instance]
     assert state(short_instance) == "stopped" and state(other_instance) == "running"
-    assert jobs.get(job_id).instance_id == other_instance
+    assert app.jobs.get(job_id).instance_id == other_instance
+    ledger = InstanceLedger(app.settings.instance_events_table)
     assert ledger.read(short_instance).placed_job_ids == frozenset()
     assert ledger.read(other_instance).placed_job_ids == {job_id}
-    assert clock.now < 120  # tried the short AZ for a while, not the whole ready timeout
+    assert clock.now - started < 120  # tried the short AZ for a while, not the whole ready timeout
 
 
-def test_when_every_az_is_short_the_job_waits_then_runs_when_capacity_returns(stack):
+def test_when_every_az_is_short_the_job_waits_then_runs_when_capacity_returns(stack, monkeypatch):
     # GIVEN a pool in two AZs, both out of capacity
     zones = two_zone_pool(stack)
     clock = FakeClock()
     ec2 = ShortZones(boto3.client("ec2"), set(zones))
-    settings, jobs, pool, ledger = parts(stack, ec2, clock)
-    job_id = accept_upload(Upload(stack.input_bucket, "b.png", 1, "e", "v1"), settings, jobs, pool, ledger,
-                           lambda *_: None, boto3.client("s3"))
-    # WHEN the worker dispatches it
-    launcher = RecordingLauncher()
-    outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock, ledger=ledger)
+    app = worker_function(monkeypatch, ec2, clock)
+    job_id = accept(app, "b.png")
+    # WHEN the worker function dispatches it
+    outcome = dispatch(app, job_id)
     # THEN it stays QUEUED, not failed; status says it waits for capacity, naming the instances' AZs
-    assert outcome == {job_id: JobStatus.QUEUED} and launcher.launched == []
-    shown = job_json(jobs.get(job_id))
+    assert outcome == {job_id: "QUEUED"} and app.launcher.launched == []
+    shown = job_json(app.jobs.get(job_id))
     assert shown["status"] == "QUEUED" and shown["waiting"].startswith("waiting for capacity: InsufficientInstanceCapacity")
     assert all(zone in shown["waiting"] for zone in zones)
     assert not _manifest_exists(stack, job_id)
     # AND the reaper leaves it alone for a minute, then dispatches it again (no attempt counted)
     invoked = []
-    assert reap(settings, jobs, pool, ledger, boto3.client("s3"), invoked.append).redispatched == []
+    ledger = InstanceLedger(app.settings.instance_events_table)
+    assert reap(app.settings, app.jobs, app.pool, ledger, boto3.client("s3"), invoked.append).redispatched == []
     later = utc_now() + timedelta(seconds=61)
-    assert reap(settings, jobs, pool, ledger, boto3.client("s3"), invoked.append, now=later).redispatched == [job_id]
-    assert invoked == [{"job_ids": [job_id]}] and jobs.get(job_id).attempts == 0
+    report = reap(app.settings, app.jobs, app.pool, ledger, boto3.client("s3"), invoked.append, now=later)
+    assert report.redispatched == [job_id]
+    assert invoked == [{"job_ids": [job_id]}] and app.jobs.get(job_id).attempts == 0
     # WHEN capacity comes back in one AZ and that dispatch runs
     ec2.short.clear()
-    outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock, ledger=ledger)
+    outcome = dispatch(app, job_id)
     # THEN the job runs, and its waiting note is gone
-    assert outcome == {job_id: JobStatus.DISPATCHED}  # launched; the job itself marks RUNNING and len(launcher.launched) == 1
-    assert job_json(jobs.get(job_id))["waiting"] is None
+    assert outcome == {job_id: "DISPATCHED"} and len(app.launcher.launched) == 1
+    assert job_json(app.jobs.get(job_id))["waiting"] is None
 
 
-def test_a_shortage_longer_than_the_maximum_wait_fails_the_job_with_a_manifest_that_says_so(stack):
+def test_a_shortage_longer_than_the_maximum_wait_fails_the_job_with_a_manifest_that_says_so(stack, monkeypatch):
     zones = two_zone_pool(stack)
     clock = FakeClock()
     ec2 = ShortZones(boto3.client("ec2"), set(zones))
-    settings, jobs, pool, ledger = parts(stack, ec2, clock)
-    job_id = accept_upload(Upload(stack.input_bucket, "c.png", 1, "e", "v1"), settings, jobs, pool, ledger,
-                           lambda *_: None, boto3.client("s3"))
-    dispatch_jobs([job_id], settings, jobs, pool, RecordingLauncher(), boto3.client("s3"), clock=clock, ledger=ledger)
-    assert jobs.get(job_id).status is JobStatus.QUEUED
+    app = worker_function(monkeypatch, ec2, clock)
+    job_id = accept(app, "c.png")
+    dispatch(app, job_id)
+    assert app.jobs.get(job_id).status is JobStatus.QUEUED, app.jobs.get(job_id)
     # WHEN the reaper passes after max_capacity_wait_seconds (1800 s here)
     later = utc_now() + timedelta(seconds=1801)
-    report = reap(settings, jobs, pool, ledger, boto3.client("s3"), [].append, now=later)
+    ledger = InstanceLedger(app.settings.instance_events_table)
+    report = reap(app.settings, app.jobs, app.pool, ledger, boto3.client("s3"), [].append, now=later)
     # THEN the job is failed with a manifest naming the shortage and what to do; no instance was left running
     assert report.failed == [job_id]
     manifest = json.loads(boto3.client("s3").get_object(
         Bucket=stack.output_bucket, Key=f"jobs/{job_id}/manifest.json")["Body"].read())
     assert manifest["status"] == "failed" and manifest["error"].startswith("no GPU capacity for 18")
     assert "InsufficientInstanceCapacity" in manifest["error"] and "max_capacity_wait_seconds" in manifest["error"]
-    assert jobs.get(job_id).status is JobStatus.FAILED
+    assert app.jobs.get(job_id).status is JobStatus.FAILED
     assert {state(instance) for instance in zones.values()} == {"stopped"}
 
 

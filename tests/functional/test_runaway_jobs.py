@@ -25,12 +25,13 @@ from pathlib import Path
 import boto3
 import pytest
 
+from batchworker.cli.views import job_json
 from batchworker.config import Settings
 from batchworker.control import fail_job, finish_job
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
 from batchworker.local.instance_host import UNREACHABLE_ENDPOINT
-from batchworker.models import Job, JobStatus
+from batchworker.models import Job, JobStatus, utc_now
 from tests.functional.test_job_run import (  # noqa: F401  (moto_server, s3, aws_env, model_bytes are fixtures)
     ARTIFACTS,
     AWS_ENV,
@@ -196,3 +197,37 @@ def test_a_job_that_cannot_reach_dynamodb_stops_itself_and_says_why(
     assert not is_process_alive(reply["pid"]), "the job ran on without a lease"
     log = out.get_object(Bucket=OUTPUT, Key=f"jobs/{job}/job.log")["Body"].read().decode()
     assert "network check: cannot reach DynamoDB" in log and "cannot reach S3" not in log
+
+
+def test_an_instance_that_cannot_reach_s3_or_ssm_says_so_in_status(moto_server, tmp_path, launched_pids):  # noqa: F811
+    # Fault (issue 14): the instance has no route to S3 or SSM (a private subnet without those endpoints; the
+    # local instance host does the same with its `no-s3` and `no-ssm` switches). DynamoDB is reachable.
+    # Promise: the job can write neither its log nor its manifest to S3, but `batchworker status` names what
+    # the instance cannot reach and what to add, from the job's row (the job's network check writes it there).
+    out, ddb = server_clients(moto_server)
+    out.put_object(Bucket=INPUT, Key="no-route.json", Body=compute_file(1, "hold"))
+    job = job_id(170)
+    create_jobs_table(ddb, {job: "DISPATCHED"})
+    spec = make_spec(job, "no-route.json", lease={"table": TABLE, "seconds": 30}, server_linger_seconds=0)
+    env = {**os.environ, **AWS_ENV, "AWS_ENDPOINT_URL": moto_server, "BATCHWORKER_JOB_ROOT": str(tmp_path),
+           "AWS_ENDPOINT_URL_S3": UNREACHABLE_ENDPOINT, "AWS_ENDPOINT_URL_SSM": UNREACHABLE_ENDPOINT}
+    launched = subprocess.run([str(Path(sys.executable).with_name("batchworker-job")), "launch"],
+                              input=json.dumps(spec.to_json()).encode(), env=env, capture_output=True, timeout=30)
+    assert launched.returncode == 0, launched.stderr.decode()
+    reply = json.loads(launched.stdout)
+    launched_pids.append(reply["pid"])
+    # WHEN the job's process has tried and given up (no input without S3)
+    deadline = time.monotonic() + 90
+    while is_process_alive(reply["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not is_process_alive(reply["pid"]), "the job's process did not end"
+    assert "Contents" not in out.list_objects_v2(Bucket=OUTPUT, Prefix=f"jobs/{job}/")  # nothing reached S3
+    # THEN status (its JSON, from the job's row) names S3 and SSM and what to add, and not DynamoDB
+    shown = job_json(JobStore(TABLE, client=ddb).get(job))
+    text = json.dumps(shown)
+    assert "cannot reach S3" in text and "cannot reach SSM" in text, f"status does not say what is unreachable: {text}"
+    assert "gateway VPC endpoint for S3" in text and "cannot reach DynamoDB" not in text
+    # AND the status table's note starts with it
+    from batchworker.cli.status_table import note
+
+    assert note(JobStore(TABLE, client=ddb).get(job), utc_now()).startswith("instance cannot reach S3 (")

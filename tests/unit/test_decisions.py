@@ -112,6 +112,9 @@ def at(seconds_ago: float) -> str:
         (JobStatus.RUNNING, {"running_since": at(10), "lease_expires_at": at(5)}, JobAction.REDISPATCH, "lease"),
         (JobStatus.RUNNING, {"running_since": at(10), "lease_expires_at": at(5), "attempts": 3}, JobAction.FAIL,
          "stopped reporting"),
+        # ... and when its instance said what it cannot reach (the job's network check), the failure says so
+        (JobStatus.DISPATCHED, {"lease_expires_at": at(5), "attempts": 3, "instance_problem": "cannot reach S3 (x)"},
+         JobAction.FAIL, "its instance reported: cannot reach S3 (x)"),
         # dispatched without a lease (never launched): the stuck rule
         (JobStatus.DISPATCHED, {"updated_at": at(30)}, JobAction.KEEP, "dispatched for"),
         (JobStatus.DISPATCHED, {"updated_at": at(500)}, JobAction.REDISPATCH, "dispatched for"),

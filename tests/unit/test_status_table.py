@@ -64,3 +64,13 @@ def test_ages_read_like_kubectl():
     assert [status_table.age(ago(s), NOW) for s in (0, 59, 119, 120, 7199, 7200, 3 * 86400)] == [
         "0s", "59s", "119s", "2m", "119m", "2h", "3d"]
     assert status_table.age(None, NOW) == "-"
+
+
+def test_what_the_instance_cannot_reach_comes_first_in_the_note_and_is_said_once():
+    problem = "cannot reach S3 (https://s3.us-east-1.amazonaws.com: TimeoutError); add a gateway VPC endpoint for S3"
+    waiting = Job("j-0123456789abcdef", JobStatus.DISPATCHED, "in", "a.png", created_at=ago(30),
+                  lease_expires_at=ago(-60), instance_problem=problem)
+    assert status_table.note(waiting, NOW) == f"instance {problem}; queued 30s, waiting for a slot"
+    failed = Job("j-0123456789abcdef", JobStatus.FAILED, "in", "a.png", created_at=ago(30), instance_problem=problem,
+                 error=f"the job stopped reporting progress 1 time(s); its instance reported: {problem}. Upload ...")
+    assert status_table.note(failed, NOW).count("cannot reach S3") == 1

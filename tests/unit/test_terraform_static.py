@@ -562,11 +562,12 @@ def test_reaper_runs_on_a_schedule(tf):
 
 
 def test_instance_renews_only_the_lease_attributes_the_job_writes(tf):
-    # GIVEN the update worker/lease.py makes on the job's item (every "name = :value" its SET clauses hold)
+    # GIVEN the updates worker/lease.py makes on the job's item (every "name = :value" their SET clauses hold:
+    # the lease renewal's, and the network problem note's)
     source = (REPO_ROOT / "worker" / "lease.py").read_text()
     body = source[source.index("def renew_lease"):source.index("class Heartbeat")]
-    names = set(re.findall(r'"([a-z_]+) = :', body)) | {"job_id"}
-    assert {"lease_expires_at", "running_since"} <= names
+    names = set(re.findall(r'"(?:SET )?([a-z_]+) = :', body)) | {"job_id"}
+    assert {"lease_expires_at", "running_since", "instance_problem"} <= names
     aliases = dict(re.findall(r'"(#\w+)": "(\w+)"', body))
     names |= {aliases[alias] for alias in re.findall(r'"(#\w+) = :', body) if alias in aliases}
     names |= {
