@@ -81,17 +81,18 @@ def show_predictions(inputs, all_jobs) -> None:
     correct = total = 0
     for path in inputs:
         job = all_jobs.get(path.name)
-        predictions = RESULTS / job.job_id / "predictions.csv" if job else None
-        if not predictions or not predictions.exists():
+        results = RESULTS / job.job_id / "results.csv" if job else None  # the default job's (digits package)
+        if not results or not results.exists():
             table.add_row(path.name, "-", "[red]no result[/red]", "", "")
             continue
         truth = labels.get(path.name, [])
-        with open(predictions, newline="") as f:
+        with open(results, newline="") as f:
             for n, row in enumerate(csv.DictReader(f)):
                 expected = str(truth[n]) if n < len(truth) else ""
                 total += bool(expected)
                 correct += expected == row["label"]
-                table.add_row(path.name, row["item"], row["label"], f"{float(row['confidence']):.3f}", expected)
+                item = f"{row['item']} row {row['row']}" if row.get("row") else row["item"]  # .csv/.npy rows
+                table.add_row(path.name, item, row["label"], f"{float(row['confidence']):.3f}", expected)
     console.print(table)
     if total:
         console.print(f"correct: {correct}/{total}")

@@ -99,9 +99,9 @@ variable "model_uri" {
 }
 
 variable "default_job" {
-  description = "Job package that runs every upload outside a `<name>/` folder of a deployed package (docs/jobs.md). Empty: those uploads run the built-in model_uri job (packages still run under their `<name>/`)."
+  description = "Job package that runs every upload outside a `<name>/` folder of a deployed package (docs/jobs.md); \"digits\" is the bundled digits classifier (make build ships it). Empty: those uploads run the built-in model_uri job (packages still run under their `<name>/`)."
   type        = string
-  default     = ""
+  default     = "digits"
 
   validation {
     condition     = can(regex("^([a-z][a-z0-9-]{0,39})?$", var.default_job))

@@ -41,7 +41,7 @@ def test_hostile_key_is_data_and_the_instance_stops(local_cloud, tmp_path):
     assert manifest["status"] == "succeeded", manifest
     assert manifest["input"]["key"] == key
     assert manifest["job_id"] == job_id
-    text = local_cloud.client("s3").get_object(Bucket=local_cloud.output_bucket, Key=f"jobs/{job_id}/predictions.csv")[
+    text = local_cloud.client("s3").get_object(Bucket=local_cloud.output_bucket, Key=f"jobs/{job_id}/results.csv")[
         "Body"].read().decode()
     rows = list(csv.DictReader(io.StringIO(text)))
     assert [row["label"] for row in rows] == ["3"]
@@ -56,10 +56,11 @@ def test_cli_submit_wait_downloads_results(local_cloud, tmp_path):
     result = local_cloud.cli("submit", str(SAMPLES / "digits.csv"), str(SAMPLES / "digits.zip"),
                              "--wait", "--out", str(tmp_path), "--timeout", "240")
     assert result.returncode == 0, result.stderr
-    predictions = sorted(tmp_path.glob("*/predictions.csv"))
-    assert len(predictions) == 2
+    # the default job (the digits package): one results.csv row per CSV row / zip member
+    results = sorted(tmp_path.glob("*/results.csv"))
+    assert len(results) == 2
     labels = json.loads((SAMPLES / "labels.json").read_text())
-    for path in predictions:
+    for path in results:
         manifest = json.loads((path.parent / "manifest.json").read_text())
         name = manifest["input"]["key"]
         got = [int(row["label"]) for row in csv.DictReader(path.open())]
