@@ -67,6 +67,9 @@ class Settings:
     # No artifacts_bucket: job packages are off.
     artifacts_bucket: str | None = None
     default_job: str | None = None
+    # EC2 "Instance State-change Notification" events reach the worker function (terraform/events.tf): a
+    # dispatcher never waits through a boot; the instance's `running` event brings one back for its jobs.
+    instance_state_events: bool = False
 
     @property
     def stuck_after_seconds(self) -> float:
@@ -127,6 +130,10 @@ class Settings:
 
 
 def _convert(name: str, raw: str, type_name: object) -> object:
+    if type_name in ("bool", bool):
+        if raw.lower() not in ("true", "false"):
+            raise ConfigurationError(f"{name} must be true or false, got {raw!r}")
+        return raw.lower() == "true"
     if type_name in ("float", float, "int", int):
         number = int if type_name in ("int", int) else float
         try:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
+
+from botocore.exceptions import ClientError
 
 from batchworker.capacity import start_somewhere, wait_for_capacity
 from batchworker.config import Settings
@@ -22,7 +25,7 @@ from batchworker.errors import (
     RetryableError,
 )
 from batchworker.idle_gaps import IdleGaps
-from batchworker.instances import InstancePool
+from batchworker.instances import CAPACITY_ERROR, TRANSIENT_START_ERRORS, InstancePool
 from batchworker.jobpkg.registry import PackageRegistry
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger, LedgerEntry
@@ -31,6 +34,7 @@ from batchworker.models import (
     ACTIVE_STATUSES,
     POOL_TAG_KEY,
     Instance,
+    InstanceState,
     Job,
     JobStatus,
     job_id_for,
@@ -153,14 +157,18 @@ def dispatch_jobs(
     s3_client,
     clock: Callable[[], float] = time.monotonic,
     ledger: InstanceLedger | None = None,
+    owner: str | None = None,
+    claim_seconds: float | None = None,
 ) -> dict[str, JobStatus]:
-    """Wait (bounded) for each job's instance, start the jobs there in as few commands as fit, return.
+    """Start each job on its instance, in as few commands as fit, as the instance's one dispatcher.
 
     A burst shares its instance start and its commands: the jobs of one instance travel together as one
-    batch spec. A job that cannot be started gets a failed manifest, so the stop function learns of it
-    and the instance never keeps running for a job that will not come. A lack of EC2 capacity is not such a
-    failure: the jobs move to an instance in another AZ (with a `ledger`), or stay QUEUED waiting for
-    capacity (batchworker/capacity.py).
+    batch spec. With a `ledger`, this invocation first claims the instance (`dispatch_instance`): if another
+    dispatcher holds it, the jobs are handed over to that one and this returns at once, their status QUEUED.
+    A job that cannot be started gets a failed manifest, so the stop function learns of it and the instance
+    never keeps running for a job that will not come. A lack of EC2 capacity is not such a failure: the jobs
+    move to an instance in another AZ (with a `ledger`), or stay QUEUED waiting for capacity
+    (batchworker/capacity.py).
     """
     outcome: dict[str, JobStatus] = {}
     by_instance: dict[str, list[Job]] = {}
@@ -178,8 +186,77 @@ def dispatch_jobs(
         else:
             by_instance.setdefault(job.instance_id, []).append(job)
     for instance_id, group in by_instance.items():
-        outcome.update(_dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, clock, ledger))
+        if ledger is None:
+            outcome.update(_dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, clock, ledger))
+        else:
+            outcome.update(dispatch_instance(
+                instance_id, settings, jobs, pool, launcher, s3_client, ledger, group, clock, owner, claim_seconds
+            ))
     return outcome
+
+
+def dispatch_instance(
+    instance_id: str,
+    settings: Settings,
+    jobs: JobStore,
+    pool: InstancePool,
+    launcher: Launcher,
+    s3_client,
+    ledger: InstanceLedger,
+    group: Sequence[Job] = (),
+    clock: Callable[[], float] = time.monotonic,
+    owner: str | None = None,
+    claim_seconds: float | None = None,
+) -> dict[str, JobStatus]:
+    """Launch the jobs waiting on one instance as its one dispatcher, or hand `group` over to the one there.
+
+    No storm of dispatchers: one invocation at a time holds the instance (its ledger claim, lapsing after
+    `claim_seconds`); the others hand their jobs over and return. The holder launches every job QUEUED on the
+    instance (its `group` and the ledger's `placed`), and lets go only when nothing was placed or handed over
+    meanwhile; otherwise it looks again. `group` may be empty: an instance state-change event names no job.
+    """
+    owner = owner or uuid.uuid4().hex
+    claim_seconds = claim_seconds or default_claim_seconds(settings)
+    entry = ledger.claim_dispatch(instance_id, owner, claim_seconds, [job.job_id for job in group])
+    if entry is None:
+        logger.info("instance %s has a dispatcher already; %d job(s) handed over to it", instance_id, len(group))
+        return {job.job_id: JobStatus.QUEUED for job in group}
+    outcome: dict[str, JobStatus] = {}
+    gives_up_at = clock() + claim_seconds - CLAIM_MARGIN_SECONDS
+    hinted = [job.job_id for job in group]
+    try:
+        while True:
+            waiting = [
+                job for job in jobs.get_many([*hinted, *entry.placed_job_ids]).values()
+                if job.status is JobStatus.QUEUED and job.instance_id == instance_id
+            ]
+            if waiting:
+                outcome.update(_dispatch_to(instance_id, waiting, settings, jobs, pool, launcher, s3_client, clock, ledger))
+            hinted = []
+            if clock() >= gives_up_at:
+                # What is still queued here waits for the reaper, which invokes a dispatcher again.
+                logger.warning("dispatcher of %s out of time; letting go of the instance", instance_id)
+                ledger.drop_dispatch(instance_id, owner)
+                break
+            entry = ledger.release_dispatch(instance_id, owner, entry.generation)
+            if entry is None:
+                break
+            if entry.dispatcher != owner:
+                logger.warning("dispatch claim on %s lapsed; %s dispatches there now", instance_id, entry.dispatcher)
+                break
+            logger.info("jobs were placed on %s meanwhile; looking again", instance_id)
+    except BaseException:
+        ledger.drop_dispatch(instance_id, owner)
+        raise
+    return outcome
+
+
+CLAIM_MARGIN_SECONDS = 30.0  # a dispatcher lets go this long before its claim would lapse
+
+
+def default_claim_seconds(settings: Settings) -> float:
+    """How long a dispatcher may hold an instance: one bounded wait for it, one launch, and a margin."""
+    return settings.instance_ready_timeout_seconds + settings.dispatch_command_timeout_seconds + 2 * CLAIM_MARGIN_SECONDS
 
 
 def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, clock, ledger) -> dict[str, JobStatus]:
@@ -188,7 +265,11 @@ def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, 
     group = list(group)
     launched: set[str] = set()
     try:
-        instance_id = start_somewhere(instance_id, group, deadline, jobs, pool, ledger, settings.max_jobs_per_instance)
+        state = _state_for_events(instance_id, group, pool) if settings.instance_state_events else None
+        if state is not None and state is not InstanceState.RUNNING:
+            return {job.job_id: JobStatus.QUEUED for job in group}  # its state-change event brings a dispatcher
+        if state is None:
+            instance_id = start_somewhere(instance_id, group, deadline, jobs, pool, ledger, settings.max_jobs_per_instance)
         for job in group:
             # The conditional claim makes a retried or duplicated invocation start each job once.
             if jobs.transition(
@@ -221,6 +302,34 @@ def _dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, 
         current = jobs.get(job.job_id)
         final[job.job_id] = current.status if current else JobStatus.FAILED
     return final
+
+
+def _state_for_events(instance_id: str, group: list[Job], pool: InstancePool) -> InstanceState | None:
+    """With state-change events, never wait through a boot. Returns RUNNING (launch now), another state (the jobs
+    stay QUEUED: the instance's state-change event brings a dispatcher), or None (wait the old way).
+
+    Pending: its `running` event brings one. Stopping: its `stopped` event does, which starts it. Stopped: start it,
+    then as pending. A start refused for EC2 capacity: None, and the waiting path moves the jobs to another AZ or
+    keeps them waiting for capacity (batchworker/capacity.py).
+    """
+    instance = pool.get(instance_id)
+    if instance.state is InstanceState.STOPPED:
+        try:
+            pool.start(instance_id, reason=f"{len(group)} job(s) waiting")
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code == CAPACITY_ERROR:
+                return None
+            if code not in TRANSIENT_START_ERRORS:
+                raise
+            logger.info("start of %s refused for now (%s); its state-change event brings a dispatcher", instance_id, code)
+            return InstanceState.STOPPING
+        logger.info("started %s: %d job(s) wait for its running event", instance_id, len(group))
+        return InstanceState.PENDING
+    if instance.state is not InstanceState.RUNNING:
+        logger.info("instance %s is %s: %d job(s) wait for its state-change event", instance_id,
+                    instance.state.value, len(group))
+    return instance.state
 
 
 def _launch_until(deadline: float, instance_id: str, spec: dict, pool, launcher, clock) -> dict:

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 
 from botocore.exceptions import ClientError
 
 from batchworker import aws
+from batchworker.errors import RetryableError
 from batchworker.models import ACTIVE_STATUSES, Job, JobStatus, isoformat, utc_now
 
 logger = logging.getLogger(__name__)
 
 STATUS_INDEX = "status-index"
+BATCH_GET_KEYS = 100  # BatchGetItem's limit
+UNPROCESSED_RETRIES = 8
 
 
 class JobStore:
@@ -167,6 +172,26 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         item = self.client.get_item(TableName=self.table_name, Key={"job_id": {"S": job_id}}, ConsistentRead=True)
         return _to_job(item["Item"]) if "Item" in item else None
+
+    def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
+        """The jobs that exist among `job_ids`, strongly consistent, in as few BatchGetItem calls as fit (100 keys)."""
+        wanted = sorted(set(job_ids))
+        found: dict[str, Job] = {}
+        for start in range(0, len(wanted), BATCH_GET_KEYS):
+            request = {self.table_name: {"Keys": [{"job_id": {"S": j}} for j in wanted[start : start + BATCH_GET_KEYS]],
+                                         "ConsistentRead": True}}
+            for attempt in range(UNPROCESSED_RETRIES + 1):
+                response = self.client.batch_get_item(RequestItems=request)
+                for item in response.get("Responses", {}).get(self.table_name, []):
+                    job = _to_job(item)
+                    found[job.job_id] = job
+                request = response.get("UnprocessedKeys") or {}
+                if not request:
+                    break
+                if attempt == UNPROCESSED_RETRIES:
+                    raise RetryableError(f"DynamoDB left {len(request[self.table_name]['Keys'])} job reads unprocessed")
+                time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))  # throttled: back off, with jitter
+        return found
 
     def by_status(self, status: JobStatus) -> Iterator[Job]:
         paginator = self.client.get_paginator("query")

@@ -10,6 +10,13 @@ at placement, removed when the job's manifest is recorded). The stop decision re
 consistent GetItem, so it never depends on the jobs table's status index, which on AWS lags behind writes:
 a job placed a moment ago is always seen. A set rather than a counter: adding or removing the same job twice
 (retried deliveries) changes nothing.
+
+And it names the instance's one dispatcher (`dispatcher`, `dispatching_until`): a worker invocation claims the
+instance with a conditional write that lapses at `dispatching_until` (a crashed dispatcher holds nobody up
+for long). An invocation that finds another dispatcher there hands its jobs over instead of waiting too: it
+adds them to `placed` and bumps the generation, and the holder's release, conditional on the generation it
+last looked at, then fails, so the holder looks again and launches them. Nothing placed is left behind, and
+each job is launched once (its QUEUED -> DISPATCHED claim is conditional too).
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from batchworker.models import isoformat, parse_time, utc_now
 
 LEDGER_SORT_KEY = "~ledger"  # sorts after every ISO-8601 history entry
 PLACED = "placed"  # string set: jobs placed on the instance whose manifests are not recorded yet
+DISPATCHER = "dispatcher"  # the dispatcher (worker invocation) that launches the instance's jobs now
+DISPATCHING_UNTIL = "dispatching_until"  # epoch seconds: its claim lapses then (a crashed dispatcher)
+HANDOVER_TRIES = 8  # claim, or hand over to the holder; a holder releasing in between makes us try again
 BATCH_GET_KEYS = 100  # BatchGetItem's limit
 UNPROCESSED_RETRIES = 8
 
@@ -39,6 +49,12 @@ class LedgerEntry:
     stopped_generation: int | None = None
     last_activity_at: datetime | None = None
     placed_job_ids: frozenset[str] = frozenset()
+    dispatcher: str | None = None
+    dispatching_until: float | None = None
+
+    def is_dispatching(self, now: float) -> bool:
+        """A dispatcher holds the instance and its claim has not lapsed."""
+        return self.dispatcher is not None and (self.dispatching_until or 0.0) >= now
 
     @property
     def is_stop_claimed(self) -> bool:
@@ -122,6 +138,91 @@ class InstanceLedger:
                 ExpressionAttributeValues={":jobs": {"SS": job_ids}},
             )
 
+    def claim_dispatch(
+        self, instance_id: str, owner: str, seconds: float, job_ids: Iterable[str] = (), now: float | None = None
+    ) -> LedgerEntry | None:
+        """Become the instance's one dispatcher for `seconds`, or hand `job_ids` over to the one that is.
+
+        Returns the entry as the claim left it (its generation and `placed`: the jobs to look at), or None when
+        another dispatcher holds the instance: the jobs are then in `placed` and the generation is bumped, so
+        the holder's `release_dispatch` fails and it launches them before it lets go.
+        """
+        job_ids = sorted(set(job_ids))
+        for _ in range(HANDOVER_TRIES):
+            moment = time.time() if now is None else now
+            values = {":me": {"S": owner}, ":now": {"N": f"{moment:.3f}"}}
+            try:
+                response = self.client.update_item(
+                    TableName=self.table_name,
+                    Key=self._key(instance_id),
+                    # generation set if absent: the release compares it
+                    UpdateExpression=(
+                        f"SET {DISPATCHER} = :me, {DISPATCHING_UNTIL} = :until, generation = if_not_exists(generation, :zero)"
+                    ),
+                    ConditionExpression=(
+                        f"attribute_not_exists({DISPATCHING_UNTIL}) OR {DISPATCHING_UNTIL} < :now OR {DISPATCHER} = :me"
+                    ),
+                    ExpressionAttributeValues={**values, ":until": {"N": f"{moment + seconds:.3f}"}, ":zero": {"N": "0"}},
+                    ReturnValues="ALL_NEW",
+                )
+                return _to_entry(instance_id, response["Attributes"])
+            except ClientError as exc:
+                if not _is_condition_failure(exc):
+                    raise
+            # Held by another: hand the jobs over. Written after the jobs were assigned to the instance, so the
+            # holder's next look finds them QUEUED there.
+            update, handover = "ADD generation :one", {":one": {"N": "1"}}
+            if job_ids:
+                update += f", {PLACED} :jobs"
+                handover[":jobs"] = {"SS": job_ids}
+            try:
+                self.client.update_item(
+                    TableName=self.table_name,
+                    Key=self._key(instance_id),
+                    UpdateExpression=update,
+                    ConditionExpression=f"{DISPATCHING_UNTIL} >= :now AND {DISPATCHER} <> :me",
+                    ExpressionAttributeValues={**values, **handover},
+                )
+                return None
+            except ClientError as exc:
+                if not _is_condition_failure(exc):
+                    raise
+            # The holder let go (or its claim lapsed) in between: claim it ourselves.
+        raise RetryableError(f"could not claim nor hand over instance {instance_id}: its dispatcher keeps changing")
+
+    def release_dispatch(self, instance_id: str, owner: str, generation: int) -> LedgerEntry | None:
+        """Let go of the claim if nothing was placed or handed over since `generation`. Returns None when let go;
+        else the entry as it is now (still ours: look again at its `placed`; another's: our claim lapsed)."""
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key=self._key(instance_id),
+                UpdateExpression=f"REMOVE {DISPATCHER}, {DISPATCHING_UNTIL}",
+                ConditionExpression=f"{DISPATCHER} = :me AND generation = :g",
+                ExpressionAttributeValues={":me": {"S": owner}, ":g": {"N": str(generation)}},
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as exc:
+            if not _is_condition_failure(exc):
+                raise
+            item = exc.response.get("Item")
+            return _to_entry(instance_id, item) if item is not None else self.read(instance_id)
+        return None
+
+    def drop_dispatch(self, instance_id: str, owner: str) -> None:
+        """Let go of the claim whatever changed (the dispatcher gives up; the reaper re-invokes what it left)."""
+        try:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key=self._key(instance_id),
+                UpdateExpression=f"REMOVE {DISPATCHER}, {DISPATCHING_UNTIL}",
+                ConditionExpression=f"{DISPATCHER} = :me",
+                ExpressionAttributeValues={":me": {"S": owner}},
+            )
+        except ClientError as exc:
+            if not _is_condition_failure(exc):
+                raise
+
     def claim_stop(self, instance_id: str, generation: int) -> bool:
         """True for exactly one caller per generation, and only if no job was placed since it was read."""
         try:
@@ -140,7 +241,7 @@ class InstanceLedger:
                 ExpressionAttributeValues={":g": {"N": str(generation)}, ":zero": {"N": "0"}},
             )
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            if _is_condition_failure(exc):
                 return False
             raise
         return True
@@ -153,4 +254,10 @@ def _to_entry(instance_id: str, item: dict) -> LedgerEntry:
         stopped_generation=int(item["stopped_generation"]["N"]) if "stopped_generation" in item else None,
         last_activity_at=parse_time(item["last_activity_at"]["S"]) if "last_activity_at" in item else None,
         placed_job_ids=frozenset(item.get(PLACED, {}).get("SS", [])),
+        dispatcher=item[DISPATCHER]["S"] if DISPATCHER in item else None,
+        dispatching_until=float(item[DISPATCHING_UNTIL]["N"]) if DISPATCHING_UNTIL in item else None,
     )
+
+
+def _is_condition_failure(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"

@@ -17,7 +17,15 @@ from batchworker.instances import InstancePool
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger, LedgerEntry
 from batchworker.manifests import read_manifest
-from batchworker.models import ACTIVE_STATUSES, InstanceState, Job, JobStatus, manifest_key, utc_now
+from batchworker.models import (
+    ACTIVE_STATUSES,
+    InstanceState,
+    Job,
+    JobStatus,
+    manifest_key,
+    parse_time,
+    utc_now,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +36,12 @@ class ReapReport:
     redispatched: list[str] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # their manifest was there, its event not yet handled
+    # queued on a running (or stopped) instance with no dispatcher: its state-change event was lost, or its
+    # dispatcher ran out of time; a dispatcher is invoked for them again (no attempt counted)
+    nudged: list[str] = field(default_factory=list)
+
+
+LOST_EVENT_SECONDS = 120.0  # a job queued this long on a running or stopped instance, no dispatcher: nudge it
 
 
 def reap(
@@ -68,6 +82,7 @@ def reap(
                 logger.warning("re-dispatching job %s: %s", job.job_id, verdict.reason)
                 invoke_worker({"job_ids": [job.job_id]})
                 report.redispatched.append(job.job_id)
+    _nudge_forgotten(active, instances, entries, now, invoke_worker, report)
     ended = set(report.failed) | set(report.finished)
     still_active = [job for job in active if job.job_id not in ended]
     grace = pool_grace_seconds(settings, still_active, now, gaps)
@@ -83,6 +98,28 @@ def reap(
         if decision.stop:
             report.stopped.append(instance.instance_id)
     return report
+
+
+def _nudge_forgotten(active, instances, entries, now, invoke_worker, report: ReapReport) -> None:
+    """Invoke a dispatcher for jobs left QUEUED on an instance that no dispatcher holds and no event will wake:
+    running (its `running` event was lost, or its dispatcher ran out of time) or stopped (a start refused while
+    it was stopping, and its `stopped` event lost). The bounded fallback for a lost state-change event."""
+    states = {i.instance_id: i.state for i in instances}
+    handled = {*report.redispatched, *report.failed, *report.finished}
+    forgotten: dict[str, list[str]] = {}
+    for job in active:
+        if (
+            job.status is JobStatus.QUEUED and job.instance_id and job.capacity_wait_since is None
+            and job.job_id not in handled
+            and states.get(job.instance_id) in (InstanceState.RUNNING, InstanceState.STOPPED)
+            and not entries[job.instance_id].is_dispatching(now.timestamp())
+            and (now - parse_time(job.updated_at or job.created_at)).total_seconds() > LOST_EVENT_SECONDS
+        ):
+            forgotten.setdefault(job.instance_id, []).append(job.job_id)
+    for instance_id, job_ids in forgotten.items():
+        logger.warning("jobs %s wait on %s with no dispatcher; invoking one", job_ids, instance_id)
+        invoke_worker({"job_ids": job_ids})
+        report.nudged.extend(job_ids)
 
 
 def _release_ended_placements(entry: LedgerEntry, active: list[Job], jobs: JobStore, ledger: InstanceLedger) -> LedgerEntry:

@@ -195,19 +195,22 @@ data "aws_iam_policy_document" "trigger" {
 }
 
 data "aws_iam_policy_document" "worker" {
-  # worker: read the job and move it to RUNNING (or FAILED when dispatch fails).
+  # worker: read the job and move it to RUNNING (or FAILED when dispatch fails); BatchGetItem: the dispatcher
+  # holding an instance reads every job placed on it at once (batchworker/control.py dispatch_instance).
   statement {
     sid       = "JobsTable"
-    actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem"]
+    actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:BatchGetItem"]
     resources = local.jobs_table_arns
   }
 
-  # worker: record instance starts; move jobs an AZ without GPU capacity cannot start to another
-  # instance's ledger item (UpdateItem: placed set), so no stop misses them.
-  # unexercised: only when the instance stopped meanwhile (the backlog test) or its AZ has no GPU capacity.
+  # worker: record instance starts; claim the instance's ledger item as its one dispatcher, or hand jobs over
+  # to the one there (UpdateItem, conditional); move jobs an AZ without GPU capacity cannot start to another
+  # instance's ledger item (placed set), so no stop misses them; GetItem: on a state-change event, whether
+  # any job is placed on the instance at all.
+  # unexercised (dynamodb:PutItem): only when the worker starts an instance itself (stopped between placement and dispatch).
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:PutItem", "dynamodb:UpdateItem"]
+    actions   = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:GetItem"]
     resources = local.instance_events_table_arns
   }
 

@@ -32,6 +32,6 @@ def invoke_worker(payload: dict) -> None:
 def handler(event, context):
     report = reap(settings, jobs, pool, ledger, s3, invoke_worker, gaps=gaps)
     result = {"failed": report.failed, "redispatched": report.redispatched, "stopped": report.stopped,
-              "finished": report.finished}
+              "finished": report.finished, "nudged": report.nudged}
     logger.info("reaper pass", extra=result)
     return result
