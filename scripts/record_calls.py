@@ -1,8 +1,9 @@
 """Record the AWS API calls a real local run makes per job, by component: the load model's check.
 
-Starts a local cloud, turns on moto's request recorder, runs two scenarios and counts every recorded request
+Starts a local cloud, turns on moto's request recorder, runs three scenarios and counts every recorded request
 by component (the User-Agent app id the local cloud gives each Lambda and the instance's job) and API:
 - burst: N digit images uploaded at once (one instance start shared by the burst);
+- large_burst: 3N of them at once (per job, the calls should not grow with the burst);
 - single: M images one at a time, each after the pool stopped again (a start and a stop per job).
 Writes the counts, per job and per reaper pass, as JSON (default: docs/scaling-recorded.json), which
 `batchworker simulate --load --recorded FILE` compares with the model.
@@ -125,6 +126,8 @@ def main() -> int:
         result = {
             "options": json.loads(OPTIONS.to_json()),
             "burst": run.scenario("burst", [[f"record/{tag}/burst-{n}.png" for n in range(args.burst)]]),
+            "large_burst": run.scenario("large_burst",
+                                        [[f"record/{tag}/large-{n}.png" for n in range(3 * args.burst)]]),
             "single": run.scenario("single", [[f"record/{tag}/single-{n}.png"] for n in range(args.singles)]),
         }
     finally:

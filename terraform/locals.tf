@@ -87,6 +87,7 @@ locals {
     BATCHWORKER_SSH_USER                       = var.ssh_user
     BATCHWORKER_JOB_COMMAND                    = var.job_command
     BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS = tostring(var.instance_ready_timeout_seconds)
+    BATCHWORKER_INSTANCE_STATE_EVENTS          = "true" # events.tf routes them to the worker
     BATCHWORKER_MAX_CAPACITY_WAIT_SECONDS      = tostring(var.max_capacity_wait_seconds)
     BATCHWORKER_JOB_RETENTION_DAYS             = tostring(var.job_retention_days)
     BATCHWORKER_IDLE_GRACE_SECONDS             = tostring(var.idle_grace_seconds)

@@ -84,7 +84,7 @@ def breaks_table(rows) -> Table:
 
 
 def recorded_rows(recording: dict) -> tuple[list[str], list[list[str]]]:
-    scenarios = [name for name in ("burst", "single") if name in recording]
+    scenarios = [name for name in ("burst", "large_burst", "single") if name in recording]
     columns = ["component", "API", *(
         f"{name}: per job ({recording[name]['jobs']} jobs; reaper per pass, {recording[name]['reaper_passes']})"
         for name in scenarios

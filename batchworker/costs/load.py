@@ -146,22 +146,36 @@ def model(workload: Workload, deployment: Deployment) -> Load:
 
     # worker (dispatcher): per invocation, wait for the instance; per job, claim and lease.
     wait = d.boot_seconds if booting else 0.0
+    online_wait = d.ssm_online_seconds if booting else 0.0
     if today:
         describe_per_dispatch = polls(wait, 1.0, 1.0, 1.0)
+        launching = dispatchers  # every invocation waits for its instance and launches
+        dispatcher_seconds = wait + (online_wait if d.transport == "ssm" else 0.0) + 2.0
+        concurrency = dispatchers * dispatcher_seconds
+        add("worker", "dynamodb:GetItem", 2 * rate)
     else:
-        describe_per_dispatch = polls(wait, 1.0, 2.0, 5.0, jitter_mean=0.75)
+        # One dispatcher per instance (its ledger claim: a conditional UpdateItem, and one to let go, or one to hand
+        # the jobs over), never waiting through a boot: an invocation looks once (DescribeInstances), and a booting
+        # instance's `running` event brings one dispatcher per start, which reads the ledger and the placed jobs.
+        describe_per_dispatch = 1.0
+        events = 2 * starts  # running, and stopped later
+        launching = (starts if booting else dispatchers)
+        add("worker", "ec2:DescribeInstances", starts)
+        add("worker", "dynamodb:GetItem", 2 * rate + events)  # the job, before and after; the ledger on an event
+        add("worker", "dynamodb:BatchGetItem", dispatchers + starts)  # the placed jobs, once per look
+        add("worker", "dynamodb:UpdateItem", 2 * (dispatchers + starts))  # claim and let go, or hand over
+        dispatcher_seconds = 1.0 + (online_wait if d.transport == "ssm" else 0.0)
+        concurrency = dispatchers * 1.0 + events * 0.5 + starts * dispatcher_seconds
     add("worker", "ec2:DescribeInstances", dispatchers * describe_per_dispatch)
-    add("worker", "dynamodb:GetItem", 2 * rate)
     add("worker", "dynamodb:UpdateItem", 2 * rate)
     if d.transport == "ssm":
-        online_wait = d.ssm_online_seconds if booting else 0.0
-        add("worker", "ssm:DescribeInstanceInformation", dispatchers * polls(online_wait, 2.0, 1.0, 2.0))
-        add("worker", "ssm:SendCommand", dispatchers)
-        add("worker", "ssm:GetCommandInvocation", 2 * dispatchers)
+        add("worker", "ssm:DescribeInstanceInformation", launching * polls(online_wait, 2.0, 1.0, 2.0))
+        add("worker", "ssm:SendCommand", launching)
+        add("worker", "ssm:GetCommandInvocation", 2 * launching)
     else:
-        add("worker", "ssm:GetParameter", dispatchers * polls(wait, 0.5, 1.0 if today else 2.0, 0.5 if today else 4.0))
-    dispatcher_seconds = (wait + (d.ssm_online_seconds if booting and d.transport == "ssm" else 0.0) + 2.0)
-    concurrency = dispatchers * dispatcher_seconds + batches * 1.0 + rate / d.sqs_batch_size * 1.0
+        add("worker", "ssm:GetParameter", launching * polls(wait if today else 0.0, 0.5, 1.0 if today else 2.0,
+                                                            0.5 if today else 4.0))
+    concurrency += batches * 1.0 + rate / d.sqs_batch_size * 1.0
 
     # instance (the job): the lease every lease/3 s while on the instance, waiting included; S3 in and out.
     renewals_per_second = running / (d.lease_seconds / 3)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from moto.server import ThreadedMotoServer
 
-from batchworker.local import capacity_faults, gsi_lag, processes
+from batchworker.local import capacity_faults, ec2_events, gsi_lag, processes
 from batchworker.local.paths import DEFAULT_JOB_PACKAGE, LAMBDA_BUILD_DIR, MODEL_PATH, SCRIPTS_DIR, VENV_BIN
 from batchworker.local.state import LOCAL_CREDENTIALS, LOCAL_REGION, LocalOptions, read_state, write_state
 from batchworker.local.terraform import LocalTerraform
@@ -69,6 +69,7 @@ class Supervisor:
         self.phase("building lambda zips and the model")
         self.build()
         capacity_faults.install(self.local_dir)  # outages switched on by writing faults/capacity.json
+        ec2_events.install()  # instance state-change events, delivered to Lambda targets once the runtime is up
         if self.options.gsi_lag_seconds > 0:
             gsi_lag.install(self.options.gsi_lag_seconds)  # the moto server runs in this process
             self.phase(f"GSI queries lag {self.options.gsi_lag_seconds:g}s behind writes")
@@ -112,6 +113,7 @@ class Supervisor:
             self.children.append(host)
             hosts.append((host, host_dir / "ready.json", instance_id))
         runtime_info = processes.wait_for_file(runtime_dir / "lambda-runtime.json", runtime, 120, "lambda runtime")
+        ec2_events.deliver_to(runtime_info["invoke_url"])
         instance_info = {
             instance_id: processes.wait_for_file(ready, host, 60, f"instance host {instance_id}")
             for host, ready, instance_id in hosts

@@ -58,3 +58,14 @@ def test_a_burst_polls_ec2_less_after_and_a_small_pool_falls_behind():
 
 def test_the_seed_workload_breaks_nothing():
     assert model(BURSTY, Deployment()).breaks_first() == "nothing"
+
+
+def test_after_a_burst_costs_about_one_ec2_look_per_upload_whatever_its_size_and_holds_no_dispatcher_through_the_boot():
+    for n in (1_000, 10_000):
+        burst = Workload("burst", 0.0, 12.5, burst_uploads=n)
+        today, after = (model(burst, Deployment(version=v)).calls["worker"]["ec2:DescribeInstances"] * 60 / n
+                        for v in ("today", "after"))
+        assert today > 50  # every dispatcher looks every second through the boot
+        assert after < 2  # one look each; the boot is left to the instance's running event
+    today, after = (model(BIG_BURST, Deployment(version=v)) for v in ("today", "after"))
+    assert after.measures["lambda:concurrent executions"] < today.measures["lambda:concurrent executions"] / 10
