@@ -141,11 +141,22 @@ def accept_upload(
     # The placement goes into the instance's ledger record too: stop decisions read it strongly consistent.
     ledger.note_assignment(placement.instance_id, job_ids=[job.job_id])
     jobs.assign_instance(job.job_id, placement.instance_id)
-    if placement.start:
-        pool.try_start(placement.instance_id, reason=f"job {job.job_id} queued; {placement.reason}")
+    if placement.start and pool.try_start(placement.instance_id, reason=f"job {job.job_id} queued; {placement.reason}"):
+        note_start(ledger, placement.instance_id, job)
     dispatch(job.job_id, placement.instance_id)
     logger.info("job %s placed on %s (%s)", job.job_id, placement.instance_id, placement.reason)
     return job.job_id
+
+
+def note_start(ledger: InstanceLedger, instance_id: str, job: Job) -> None:
+    """Tell the instance's boot-time pre-warm which job package started it. After the start, off its path
+    (the instance boots for far longer than this write takes); best effort: without it the job sets its
+    package up itself."""
+    packages = {job.package["name"]: job.package["version"]} if job.package else {}
+    try:
+        ledger.note_start(instance_id, packages)
+    except ClientError as exc:
+        logger.warning("could not record the packages that started %s for its pre-warm: %s", instance_id, exc)
 
 
 def dispatch_jobs(

@@ -5,7 +5,9 @@ write on the generation read *before* looking for active jobs: if a job was plac
 fails and the instance stays up; if two finished jobs race to stop it, only one claim succeeds.
 The record lives in the instance-events table under a sort key no timestamp can take.
 
-It also holds `placed`: the ids of the jobs placed on the instance and not finished yet (a string set, added
+At a start the trigger also records `prewarm`: the job packages (name -> pinned version) of the jobs that
+started the instance, which the instance's boot-time pre-warm reads (worker/prewarm.py; its role may read
+only that attribute). It also holds `placed`: the ids of the jobs placed on the instance and not finished yet (a string set, added
 at placement, removed when the job's manifest is recorded). The stop decision reads it with a strongly
 consistent GetItem, so it never depends on the jobs table's status index, which on AWS lags behind writes:
 a job placed a moment ago is always seen. A set rather than a counter: adding or removing the same job twice
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -38,6 +40,7 @@ PLACED = "placed"  # string set: jobs placed on the instance whose manifests are
 DISPATCHER = "dispatcher"  # the dispatcher (worker invocation) that launches the instance's jobs now
 DISPATCHING_UNTIL = "dispatching_until"  # epoch seconds: its claim lapses then (a crashed dispatcher)
 HANDOVER_TRIES = 8  # claim, or hand over to the holder; a holder releasing in between makes us try again
+PREWARM = "prewarm"  # map: job packages (name -> version) of the jobs that started the instance
 BATCH_GET_KEYS = 100  # BatchGetItem's limit
 UNPROCESSED_RETRIES = 8
 
@@ -222,6 +225,20 @@ class InstanceLedger:
         except ClientError as exc:
             if not _is_condition_failure(exc):
                 raise
+    def note_start(self, instance_id: str, packages: Mapping[str, str]) -> None:
+        """The instance was started for jobs of these packages ({name: pinned version}): its boot-time
+        pre-warm (worker/prewarm.py) reads them and sets them up before the first job arrives. Replaces what
+        an earlier start left; best effort (a missed record means a job sets its package up itself)."""
+        if packages:
+            self.client.update_item(
+                TableName=self.table_name,
+                Key=self._key(instance_id),
+                UpdateExpression=f"SET {PREWARM} = :packages",
+                ExpressionAttributeValues={":packages": {"M": {n: {"S": v} for n, v in sorted(packages.items())}}},
+            )
+        else:
+            self.client.update_item(TableName=self.table_name, Key=self._key(instance_id),
+                                    UpdateExpression=f"REMOVE {PREWARM}")
 
     def claim_stop(self, instance_id: str, generation: int) -> bool:
         """True for exactly one caller per generation, and only if no job was placed since it was read."""

@@ -47,6 +47,8 @@ locals {
     model_uri           = local.model_uri
     packages_uri        = "s3://${aws_s3_bucket.this["artifacts"].id}/job-packages/"
     default_job         = var.default_job
+    # prewarm reads the packages of the jobs that started the instance from its ledger item there
+    instance_events_table = aws_dynamodb_table.instance_events.name
   })
 
   # Tags of what the instances create (volumes, network interfaces): default_tags does not reach them.

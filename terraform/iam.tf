@@ -613,6 +613,27 @@ data "aws_iam_policy_document" "gpu" {
     }
   }
 
+  # instance (prewarm): read which job packages started it: the `prewarm` attribute the trigger writes
+  # on the instance's ledger item at the start (worker/prewarm.py sets them up at boot). GetItem with a
+  # projection of that attribute only: no other attribute of the table (history, placements) is readable.
+  statement {
+    sid       = "ReadPrewarmPackages"
+    actions   = ["dynamodb:GetItem"]
+    resources = [aws_dynamodb_table.instance_events.arn]
+
+    condition {
+      test     = "ForAllValues:StringEquals"
+      variable = "dynamodb:Attributes"
+      values   = ["instance_id", "at", "prewarm"]
+    }
+
+    condition {
+      test     = "StringEqualsIfExists"
+      variable = "dynamodb:Select"
+      values   = ["SPECIFIC_ATTRIBUTES"]
+    }
+  }
+
   # instance (user data): read the pointer to the current job package.
   # unexercised: user data runs at boot on AWS; the local instance host runs the job from the repository's venv.
   statement {

@@ -165,9 +165,13 @@ class RowCollector:
 
     def columns(self) -> list[str]:
         seen: dict[str, None] = {"item": None}
+        shapes: set[tuple] = set()  # rows of one handler mostly share their keys: look at each set once
         for _, row in self.rows:
-            for key in row:
-                seen.setdefault(str(key), None)
+            keys = tuple(row)
+            if keys not in shapes:
+                shapes.add(keys)
+                for key in keys:
+                    seen.setdefault(str(key), None)
         return list(seen)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from worker.errors import JobError
 
 MAX_EVENT_BYTES = 1024 * 1024
+HANDLER_LOG_NAME = "handler.log"  # the handler processes' stderr (prints, crashes), per job root
 
 
 class SetupFailed(JobError):
@@ -38,14 +39,15 @@ class JobResult:
     counts: dict[str, int]
     process_error: str | None
     first_error: dict[str, str] | None
-    process_s: float
+    process_s: float  # process() driven to its last row, in the handler's process
+    results_s: float = 0.0  # writing results.csv and errors.jsonl
 
 
 class HandlerHost:
     """One running handler process; run_job() sends it a job and reads its events until "done"."""
 
     def __init__(self, python: str, package_dir: Path, entrypoint: str, log_path: Path) -> None:
-        self.package_dir = package_dir
+        self.python, self.package_dir, self.entrypoint = python, package_dir, entrypoint
         with log_path.open("ab") as stderr:  # the handler's prints and crashes
             self._process = subprocess.Popen(
                 [python, "-m", "worker.handler_host", "--package-dir", str(package_dir),
@@ -107,7 +109,7 @@ class HandlerHost:
                     on_progress(int(event.get("done") or 0), int(event.get("total") or 0))
                 elif kind == "done":
                     return JobResult(event["counts"], event.get("process_error"), event.get("first_error"),
-                                     float(event.get("process_s") or 0.0))
+                                     float(event.get("process_s") or 0.0), float(event.get("results_s") or 0.0))
 
     @property
     def pid(self) -> int:
@@ -174,6 +176,10 @@ class HostPool:
             host = self._hosts.pop(key, None)
         if host is not None:
             host.kill() if host.is_alive() else host.close()
+
+    def items(self) -> list[tuple[HostKey, HandlerHost]]:
+        with self._lock:
+            return list(self._hosts.items())
 
     def has_package(self, version: str) -> bool:
         """Whether this process serves that package version, or will (the warm server's admission asks)."""

@@ -49,13 +49,14 @@ def renew_lease(
     lease: Lease,
     now: dt.datetime,
     progress: tuple[int, int] | None = None,
-    started: bool = False,
+    started: bool | dt.datetime = False,
 ) -> bool:
     """Hold the job's lease until now + lease.seconds; False when the control plane has already ended it.
 
     `progress` (items done, items total), when the job knows it, goes to items_done / items_total.
-    `started`: the job's code starts now: it becomes RUNNING and its runtime counts from now. Otherwise the
-    status and `running_since` are left alone (a job waiting for a slot stays DISPATCHED).
+    `started`: the job's code started (True: now; a datetime: then): it becomes RUNNING and its runtime
+    counts from then. Otherwise the status and `running_since` are left alone (a job waiting for a slot
+    stays DISPATCHED).
     Other errors (throttling, network, a missing table) propagate: the caller logs them and tries again.
     """
     sets = ["lease_expires_at = :t", "updated_at = :now"]
@@ -65,8 +66,9 @@ def renew_lease(
         ":t": {"S": iso_utc(now + dt.timedelta(seconds=lease.seconds))},
         ":now": {"S": iso_utc(now)},
     }
-    if started:
-        sets += ["#s = :running", "running_since = :now"]
+    if started is not False:
+        sets += ["#s = :running", "running_since = :since"]
+        values[":since"] = {"S": iso_utc(now if started is True else started)}
     if progress is not None:
         sets += ["items_done = :done", "items_total = :total"]
         values.update({":done": {"N": str(progress[0])}, ":total": {"N": str(progress[1])}})
@@ -115,9 +117,11 @@ def note_instance_problem(client: Any, job_id: str, lease: Lease, problem: str) 
 class Heartbeat:
     """A daemon thread renewing the leases of the given jobs at once and then every min(seconds) / 3.
 
-    job_started(job_id) marks the job RUNNING from now (its code starts). finish(job_id) ends a job's renewals
-    (returns after any renewal in flight); call it before the job's manifest goes out. The thread ends when no
-    job is left, or at stop().
+    job_started(job_id) marks the job RUNNING from now (its code starts): the write goes out at once from the
+    heartbeat's thread, so the job's code does not wait for DynamoDB; running_since is the moment of the call.
+    finish(job_id) ends a job's renewals (returns after any renewal in flight, and writes a RUNNING still
+    pending first, so the row is RUNNING before the manifest can end it); call it before the job's manifest
+    goes out. The thread ends when no job is left, or at stop().
     """
 
     def __init__(self, leases: dict[str, Lease], client: Any = None) -> None:
@@ -125,6 +129,8 @@ class Heartbeat:
         self._client = client
         self._lock = threading.Lock()  # held while renewing, so finish() waits for a renewal in flight
         self._stopped = threading.Event()
+        self._wake = threading.Event()  # a RUNNING write is pending, or stop()
+        self._pending_start: dict[str, dt.datetime] = {}  # job_id -> when its code started, not written yet
         self._thread: threading.Thread | None = None
         self._started = False
         self._renewed: set[str] = set()  # jobs whose first renewal was logged
@@ -157,20 +163,27 @@ class Heartbeat:
         self._progress[job_id] = (done, total)
 
     def job_started(self, job_id: str) -> None:
-        """The job's code starts now: RUNNING from now on (one write at once, then the usual renewals)."""
-        with self._lock:
-            lease = self._leases.get(job_id)
-            if lease is not None and self._client is not None:
-                self._renew(job_id, lease, started=True)
+        """The job's code starts now: RUNNING from now on. The write is the heartbeat thread's (at once),
+        off the job's path; without a running heartbeat it is made here."""
+        # Not under the lock: a renewal in flight holds it for as long as DynamoDB takes to answer.
+        self._pending_start[job_id] = dt.datetime.now(dt.timezone.utc)
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                self._write_pending(job_id)
+            return
+        self._wake.set()
 
     def finish(self, job_id: str) -> None:
         with self._lock:
+            self._write_pending(job_id)  # RUNNING (and running_since) before the manifest ends the job
             self._leases.pop(job_id, None)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopped.set()
+        self._wake.set()
         with self._lock:
             self._leases.clear()
+            self._pending_start.clear()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -181,6 +194,10 @@ class Heartbeat:
         after each round, periods of 2 s pause + 2 s round came within 2 s of a 6 s lease."""
         due: dict[str, float] = {}  # job_id -> monotonic time its next renewal is due
         while not self._stopped.is_set():
+            self._wake.clear()
+            for job_id in list(self._pending_start):  # RUNNING writes first: a job's code has started
+                with self._lock:
+                    self._write_pending(job_id)
             with self._lock:
                 jobs = sorted(self._leases.items(), key=lambda job: due.get(job[0], 0.0))
             if not jobs:
@@ -194,9 +211,20 @@ class Heartbeat:
                         self._renew(job_id, lease)
             with self._lock:
                 next_due = min((due.get(job_id, 0.0) for job_id in self._leases), default=0.0)
-            self._stopped.wait(max(0.0, next_due - time.monotonic()))
+            self._wake.wait(max(0.0, next_due - time.monotonic()))
 
-    def _renew(self, job_id: str, lease: Lease, started: bool = False) -> None:
+    def _write_pending(self, job_id: str) -> None:
+        """The RUNNING write of a job whose code started (lock held); kept pending while it fails."""
+        started = self._pending_start.get(job_id)
+        lease = self._leases.get(job_id)
+        if started is None or lease is None or self._client is None:
+            self._pending_start.pop(job_id, None)
+            return
+        if self._renew(job_id, lease, started=started):
+            self._pending_start.pop(job_id, None)
+
+    def _renew(self, job_id: str, lease: Lease, started: bool | dt.datetime = False) -> bool:
+        """One renewal; True when the write was answered (renewed, or the job ended by the control plane)."""
         try:
             renewed = renew_lease(self._client, job_id, lease, dt.datetime.now(dt.timezone.utc),
                                   self._progress.get(job_id), started)
@@ -207,7 +235,7 @@ class Heartbeat:
                 self._lapsed = True
                 threading.Thread(target=self.on_lapse, args=(job_id, f"{type(exc).__name__}: {exc}", lease.seconds),
                                  name="lease-lapsed", daemon=True).start()
-            return
+            return False
         self._last_ok[job_id] = time.monotonic()
         if not renewed:
             logger.warning(
@@ -216,7 +244,8 @@ class Heartbeat:
                 extra={"job_id": job_id, "table": lease.table},
             )
             del self._leases[job_id]
-        elif started:
+            self._pending_start.pop(job_id, None)
+        elif started is not False:
             logger.info("the job is RUNNING in the jobs table", extra={"job_id": job_id, "table": lease.table})
         elif job_id not in self._renewed:
             self._renewed.add(job_id)
@@ -225,3 +254,4 @@ class Heartbeat:
                 "lease taken: the job is alive in the jobs table",
                 extra={"job_id": job_id, "table": lease.table, "renew_every_s": every},
             )
+        return True

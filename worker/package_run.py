@@ -13,13 +13,14 @@ import mimetypes
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from worker.environments import Environment, ensure_environment
 from worker.errors import InputError, Interrupted, JobError, printable
-from worker.hosts import HandlerHost, HostKey, HostPool, SetupFailed
+from worker.hosts import HANDLER_LOG_NAME, HandlerHost, HostKey, HostPool, SetupFailed
 from worker.items import expand_items
 from worker.manifest import Timings
 from worker.packages import Package, fetch_package
@@ -30,8 +31,8 @@ ENVS_DIR = ".envs"
 RESULTS_NAME = "results.csv"
 ERRORS_NAME = "errors.jsonl"
 OUTPUTS_DIR = "outputs"
-HANDLER_LOG_NAME = "handler.log"  # the handler processes' stderr (prints, crashes), per job root
 MAX_INPUT_BYTES = 100 * 1024 * 1024
+UPLOAD_THREADS = 8  # botocore keeps 10 connections per client
 
 
 class ItemsFailed(JobError):
@@ -132,16 +133,19 @@ def run_package_job(
     }
     key = HostKey(spec.package.version, environment.key)
     try:
-        with timings.measure("inference_s"):
-            result = host.run_job(request, lambda level, message: _handler_log(log, level, message), on_progress,
-                                  lambda at: setattr(report, "process_started_at", _iso(at)))
+        result = host.run_job(request, lambda level, message: _handler_log(log, level, message), on_progress,
+                              lambda at: setattr(report, "process_started_at", _iso(at)))
     except Interrupted:
         hosts.discard(key)  # mid-job: its state is unknown
         raise
     except JobError:
         hosts.discard(key)
         raise
+    # As the handler's process measured them: process() to its last row, then the writing of the results
+    timings.seconds["inference_s"] += result.process_s
+    timings.seconds["results_s"] = timings.seconds.get("results_s", 0.0) + result.results_s
     counts = result.counts
+    on_progress(counts["total"], counts["total"])
     report.items_succeeded, report.items_failed = counts["succeeded"], counts["failed"]
     report.results_rows = counts.get("rows", 0)
     log.info("process done", extra={**counts, "process_s": result.process_s})
@@ -209,16 +213,22 @@ def _handler_log(log: logging.Logger, level: str, message: str) -> None:
 
 def _upload_results(spec: JobSpec, job_dir: Path, output_dir: Path, storage: Storage,
                     report: PackageReport) -> None:
-    for name, content_type in ((RESULTS_NAME, "text/csv"), (ERRORS_NAME, "application/x-ndjson")):
-        key = spec.output_key(name)
-        storage.upload_file(job_dir / name, spec.output_bucket, key, content_type)
-        report.outputs.append(key)
+    """results.csv, errors.jsonl and every output file, UPLOAD_THREADS at a time (each PUT is a round trip;
+    a package that writes a file per item has many). The manifest lists them in this order."""
+    uploads = [(job_dir / RESULTS_NAME, spec.output_key(RESULTS_NAME), "text/csv"),
+               (job_dir / ERRORS_NAME, spec.output_key(ERRORS_NAME), "application/x-ndjson")]
     for path in sorted(_regular_files(output_dir)):
         relative = path.relative_to(output_dir).as_posix()
-        key = spec.output_key(f"{OUTPUTS_DIR}/{relative}")
         content_type = mimetypes.guess_type(relative)[0] or "application/octet-stream"
-        storage.upload_file(path, spec.output_bucket, key, content_type)
-        report.outputs.append(key)
+        uploads.append((path, spec.output_key(f"{OUTPUTS_DIR}/{relative}"), content_type))
+    with ThreadPoolExecutor(max_workers=min(UPLOAD_THREADS, len(uploads)), thread_name_prefix="upload") as pool:
+        futures = [pool.submit(storage.upload_file, path, spec.output_bucket, key, content_type)
+                   for path, key, content_type in uploads]
+    failures = [future.exception() for future in futures]
+    report.outputs += [key for (_, key, _), failure in zip(uploads, failures, strict=True) if failure is None]
+    for failure in failures:
+        if failure is not None:
+            raise failure  # the first one, in upload order, is the job's error
 
 
 def _regular_files(root: Path) -> list[Path]:
@@ -233,7 +243,9 @@ def _regular_files(root: Path) -> list[Path]:
 
 
 def prepare_package(ref: PackageRef, job_root: Path, storage: Storage, hosts: HostPool,
-                    log: logging.Logger) -> HandlerHost:
+                    log: logging.Logger) -> tuple[HostKey, HandlerHost]:
     """A package's archive, environment and warm handler (setup() done) before any job of it (worker/prewarm.py)."""
     package = fetch_package(ref, job_root, storage)
-    return _warm_host(hosts, package, _environment(package, job_root, log), job_root, log, PackageReport())
+    environment = _environment(package, job_root, log)
+    host = _warm_host(hosts, package, environment, job_root, log, PackageReport())
+    return HostKey(ref.version, environment.key), host

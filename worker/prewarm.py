@@ -2,8 +2,11 @@
 
 Started by the instance's systemd unit (Terraform user data) and, locally, by the instance host when the
 instance turns running: while the control plane still waits for the transport, this process imports the
-framework and prepares the default job (its package's handler process with setup() done; without a
-package, torch and the model), so the first batch of a cold start runs warm.
+framework and prepares the job packages of the jobs that started the instance (the trigger names them on
+the instance's ledger item) and the default job (each package's handler process with setup() done; without
+a default package, torch and the model), so the first batch of a cold start runs warm. The handler
+processes the previous pre-warm on this disk set up are started first thing (start_remembered), so their
+imports and setup() overlap this process's own.
 
 Nothing runs twice or is lost when a batch arrives early: the server role (and socket) is taken before
 anything slow, the first batch offered during the preparation is taken and runs right after it (later ones
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import time
@@ -23,17 +28,25 @@ from pathlib import Path
 
 from worker import cli
 from worker.errors import Interrupted
-from worker.hosts import HostPool
+from worker.hosts import HANDLER_LOG_NAME, HandlerHost, HostKey, HostPool
 from worker.paths import job_root_from_env
 from worker.server import claim_role
 from worker.spec import PackageRef
 
 logger = logging.getLogger("batchworker.prewarm")
 MAX_POINTER_BYTES = 1024 * 1024
+LEDGER_SORT_KEY = "~ledger"  # the instance's ledger item (batchworker/ledger.py, not installed here)
+PREWARM_ATTRIBUTE = "prewarm"
+PACKAGE_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")
+VERSION = re.compile(r"[0-9a-f]{64}")
+INSTANCE_ID_ENV = "BATCHWORKER_INSTANCE_ID"  # as worker/runner.py (imported later: it is slow)
+REMEMBERED_NAME = ".prewarm-hosts.json"  # in the job root: the handlers the last pre-warm set up
+MAX_REMEMBERED = 4
 
 
 def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, model_uri: str | None,
-            linger_seconds: float) -> int:
+            linger_seconds: float, instance_events_table: str | None = None,
+            instance_id: str | None = None) -> int:
     signal.signal(signal.SIGTERM, cli._on_sigterm)
     cli._raise_on_sigterm = False  # SIGTERM while preparing: stop afterwards, running what was taken
     job_root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -48,41 +61,165 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, m
     # server took before it was made idle comes back from next_batch: it runs first.
     server = cli._open_server(job_root, role, hosts)
     early = server.next_batch(0)
+    # The handler processes this job root's last pre-warm set up start now, before this process's own slow
+    # imports and reads: their framework imports and setup() overlap them. Kept if still wanted.
+    remembered = start_remembered(job_root)
     try:
         from worker.runner import WarmState  # the slow imports start here
         from worker.storage import Storage
 
         warm = WarmState(hosts=hosts)
+        starters: list[PackageRef] = []
+        default: PackageRef | None = None
         try:
             warm.storage = Storage()
-            ref = default_package(warm.storage, packages_uri, default_job) if default_job and packages_uri else None
-            if ref is not None:
-                hosts.expect([ref.version])  # while busy, the server still admits this package's batches
-                from worker.package_run import prepare_package
-
-                host = prepare_package(ref, job_root, warm.storage, hosts, logger)
-                logger.info("default job %s ready: setup() done in %.2f s", ref.name, host.setup_s)
-            elif model_uri:
+            if packages_uri and instance_events_table and instance_id:
+                starters = started_by(instance_events_table, instance_id, packages_uri)
+            if default_job and packages_uri:
+                default = default_package(warm.storage, packages_uri, default_job)
+            # While busy, the server still admits these packages' batches (they will find them warm)
+            hosts.expect([ref.version for ref in [*starters, *([default] if default else [])]])
+        except Exception:  # noqa: BLE001 - a job prepares what is missing itself and reports it
+            logger.exception("reading which job packages to prepare failed; jobs will prepare them themselves")
+        # The packages of the jobs that started this instance first: one of them is on its way (it is most
+        # likely the early batch, which then runs before the default job is prepared).
+        _prepare(starters, job_root, warm, remembered, "started this instance")
+        linger = linger_seconds
+        if starters:  # what the server took meanwhile (most likely that job) runs now, before the default job
+            taken, early = early if early is not None else server.next_batch(0), None
+            while taken is not None and not cli._terminating:
+                linger = _serve_early(taken, job_root, warm, linger)
+                taken = server.next_batch(0)
+            if taken is not None:  # SIGTERM: _serve runs it as it closes the server
+                early = taken
+        if default is not None and default.version not in {ref.version for ref in starters}:
+            _prepare([default], job_root, warm, remembered, "the default job")
+        elif default is None and model_uri:
+            try:
                 from worker.model import ModelCache
                 from worker.runner import MODEL_CACHE_DIR
 
                 warm.models = ModelCache(job_root / MODEL_CACHE_DIR)
                 warm.models.get(model_uri, warm.storage)
                 logger.info("model %s loaded", model_uri)
-        except Exception:  # noqa: BLE001 - a job prepares what is missing itself and reports it
-            logger.exception("preparing the default job failed; jobs will prepare it themselves")
+            except Exception:  # noqa: BLE001 - a job prepares what is missing itself and reports it
+                logger.exception("loading the model failed; jobs will load it themselves")
+        _discard(remembered)  # started for packages no longer wanted
+        remember(job_root, hosts)
         logger.info("warm after %.2f s; serving for %.0f s without a batch", time.monotonic() - started,
                     linger_seconds)
-        linger = linger_seconds
         if early is not None:
-            try:
-                linger = cli._serve_batch(early, job_root, warm) or linger
-            except Interrupted:  # SIGTERM: _serve below closes the server and runs what it took
-                pass
+            linger = _serve_early(early, job_root, warm, linger)
         cli._serve(server, linger, job_root, warm)
     finally:
+        _discard(remembered)
         hosts.close()
     return 0
+
+
+def _prepare(refs: list[PackageRef], job_root: Path, warm, remembered: dict[str, tuple[HostKey, HandlerHost]],
+             why: str) -> None:
+    """Each package's archive, environment and handler process (setup() done), one after another; a handler
+    process started at boot for its version (start_remembered) is used once its setup() is done."""
+    from worker.package_run import prepare_package
+
+    for ref in refs:
+        early_start = remembered.pop(ref.version, None)
+        try:
+            if early_start is not None and _ready(*early_start):
+                key, host = early_start
+                warm.hosts.add(key, host)
+            else:
+                key, host = prepare_package(ref, job_root, warm.storage, warm.hosts, logger)
+        except Exception:  # noqa: BLE001 - its job prepares it itself and reports what fails
+            logger.exception("preparing job package %s (%s) failed; its jobs will prepare it themselves",
+                             ref.name, why)
+            continue
+        logger.info("job package %s %s (%s) ready: setup() done in %.2f s, handler pid %d", ref.name,
+                    ref.version[:12], why, host.setup_s, host.pid)
+
+
+def start_remembered(job_root: Path) -> dict[str, tuple[HostKey, HandlerHost]]:
+    """Start the handler processes of the packages the last pre-warm on this job root set up (REMEMBERED_NAME:
+    package folder, environment's Python, entrypoint; the folders are content-addressed, never changed).
+    By version; nothing when there is no record or its folders are gone."""
+    try:
+        records = json.loads((job_root / REMEMBERED_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    started: dict[str, tuple[HostKey, HandlerHost]] = {}
+    for record in records[:MAX_REMEMBERED] if isinstance(records, list) else ():
+        try:
+            key = HostKey(record["version"], record["environment_key"])
+            package_dir, python = Path(record["package_dir"]), record["python"]
+            if not (VERSION.fullmatch(key.package_version) and package_dir.is_dir() and Path(python).is_file()):
+                continue
+            started[key.package_version] = key, HandlerHost(python, package_dir, record["entrypoint"],
+                                                            job_root / HANDLER_LOG_NAME)
+        except (KeyError, TypeError, OSError) as exc:
+            logger.warning("not starting a remembered handler early: %s", exc)
+    return started
+
+
+def remember(job_root: Path, hosts: HostPool) -> None:
+    """What start_remembered starts at the next boot: the handler processes set up now."""
+    records = [{"version": key.package_version, "environment_key": key.environment_key, "python": host.python,
+                "package_dir": str(host.package_dir), "entrypoint": host.entrypoint}
+               for key, host in hosts.items()][:MAX_REMEMBERED]
+    try:
+        tmp = job_root / f".{REMEMBERED_NAME}.tmp"
+        tmp.write_text(json.dumps(records), encoding="utf-8")
+        os.replace(tmp, job_root / REMEMBERED_NAME)
+    except OSError as exc:
+        logger.warning("could not record the prepared packages for the next boot: %s", exc)
+
+
+def _ready(key: HostKey, host: HandlerHost) -> bool:
+    try:
+        host.wait_ready(lambda level, message: logger.info("handler: %s", message))
+    except Exception as exc:  # noqa: BLE001 - prepared the usual way instead, which reports the failure
+        logger.warning("the handler started early for %s is not usable (%s); preparing it again",
+                       key.package_version[:12], exc)
+        host.kill()
+        return False
+    return True
+
+
+def _discard(remembered: dict[str, tuple[HostKey, HandlerHost]]) -> None:
+    while remembered:
+        _, (_, host) = remembered.popitem()
+        host.kill()
+
+
+def _serve_early(batch, job_root: Path, warm, linger: float) -> float:
+    """The batch the server took while this process prepared: it runs now, exactly once."""
+    try:
+        return cli._serve_batch(batch, job_root, warm) or linger
+    except Interrupted:  # SIGTERM: _serve closes the server and runs what it took
+        return linger
+
+
+def started_by(table: str, instance_id: str, packages_uri: str) -> list[PackageRef]:
+    """The job packages (pinned versions) of the jobs that started this instance: the trigger writes them
+    on the instance's ledger item (batchworker/ledger.py `prewarm`) when it starts it. The instance role may
+    read that attribute only."""
+    from worker.lease import make_client
+
+    item = make_client().get_item(
+        TableName=table, Key={"instance_id": {"S": instance_id}, "at": {"S": LEDGER_SORT_KEY}},
+        ProjectionExpression=PREWARM_ATTRIBUTE, ConsistentRead=True,
+    ).get("Item", {})
+    bucket, _, prefix = packages_uri.removeprefix("s3://").partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    refs = []
+    for name, value in sorted(item.get(PREWARM_ATTRIBUTE, {}).get("M", {}).items()):
+        version = value.get("S", "") if isinstance(value, dict) else ""
+        if not (PACKAGE_NAME.fullmatch(name) and VERSION.fullmatch(version)):
+            logger.warning("ignoring a malformed pre-warm entry %r: %r", name[:60], version[:80])
+            continue
+        refs.append(PackageRef(name, version, f"s3://{bucket}/{prefix}{name}/{version}.tar.gz"))
+    logger.info("started for job packages: %s", ", ".join(f"{r.name} {r.version[:12]}" for r in refs) or "none")
+    return refs
 
 
 def default_package(storage, packages_uri: str, name: str) -> PackageRef | None:
@@ -113,7 +250,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model-uri", help="the model of the built-in job, when there is no default package")
     parser.add_argument("--linger-seconds", type=float, default=120.0,
                         help="serve this long without a batch, then exit (default 120)")
+    parser.add_argument("--instance-events-table",
+                        help="the table of the instances' ledger, where the trigger names the packages that started it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return prewarm(job_root_from_env(), args.packages_uri, args.default_job, args.model_uri, args.linger_seconds)
+    return prewarm(job_root_from_env(), args.packages_uri, args.default_job, args.model_uri, args.linger_seconds,
+                   args.instance_events_table, os.environ.get(INSTANCE_ID_ENV))

@@ -105,6 +105,11 @@ def _dynamodb(action: str) -> Mapper:
         elif action == "dynamodb:PutItem":
             context["dynamodb:Attributes"] = sorted(params.get("Item", []))
             context["dynamodb:ReturnValues"] = params.get("ReturnValues", "NONE")
+        elif action == "dynamodb:GetItem":
+            # A projection reads those attributes (and the key); without one, the whole item
+            projection = expression_attributes(params.get("ProjectionExpression"), names)
+            context["dynamodb:Attributes"] = sorted(set(params.get("Key", [])) | projection)
+            context["dynamodb:Select"] = "SPECIFIC_ATTRIBUTES" if projection else "ALL_ATTRIBUTES"
         return [Request(action, resource, context)]
     return mapper
 

@@ -122,10 +122,11 @@ class Supervisor:
 
     def boot_command(self, outputs: dict) -> list[str]:
         """What the instance's batchworker-prewarm unit runs at boot (terraform/templates/user_data.sh.tftpl)."""
-        command = [str(VENV_BIN / "batchworker-job"), "prewarm", "--model-uri", outputs["model_uri"]]
+        command = [str(VENV_BIN / "batchworker-job"), "prewarm", "--model-uri", outputs["model_uri"],
+                   "--packages-uri", f"s3://{outputs['artifacts_bucket']}/job-packages/",
+                   "--instance-events-table", outputs["instance_events_table"]]
         if outputs.get("default_job"):
-            command += ["--packages-uri", f"s3://{outputs['artifacts_bucket']}/job-packages/",
-                        "--default-job", outputs["default_job"]]
+            command += ["--default-job", outputs["default_job"]]
         return command
 
     def build(self) -> None:

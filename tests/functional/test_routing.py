@@ -92,6 +92,11 @@ def test_prefix_routes_to_the_package_with_typed_params(stack, packages):
     spec = job_spec(job, Settings.from_env(stack.env), stack.instance_id)
     assert spec["package"] == {"name": "wordstats", "version": ref.version, "uri": ref.uri}
     assert spec["params"] == {"top": 3}
+    # AND the job started the instance: its ledger item names the package for the boot-time pre-warm
+    ledger = stack.client("dynamodb").get_item(
+        TableName=stack.events_table, Key={"instance_id": {"S": stack.instance_id}, "at": {"S": "~ledger"}},
+        ProjectionExpression="prewarm")["Item"]
+    assert ledger == {"prewarm": {"M": {"wordstats": {"S": ref.version}}}}
 
 
 def test_non_ascii_parameter_values_arrive_as_written(stack, packages):

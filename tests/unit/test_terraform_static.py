@@ -641,6 +641,7 @@ def _render_user_data(**overrides: str) -> str:
         "model_uri": "s3://batchworker-artifacts-123456789012/models/digits-cnn.pt",
         "packages_uri": "s3://batchworker-artifacts-123456789012/job-packages/",
         "default_job": "digits",
+        "instance_events_table": "batchworker-instance-events",
         **overrides,
     }
     text = USER_DATA_TEMPLATE.read_text()

@@ -37,6 +37,11 @@ class Digits:
         polarity = getattr(self.model, "image_polarity", "")
         self.model_input = ModelInput(*shape, array_value_max=float(self.model.array_value_max),
                                       light_on_dark=polarity == "light-on-dark")
+        # TorchScript's profiling executor optimises the graph during the first forwards: run them here, at
+        # the job's batch size, so the first job (and a prewarmed instance's first) does not pay for them.
+        warm_up = np.zeros((CUDA_BATCH_SIZE if self.device.type == "cuda" else BATCH_SIZE, *shape), np.float32)
+        for _ in range(2):
+            self.predict(warm_up)
         ctx.log.info(f"model loaded on {self.device}: input {shape}")
 
     def process(self, items, ctx):
@@ -56,12 +61,14 @@ class Digits:
                 decoded.append((item, rows, result.pixels))
         if not decoded:
             return
-        probs = self.predict(np.concatenate([pixels for _, _, pixels in decoded]))
+        predictions = _predictions(self.predict(np.concatenate([pixels for _, _, pixels in decoded])))
         start = 0
         for item, rows, pixels in decoded:
-            for index in range(len(pixels)):
-                row = {"row": index + 1} if rows is not None else {}
-                yield item, {**row, **_prediction(probs[start + index])}
+            if rows is None:
+                yield item, predictions[start]
+            else:
+                for index in range(len(pixels)):
+                    yield item, {"row": index + 1, **predictions[start + index]}
             start += len(pixels)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
@@ -93,9 +100,19 @@ class Digits:
 
 
 def _prediction(probs: np.ndarray) -> dict:
-    label = int(probs.argmax())
-    return {"label": label, "confidence": f"{probs[label]:.6f}",
-            **{f"prob_{k}": f"{p:.6f}" for k, p in enumerate(probs)}}
+    return _predictions(probs[np.newaxis])[0]
+
+
+def _predictions(probs: np.ndarray) -> list[dict]:
+    """One row per line of class probabilities (N x K): label, confidence, prob_0..prob_K-1, six decimals.
+    Every value formatted in one go from Python floats: formatting NumPy scalars one by one took half as
+    long as the forward pass itself on a 100,000-row array (0.67 s against 0.34 s now)."""
+    columns = ["label", "confidence", *(f"prob_{k}" for k in range(probs.shape[1]))]
+    row_format = ",".join(["%.6f"] * probs.shape[1])
+    text = "\n".join([row_format] * len(probs)) % tuple(probs.ravel().tolist())  # one % for every value
+    lines = (line.split(",") for line in text.split("\n"))
+    return [dict(zip(columns, [label, texts[label], *texts], strict=True))
+            for label, texts in zip(probs.argmax(axis=1).tolist(), lines, strict=True)]
 
 
 def _parse_workload(path: Path, name: str) -> tuple[str, float]:
