@@ -131,11 +131,12 @@ def judge_job(
             # An instance lost mid-job is transient: run it again, up to max_attempts.
             if job.attempts < max_attempts:
                 return JobVerdict(JobAction.REDISPATCH, "its lease expired (instance stopped or lost, job died)")
-            if job.instance_problem:  # the job's network check said why (worker/connectivity.py)
+            if job.instance_problem:  # the job's network check said why (worker/connectivity.py); first, so
+                # that a narrow `status` NOTE column shows it
                 return JobVerdict(
                     JobAction.FAIL,
-                    f"the job stopped reporting progress {job.attempts} time(s); its instance reported: "
-                    f"{job.instance_problem}. Upload the file again once the route is there",
+                    f"its instance reported: {job.instance_problem}. The job stopped reporting progress "
+                    f"{job.attempts} time(s); upload the file again once the route is there",
                 )
             return JobVerdict(
                 JobAction.FAIL,

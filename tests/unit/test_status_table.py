@@ -72,5 +72,6 @@ def test_what_the_instance_cannot_reach_comes_first_in_the_note_and_is_said_once
                   lease_expires_at=ago(-60), instance_problem=problem)
     assert status_table.note(waiting, NOW) == f"instance {problem}; queued 30s, waiting for a slot"
     failed = Job("j-0123456789abcdef", JobStatus.FAILED, "in", "a.png", created_at=ago(30), instance_problem=problem,
-                 error=f"the job stopped reporting progress 1 time(s); its instance reported: {problem}. Upload ...")
+                 error=f"its instance reported: {problem}. The job stopped reporting progress 1 time(s); ...")
+    assert status_table.note(failed, NOW).startswith("its instance reported: cannot reach S3 (")
     assert status_table.note(failed, NOW).count("cannot reach S3") == 1
