@@ -50,7 +50,12 @@ def start_somewhere(
         tried = {i for exc in refused for i in exc.instance_ids}
         short_zones = {z for exc in refused for z in exc.availability_zones}
         candidates = [i for i in pool.list() if i.instance_id not in tried and i.availability_zone not in short_zones]
-        placement = place_job(candidates, jobs.active(), max_jobs_per_instance) if ledger else None
+        placement = None
+        if ledger is not None and candidates:
+            # Each candidate's job count from its ledger item (one BatchGetItem), as the trigger places.
+            entries = ledger.read_many(i.instance_id for i in candidates)
+            load = {i: len(entry.placed_job_ids) for i, entry in entries.items()}
+            placement = place_job(candidates, load, max_jobs_per_instance)
         if placement is None:
             raise InsufficientCapacity(
                 "; ".join(str(exc) for exc in refused), tuple(sorted(tried)), tuple(sorted(short_zones))

@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 
 from batchworker.capacity import start_somewhere, wait_for_capacity
 from batchworker.config import Settings
-from batchworker.decisions import Placer, StopDecision, idle_grace_seconds, should_stop
+from batchworker.decisions import StopDecision, idle_grace_seconds, kept_for_placed_jobs, should_stop
 from batchworker.errors import (
     BatchworkerError,
     InstanceReadyTimeout,
@@ -41,6 +41,7 @@ from batchworker.models import (
     output_prefix,
     utc_now,
 )
+from batchworker.placement import Placer
 from batchworker.routing import PackageLookup, UploadRefused, route_upload
 
 logger = logging.getLogger(__name__)
@@ -131,15 +132,15 @@ def accept_upload(
     if refusal is not None:
         fail_job(job, refusal, None, settings, jobs, s3_client)
         return job.job_id
-    placer = placer or Placer(pool.list(), jobs.active(), settings.max_jobs_per_instance)
-    placement = placer.place(job)
+    placer = placer or Placer(pool.list(), ledger, settings.max_jobs_per_instance)
+    # The placement goes into the instance's ledger record first (a conditional write: never past the limit while
+    # another instance has room), which bumps its generation: a stop decided before this point can no longer be
+    # claimed, and stop decisions read the record strongly consistent.
+    placement = placer.place(job.job_id)
     if placement is None:
         raise NoInstanceAvailable(
             f"no instance carries tag {POOL_TAG_KEY}={settings.pool_tag}; run `terraform apply` to create the pool"
         )
-    # Bump the instance's generation first: a stop decided before this point can no longer be claimed.
-    # The placement goes into the instance's ledger record too: stop decisions read it strongly consistent.
-    ledger.note_assignment(placement.instance_id, job_ids=[job.job_id])
     jobs.assign_instance(job.job_id, placement.instance_id)
     if placement.start and pool.try_start(placement.instance_id, reason=f"job {job.job_id} queued; {placement.reason}"):
         note_start(ledger, placement.instance_id, job)
@@ -451,6 +452,10 @@ def stop_if_idle(
     # Strongly consistent, and read before the jobs: an assignment after this voids the claim, and every job
     # placed before it is in entry.placed_job_ids, whatever the (eventually consistent) status index shows.
     entry = ledger.read(instance_id)
+    if (kept := kept_for_placed_jobs(entry.placed_job_ids)) is not None:
+        # Work is placed on it: kept, whatever the pool or the index say; neither is read (the busy case).
+        logger.info("instance %s after %s: keep (%s)", instance_id, cause, kept.reason)
+        return kept
     instance = pool.get(instance_id)
     active = jobs.active()
     return stop_when_idle(instance, entry, active, pool_grace_seconds(settings, active, now, gaps), cause, pool, ledger, now)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -38,9 +38,8 @@ def should_stop(
     """
     if instance.state is not InstanceState.RUNNING:
         return StopDecision(False, f"instance is {instance.state.value}")
-    if placed := sorted(placed_job_ids):
-        more = f" and {len(placed) - 1} more" if len(placed) > 1 else ""
-        return StopDecision(False, f"job {placed[0]}{more} placed on it")
+    if (kept := kept_for_placed_jobs(placed_job_ids)) is not None:
+        return kept
     for job in active_jobs:
         if job.status in (JobStatus.DISPATCHED, JobStatus.RUNNING) and job.instance_id == instance.instance_id:
             return StopDecision(False, f"job {job.job_id} is {job.status.value.lower()} on it")
@@ -51,6 +50,14 @@ def should_stop(
         if idle_seconds < idle_grace_seconds:
             return StopDecision(False, f"idle for {idle_seconds:.0f}s of a {idle_grace_seconds:.0f}s grace period")
     return StopDecision(True, "no queued or running job")
+
+
+def kept_for_placed_jobs(placed_job_ids: Iterable[str]) -> StopDecision | None:
+    """Keep the instance while its ledger lists jobs placed on it (whatever its state); None when it lists none."""
+    if placed := sorted(placed_job_ids):
+        more = f" and {len(placed) - 1} more" if len(placed) > 1 else ""
+        return StopDecision(False, f"job {placed[0]}{more} placed on it")
+    return None
 
 
 RECENT_GAPS = 20  # idle gaps the adaptive grace learns from (the system's record and the simulator)
@@ -179,56 +186,40 @@ class Placement:
     instance_id: str
     start: bool
     reason: str
+    over_limit: bool = False  # every instance is full: the job goes past max_jobs_per_instance and waits for a slot
 
 
-class Placer:
-    """Places the jobs of one batch: reads the pool and its load once, then counts its own placements."""
-
-    def __init__(self, instances: Iterable[Instance], active_jobs: Iterable[Job], max_jobs_per_instance: int):
-        self.instances = list(instances)
-        self.jobs = list(active_jobs)
-        self.max_jobs_per_instance = max_jobs_per_instance
-
-    def place(self, job: Job) -> Placement | None:
-        placement = place_job(self.instances, self.jobs, self.max_jobs_per_instance)
-        if placement is not None:
-            self.jobs.append(Job(job.job_id, JobStatus.QUEUED, job.input_bucket, job.input_key,
-                                 instance_id=placement.instance_id))
-            if placement.start:  # started: it counts as up for the rest of the batch
-                self.instances = [
-                    Instance(i.instance_id, InstanceState.PENDING, i.instance_type, i.launch_time)
-                    if i.instance_id == placement.instance_id else i
-                    for i in self.instances
-                ]
-        return placement
-
-
-def place_job(instances: Iterable[Instance], active_jobs: Iterable[Job], max_jobs_per_instance: int) -> Placement | None:
-    """Where a new job goes, given the pool and the jobs already placed.
+def place_job(instances: Iterable[Instance], load: Mapping[str, int], max_jobs_per_instance: int) -> Placement | None:
+    """Where a new job goes, given the pool and each instance's job count (`load`, the size of its ledger's
+    `placed` set; missing is 0).
 
     - an instance that is up (running or pending) with a free slot, least loaded first;
-    - else a stopped instance, to be started (the queue is deeper than the running capacity);
-    - else the least loaded instance that is up (the job waits for a slot there);
-    - else an instance that is stopping (the worker waits for it to stop and starts it again).
-    None when the pool is empty.
+    - else a stopped instance with a free slot, to be started (the queue is deeper than the running capacity);
+    - else a stopping instance with a free slot (the worker waits for it to stop and starts it again);
+    - else, every instance full, the least loaded one that is up, stopping or stopped, in that order
+      (`over_limit`: the job waits for a slot there).
+    No instance gets more than `max_jobs_per_instance` while another is free or can be started. None when the
+    pool is empty.
     """
     instances = list(instances)
-    load = {i.instance_id: 0 for i in instances}
-    for job in active_jobs:
-        if job.instance_id in load:
-            load[job.instance_id] += 1
-    up = sorted(
-        (i for i in instances if i.state.is_up),
-        key=lambda i: (load[i.instance_id], i.state is not InstanceState.RUNNING, i.instance_id),
-    )
-    if up and load[up[0].instance_id] < max_jobs_per_instance:
-        return Placement(up[0].instance_id, False, f"{load[up[0].instance_id]} job(s) already there")
-    stopped = sorted(i.instance_id for i in instances if i.state is InstanceState.STOPPED)
-    if stopped:
-        return Placement(stopped[0], True, "every running instance is full" if up else "no instance is up")
-    if up:
-        return Placement(up[0].instance_id, False, "every instance is full; the job waits for a slot")
-    stopping = sorted(i.instance_id for i in instances if i.state is InstanceState.STOPPING)
-    if stopping:
-        return Placement(stopping[0], False, "only stopping instances; it will be started again")
+    count = {i.instance_id: load.get(i.instance_id, 0) for i in instances}
+
+    def least_loaded(candidates: Iterable[Instance]) -> list[Instance]:
+        return sorted(candidates, key=lambda i: (count[i.instance_id], i.state is not InstanceState.RUNNING, i.instance_id))
+
+    up = least_loaded(i for i in instances if i.state.is_up)
+    stopped = least_loaded(i for i in instances if i.state is InstanceState.STOPPED)
+    stopping = least_loaded(i for i in instances if i.state is InstanceState.STOPPING)
+    free = [i for i in up if count[i.instance_id] < max_jobs_per_instance]
+    if free:
+        return Placement(free[0].instance_id, False, f"{count[free[0].instance_id]} job(s) already there")
+    if free := [i for i in stopped if count[i.instance_id] < max_jobs_per_instance]:
+        return Placement(free[0].instance_id, True, "every running instance is full" if up else "no instance is up")
+    if free := [i for i in stopping if count[i.instance_id] < max_jobs_per_instance]:
+        return Placement(free[0].instance_id, False, "the instances that are up are full; this one is stopping and "
+                         "will be started again")
+    for group, start in ((up, False), (stopping, False), (stopped, True)):
+        if group:
+            return Placement(group[0].instance_id, start, "every instance is full; the job waits for a slot",
+                             over_limit=True)
     return None

@@ -13,6 +13,11 @@ consistent GetItem, so it never depends on the jobs table's status index, which 
 a job placed a moment ago is always seen. A set rather than a counter: adding or removing the same job twice
 (retried deliveries) changes nothing.
 
+The set's size is also the instance's job counter for placement (`place`): a job is added only while the set
+holds fewer than `max_jobs_per_instance` ids, in one conditional write, so trigger batches planning at the same
+time cannot overfill an instance. No separate number is kept beside the set: a count that every add, finish
+and repair would have to move in step could drift under retried deliveries; the set's size cannot.
+
 And it names the instance's one dispatcher (`dispatcher`, `dispatching_until`): a worker invocation claims the
 instance with a conditional write that lapses at `dispatching_until` (a crashed dispatcher holds nobody up
 for long). An invocation that finds another dispatcher there hands its jobs over instead of waiting too: it
@@ -115,6 +120,37 @@ class InstanceLedger:
             ExpressionAttributeValues=values,
             ReturnValues="UPDATED_NEW",
         )
+        return int(response["Attributes"]["generation"]["N"])
+
+    def place(self, instance_id: str, job_id: str, max_jobs: int, now: datetime | None = None) -> int | None:
+        """Place the job on the instance if it holds fewer than `max_jobs` placed jobs. Returns the new generation,
+        or None when the instance is full (another batch may have taken its last slot since the caller read it).
+
+        Like note_assignment, it voids any stop decided on an older generation.
+        """
+        try:
+            response = self.client.update_item(
+                TableName=self.table_name,
+                Key=self._key(instance_id),
+                UpdateExpression=f"ADD generation :one, {PLACED} :jobs SET last_activity_at = :now",
+                ConditionExpression=(
+                    # nothing is placed on it (an empty set is no attribute in DynamoDB)
+                    f"attribute_not_exists({PLACED})"
+                    # or this job is placed on it already: a retried delivery adds nothing, so it may go on
+                    f" OR contains({PLACED}, :job)"
+                    # or it has a free slot: the set's size is its job count
+                    f" OR size({PLACED}) < :max"
+                ),
+                ExpressionAttributeValues={
+                    ":one": {"N": "1"}, ":now": {"S": isoformat(now or utc_now())},
+                    ":jobs": {"SS": [job_id]}, ":job": {"S": job_id}, ":max": {"N": str(max_jobs)},
+                },
+                ReturnValues="UPDATED_NEW",
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return None
+            raise
         return int(response["Attributes"]["generation"]["N"])
 
     def note_activity(self, instance_id: str, now: datetime | None = None, job_ids: Iterable[str] = ()) -> None:

@@ -74,20 +74,22 @@ data "aws_iam_policy_document" "trigger" {
     resources = [aws_sqs_queue.jobs.arn]
   }
 
-  # trigger: record jobs as QUEUED (idempotent put) and find active jobs by status.
+  # trigger: record jobs as QUEUED (idempotent put) and the instance each is placed on. It never reads the
+  # status index: placement counts jobs in the instances' ledger items.
   # unexercised (dynamodb:GetItem): reads the job on a duplicate delivery of its upload event (only the soak sends one).
   statement {
     sid       = "JobsTable"
-    actions   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:Query"]
-    resources = local.jobs_table_arns
+    actions   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"]
+    resources = [aws_dynamodb_table.jobs.arn]
   }
 
-  # trigger: record the instance starts it requests, note the assignment in the instance's ledger
-  # item (UpdateItem), which voids a stop claimed before it, and read the pool's idle-gap record
-  # (GetItem, IdleGaps.note_arrival) before placing a batch.
+  # trigger: record the instance starts it requests, read the pool's ledger items once per batch
+  # (BatchGetItem: each instance's placed jobs), place each job with a conditional update of its
+  # instance's ledger item (UpdateItem: refused when the instance is full), which voids a stop claimed
+  # before it, and read the pool's idle-gap record (GetItem, IdleGaps.note_arrival) before placing a batch.
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"]
+    actions   = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"]
     resources = local.instance_events_table_arns
   }
 
@@ -205,12 +207,14 @@ data "aws_iam_policy_document" "worker" {
 
   # worker: record instance starts; claim the instance's ledger item as its one dispatcher, or hand jobs over
   # to the one there (UpdateItem, conditional); move jobs an AZ without GPU capacity cannot start to another
-  # instance's ledger item (placed set), so no stop misses them; GetItem: on a state-change event, whether
-  # any job is placed on the instance at all.
+  # instance's ledger item (placed set), so no stop misses them, choosing the least loaded from the
+  # candidates' ledger items (BatchGetItem); GetItem: on a state-change event, whether any job is placed on
+  # the instance at all.
   # unexercised (dynamodb:PutItem): only when the worker starts an instance itself (stopped between placement and dispatch).
+  # unexercised (dynamodb:BatchGetItem): only when an AZ has no GPU capacity (tests/functional/test_capacity.py).
   statement {
     sid       = "InstanceEventsTable"
-    actions   = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:GetItem"]
+    actions   = ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:GetItem", "dynamodb:BatchGetItem"]
     resources = local.instance_events_table_arns
   }
 

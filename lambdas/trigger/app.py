@@ -11,13 +11,13 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from batchworker import aws
 from batchworker.config import Settings
 from batchworker.control import Upload, accept_upload
-from batchworker.decisions import Placer
 from batchworker.errors import RejectedEvent
 from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstanceHistory, InstancePool
 from batchworker.jobpkg.registry import PackageRegistry
 from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
+from batchworker.placement import Placer
 from batchworker.routing import PackageLookup
 
 settings = Settings.from_env()
@@ -35,8 +35,8 @@ registry = PackageRegistry(settings.artifacts_bucket, s3) if settings.artifacts_
 class Dispatches:
     """Jobs accepted in this invocation, per instance: one worker invocation per instance, not per upload.
 
-    Also holds the batch's Placer and package lookup, so the pool, its load and each package pointer are read
-    once per batch, not once per upload.
+    Also holds the batch's Placer and package lookup, so the pool, its ledger items and each package pointer
+    are read once per batch, not once per upload.
     """
 
     def __init__(self):
@@ -47,7 +47,8 @@ class Dispatches:
     def placer(self) -> Placer:
         if self._placer is None:
             gaps.note_arrival()  # closes the pool's idle gap, if one is open
-            self._placer = Placer(pool.list(), jobs.active(), settings.max_jobs_per_instance)
+            # The pool once, and its ledger items in one BatchGetItem: never the jobs table's status index.
+            self._placer = Placer(pool.list(), ledger, settings.max_jobs_per_instance)
         return self._placer
 
     def packages(self) -> PackageLookup | None:

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from batchworker.decisions import JobAction, Placer, StopDecision, judge_job, place_job, should_stop
+from batchworker.decisions import JobAction, StopDecision, judge_job, kept_for_placed_jobs, place_job, should_stop
 from batchworker.models import Instance, InstanceState, Job, JobStatus
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -48,6 +48,9 @@ def test_a_placement_in_the_ledger_keeps_the_instance_up_whatever_the_index_show
     two = should_stop(NOW, Instance(ME, InstanceState.RUNNING), [], 0, None, {"j-2", "j-1"})
     assert two.reason == "job j-1 and 1 more placed on it"
     assert should_stop(NOW, Instance(ME, InstanceState.STOPPED), [], 0, None, {"j-1"}).reason == "instance is stopped"
+    # the stop function's shortcut (it then reads neither the pool nor the index) says the same
+    assert kept_for_placed_jobs({"j-2", "j-1"}) == two
+    assert kept_for_placed_jobs(set()) is None
 
 
 def inst(instance_id, state):
@@ -55,44 +58,38 @@ def inst(instance_id, state):
 
 
 @pytest.mark.parametrize(
-    ("instances", "jobs", "limit", "expected"),
+    ("instances", "load", "limit", "expected"),
     [
-        ([], [], 2, None),
-        ([inst("a", InstanceState.STOPPED)], [], 2, ("a", True)),
-        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.STOPPED)], [], 2, ("a", False)),
+        ([], {}, 2, None),
+        ([inst("a", InstanceState.STOPPED)], {}, 2, ("a", True, False)),
+        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.STOPPED)], {}, 2, ("a", False, False)),
         # the running one is full: start another
-        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.STOPPED)],
-         [job(JobStatus.RUNNING, "a"), job(JobStatus.QUEUED, "a")], 2, ("b", True)),
+        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.STOPPED)], {"a": 2}, 2, ("b", True, False)),
         # least loaded of the running ones
-        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.RUNNING)], [job(JobStatus.RUNNING, "a")], 2,
-         ("b", False)),
+        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.RUNNING)], {"a": 1}, 2, ("b", False, False)),
         # a pending instance counts as up: a burst shares one start
-        ([inst("a", InstanceState.PENDING), inst("b", InstanceState.STOPPED)], [job(JobStatus.QUEUED, "a")], 4,
-         ("a", False)),
-        # everything full and nothing to start: wait on the least loaded
-        ([inst("a", InstanceState.RUNNING)], [job(JobStatus.RUNNING, "a"), job(JobStatus.RUNNING, "a")], 2,
-         ("a", False)),
+        ([inst("a", InstanceState.PENDING), inst("b", InstanceState.STOPPED)], {"a": 1}, 4, ("a", False, False)),
+        # everything full and nothing to start: wait on the least loaded, past the limit
+        ([inst("a", InstanceState.RUNNING)], {"a": 2}, 2, ("a", False, True)),
+        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.RUNNING)], {"a": 3, "b": 2}, 2,
+         ("b", False, True)),
+        # a stopped instance full of jobs (waiting for capacity, say) is not started for one more
+        ([inst("a", InstanceState.STOPPED), inst("b", InstanceState.STOPPED)], {"a": 2}, 2, ("b", True, False)),
         # only a stopping instance: place it there, the worker restarts it
-        ([inst("a", InstanceState.STOPPING)], [], 2, ("a", False)),
-        # finished jobs do not count as load
-        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.STOPPED)], [job(JobStatus.SUCCEEDED, "a")] * 0, 1,
-         ("a", False)),
+        ([inst("a", InstanceState.STOPPING)], {}, 2, ("a", False, False)),
+        # a stopping instance with room comes before going past the limit on a full running one
+        ([inst("a", InstanceState.RUNNING), inst("b", InstanceState.STOPPING)], {"a": 2}, 2, ("b", False, False)),
+        # every instance full: up first, then stopping, then stopped (started)
+        ([inst("a", InstanceState.STOPPED), inst("b", InstanceState.STOPPING)], {"a": 2, "b": 2}, 2,
+         ("b", False, True)),
+        ([inst("a", InstanceState.STOPPED)], {"a": 2}, 2, ("a", True, True)),
+        # terminated instances take nothing
+        ([inst("a", InstanceState.TERMINATED)], {}, 2, None),
     ],
 )
-def test_place_job(instances, jobs, limit, expected):
-    placement = place_job(instances, jobs, limit)
-    assert (None if placement is None else (placement.instance_id, placement.start)) == expected
-
-
-def test_placer_shares_one_start_per_burst_and_spreads_over_the_pool():
-    pool = [inst("a", InstanceState.STOPPED), inst("b", InstanceState.STOPPED)]
-    placer = Placer(pool, [], max_jobs_per_instance=2)
-    placements = [placer.place(job(JobStatus.QUEUED, None, f"j-{n:016x}")) for n in range(5)]
-    assert [(p.instance_id, p.start) for p in placements] == [
-        ("a", True), ("a", False),  # the burst shares a's start until a is full
-        ("b", True), ("b", False),  # then the queue is deeper than a's capacity: start b
-        ("a", False),  # everything full: wait on the least loaded
-    ]
+def test_place_job(instances, load, limit, expected):
+    placement = place_job(instances, load, limit)
+    assert (None if placement is None else (placement.instance_id, placement.start, placement.over_limit)) == expected
 
 
 def at(seconds_ago: float) -> str:
