@@ -457,7 +457,7 @@ def stop_if_idle(
         logger.info("instance %s after %s: keep (%s)", instance_id, cause, kept.reason)
         return kept
     instance = pool.get(instance_id)
-    active = jobs.active()
+    active = jobs.active_in_index()  # statuses and instances are all the decision needs (no lease)
     return stop_when_idle(instance, entry, active, pool_grace_seconds(settings, active, now, gaps), cause, pool, ledger, now)
 
 

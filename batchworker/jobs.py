@@ -1,25 +1,50 @@
-"""The job table (DynamoDB): one item per job, every transition a conditional write."""
+"""The job table (DynamoDB): one item per job, every transition a conditional write.
+
+Jobs are found by status through `status-shard-index`: its partition key `status_shard` is the status and a
+shard number derived from the job id ("RUNNING#5"), so one status is STATUS_SHARDS partitions and none takes
+more than its share of the writes. Its projection leaves out what a running job's lease renewals write
+(`lease_expires_at`, `items_done`, `items_total`; the renewals write nothing else), so they never write to the
+index. Readers that need those attributes read the items themselves (`active`, one BatchGetItem per 100 jobs).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import random
-import time
+import zlib
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 
 from botocore.exceptions import ClientError
 
 from batchworker import aws
-from batchworker.errors import RetryableError
 from batchworker.models import ACTIVE_STATUSES, Job, JobStatus, isoformat, utc_now
 
 logger = logging.getLogger(__name__)
 
-STATUS_INDEX = "status-index"
-BATCH_GET_KEYS = 100  # BatchGetItem's limit
-UNPROCESSED_RETRIES = 8
+STATUS_INDEX = "status-shard-index"
+STATUS_SHARDS = 4  # changing it moves every job to another partition: existing rows would need rewriting
+SHARD_ATTRIBUTE = "status_shard"
+# What the index carries besides its keys (job_id, status_shard, created_at): all its readers use, and none of
+# what a lease renewal writes (terraform/dynamodb.tf has the same list).
+INDEX_ATTRIBUTES = (
+    "status", "input_bucket", "input_key", "input_version", "input_size_bytes", "instance_id", "updated_at",
+    "attempts", "retries", "running_since", "last_error", "manifest_key", "placed_at", "waiting_reason",
+    "capacity_wait_since", "package_name", "package_version", "package_uri", "params",
+)
+RENEWED_ATTRIBUTES = ("lease_expires_at", "items_done", "items_total")  # worker/lease.py's plain renewal
+
+
+def status_shard(job_id: str, status: JobStatus | str) -> str:
+    """The job's partition of the status index, e.g. "QUEUED#3" (worker/lease.py computes the same)."""
+    value = status.value if isinstance(status, JobStatus) else status
+    return f"{value}#{zlib.crc32(job_id.encode()) % STATUS_SHARDS}"
+
+
+def status_shards(status: JobStatus | str) -> list[str]:
+    """Every partition of one status in the status index."""
+    value = status.value if isinstance(status, JobStatus) else status
+    return [f"{value}#{n}" for n in range(STATUS_SHARDS)]
 
 
 class JobStore:
@@ -36,6 +61,7 @@ class JobStore:
         item = {
             "job_id": {"S": job.job_id},
             "status": {"S": JobStatus.QUEUED.value},
+            SHARD_ATTRIBUTE: {"S": status_shard(job.job_id, JobStatus.QUEUED)},
             "input_bucket": {"S": job.input_bucket},
             "input_key": {"S": job.input_key},
             "created_at": {"S": stamp},
@@ -94,8 +120,8 @@ class JobStore:
         """Move a job to `to` if its status is one of `allowed_from`; False when it was not."""
         moment = now or utc_now()
         names = {"#s": "status"}
-        values = {":to": {"S": to.value}, ":u": {"S": isoformat(moment)}}
-        sets = ["#s = :to", "updated_at = :u"]
+        values = {":to": {"S": to.value}, ":u": {"S": isoformat(moment)}, ":shard": {"S": status_shard(job_id, to)}}
+        sets = ["#s = :to", f"{SHARD_ATTRIBUTE} = :shard", "updated_at = :u"]
         removes = []
         # `running_since` is the job's own to set, when its code starts (worker/lease.py): waiting is not running.
         if to is JobStatus.DISPATCHED:
@@ -174,46 +200,69 @@ class JobStore:
         return _to_job(item["Item"]) if "Item" in item else None
 
     def get_many(self, job_ids: Iterable[str]) -> dict[str, Job]:
-        """The jobs that exist among `job_ids`, strongly consistent, in as few BatchGetItem calls as fit (100 keys)."""
-        wanted = sorted(set(job_ids))
-        found: dict[str, Job] = {}
-        for start in range(0, len(wanted), BATCH_GET_KEYS):
-            request = {self.table_name: {"Keys": [{"job_id": {"S": j}} for j in wanted[start : start + BATCH_GET_KEYS]],
-                                         "ConsistentRead": True}}
-            for attempt in range(UNPROCESSED_RETRIES + 1):
-                response = self.client.batch_get_item(RequestItems=request)
-                for item in response.get("Responses", {}).get(self.table_name, []):
-                    job = _to_job(item)
-                    found[job.job_id] = job
-                request = response.get("UnprocessedKeys") or {}
-                if not request:
-                    break
-                if attempt == UNPROCESSED_RETRIES:
-                    raise RetryableError(f"DynamoDB left {len(request[self.table_name]['Keys'])} job reads unprocessed")
-                time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))  # throttled: back off, with jitter
-        return found
+        """The jobs with these ids that exist, read strongly consistent in BatchGetItem calls of 100 keys."""
+        items = aws.batch_get(self.client, self.table_name, [{"job_id": {"S": job_id}} for job_id in job_ids])
+        return {item["job_id"]["S"]: _to_job(item) for item in items}
 
     def by_status(self, status: JobStatus) -> Iterator[Job]:
+        """Jobs of one status as the index shows them: without the attributes it does not project (the lease,
+        the progress); a job that changed status a moment ago may still show its old one."""
         paginator = self.client.get_paginator("query")
-        for page in paginator.paginate(
-            TableName=self.table_name,
-            IndexName=STATUS_INDEX,
-            KeyConditionExpression="#s = :s",
-            ExpressionAttributeNames={"#s": "status"},
-            ExpressionAttributeValues={":s": {"S": status.value}},
-        ):
-            for item in page.get("Items", []):
-                yield _to_job(item)
+        for shard in status_shards(status):
+            for page in paginator.paginate(
+                TableName=self.table_name,
+                IndexName=STATUS_INDEX,
+                KeyConditionExpression=f"{SHARD_ATTRIBUTE} = :s",
+                ExpressionAttributeValues={":s": {"S": shard}},
+            ):
+                for item in page.get("Items", []):
+                    yield _to_job(item)
 
-    def active(self) -> list[Job]:
-        """Jobs that still need an instance: queued, dispatched or running, each once.
+    def active_in_index(self) -> list[Job]:
+        """Jobs the index shows queued, dispatched or running, each once (without lease and progress).
 
-        One query per status, in the order jobs move (queued, dispatched, running): a job that moves on
-        between two queries is seen twice, and counted twice it would make its instance look busier than
-        it is (placement then skips it, and one instance ends up with more of a burst than the others).
-        The later sighting is the newer state.
+        One query per status and shard, in the order jobs move (queued, dispatched, running): a job that moves
+        on between two queries is seen twice, and counted twice it would make its instance look busier than it
+        is. The later sighting is the newer state.
         """
         return list({job.job_id: job for status in ACTIVE_STATUSES for job in self.by_status(status)}.values())
+
+    def active(self) -> list[Job]:
+        """Active jobs with every attribute (lease included), read from the table: the index finds them, then
+        one strongly consistent BatchGetItem per 100 jobs reads them; a job that ended meanwhile is left out."""
+        found = self.active_in_index()
+        current = self.get_many(job.job_id for job in found)
+        return [current[job.job_id] for job in found if job.job_id in current and not current[job.job_id].status.is_terminal]
+
+    def backfill_status_shards(self) -> int:
+        """Give every job written before the sharded index its `status_shard` (upgrades); returns how many.
+
+        Each write is conditional on the status it read, so a job that moves meanwhile keeps the shard its own
+        transition wrote.
+        """
+        done = 0
+        pages = self.client.get_paginator("scan").paginate(
+            TableName=self.table_name, ProjectionExpression="job_id, #s, " + SHARD_ATTRIBUTE,
+            ExpressionAttributeNames={"#s": "status"},
+        )
+        for item in (item for page in pages for item in page.get("Items", [])):
+            job_id, status = item["job_id"]["S"], item["status"]["S"]
+            if item.get(SHARD_ATTRIBUTE, {}).get("S") == status_shard(job_id, status):
+                continue
+            try:
+                self.client.update_item(
+                    TableName=self.table_name,
+                    Key={"job_id": {"S": job_id}},
+                    UpdateExpression=f"SET {SHARD_ATTRIBUTE} = :shard",
+                    ConditionExpression="#s = :status",  # still the status the shard is made from
+                    ExpressionAttributeNames={"#s": "status"},
+                    ExpressionAttributeValues={":shard": {"S": status_shard(job_id, status)}, ":status": {"S": status}},
+                )
+                done += 1
+            except ClientError as exc:
+                if not _is_condition_failure(exc):
+                    raise
+        return done
 
     def all(self) -> list[Job]:
         jobs = []

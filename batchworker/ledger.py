@@ -28,7 +28,6 @@ each job is launched once (its QUEUED -> DISPATCHED claim is conditional too).
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -46,8 +45,6 @@ DISPATCHER = "dispatcher"  # the dispatcher (worker invocation) that launches th
 DISPATCHING_UNTIL = "dispatching_until"  # epoch seconds: its claim lapses then (a crashed dispatcher)
 HANDOVER_TRIES = 8  # claim, or hand over to the holder; a holder releasing in between makes us try again
 PREWARM = "prewarm"  # map: job packages (name -> version) of the jobs that started the instance
-BATCH_GET_KEYS = 100  # BatchGetItem's limit
-UNPROCESSED_RETRIES = 8
 
 
 @dataclass(frozen=True)
@@ -87,22 +84,8 @@ class InstanceLedger:
     def read_many(self, instance_ids: Iterable[str]) -> dict[str, LedgerEntry]:
         """The entries of many instances in as few strongly consistent BatchGetItem calls as fit (100 keys each)."""
         wanted = list(dict.fromkeys(instance_ids))
-        items: dict[str, dict] = {}
-        for start in range(0, len(wanted), BATCH_GET_KEYS):
-            request = {
-                self.table_name: {"Keys": [self._key(i) for i in wanted[start : start + BATCH_GET_KEYS]],
-                                  "ConsistentRead": True}
-            }
-            for attempt in range(UNPROCESSED_RETRIES + 1):
-                response = self.client.batch_get_item(RequestItems=request)
-                for item in response.get("Responses", {}).get(self.table_name, []):
-                    items[item["instance_id"]["S"]] = item
-                request = response.get("UnprocessedKeys") or {}
-                if not request:
-                    break
-                if attempt == UNPROCESSED_RETRIES:
-                    raise RetryableError(f"DynamoDB left {len(request[self.table_name]['Keys'])} ledger reads unprocessed")
-                self.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))  # throttled: back off, with jitter
+        found = aws.batch_get(self.client, self.table_name, [self._key(i) for i in wanted], self.sleep)
+        items = {item["instance_id"]["S"]: item for item in found}
         return {i: _to_entry(i, items.get(i, {})) for i in wanted}
 
     def note_assignment(self, instance_id: str, now: datetime | None = None, job_ids: Iterable[str] = ()) -> int:

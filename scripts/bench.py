@@ -423,15 +423,17 @@ def dashboard_jobs_page(bench: Bench, args) -> dict[str, float]:
 
     from batchworker.cli.client import Deployment
     from batchworker.dashboard.app import create_app
+    from batchworker.jobs import INDEX_ATTRIBUTES, SHARD_ATTRIBUTE, STATUS_INDEX, status_shard
     from batchworker.models import isoformat, utc_now
 
     if DASHBOARD_TABLE not in bench.ddb.list_tables()["TableNames"]:
         bench.ddb.create_table(
             TableName=DASHBOARD_TABLE, BillingMode="PAY_PER_REQUEST",
-            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("job_id", "status", "created_at")],
+            AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("job_id", SHARD_ATTRIBUTE, "created_at")],
             KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
-            GlobalSecondaryIndexes=[{"IndexName": "status-index", "Projection": {"ProjectionType": "ALL"},
-                                     "KeySchema": [{"AttributeName": "status", "KeyType": "HASH"},
+            GlobalSecondaryIndexes=[{"IndexName": STATUS_INDEX,
+                                     "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": list(INDEX_ATTRIBUTES)},
+                                     "KeySchema": [{"AttributeName": SHARD_ATTRIBUTE, "KeyType": "HASH"},
                                                    {"AttributeName": "created_at", "KeyType": "RANGE"}]}],
         )
         first = utc_now() - timedelta(days=3)
@@ -439,6 +441,7 @@ def dashboard_jobs_page(bench: Bench, args) -> dict[str, float]:
         for start in range(0, DASHBOARD_JOBS, 25):
             bench.ddb.batch_write_item(RequestItems={DASHBOARD_TABLE: [{"PutRequest": {"Item": {
                 "job_id": {"S": f"j-{n:016x}"}, "status": {"S": statuses[n % len(statuses)]},
+                SHARD_ATTRIBUTE: {"S": status_shard(f"j-{n:016x}", statuses[n % len(statuses)])},
                 "input_bucket": {"S": "bench-input"}, "input_key": {"S": f"uploads/{n:05d}.png"},
                 "created_at": {"S": isoformat(first + timedelta(seconds=20 * n))},
                 "updated_at": {"S": isoformat(first + timedelta(seconds=20 * n + 15))}, "attempts": {"N": "1"},

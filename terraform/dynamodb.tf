@@ -1,5 +1,8 @@
 ################################################################################
-# Job table: one item per job (hash job_id); status-index lists jobs by status, oldest first.
+# Job table: one item per job (hash job_id). status-shard-index lists jobs by status, oldest first: its
+# partition key is "<status>#<shard>" (4 shards a status, from the job id: batchworker/jobs.py), so no
+# partition takes more than its share of the writes; it leaves out what lease renewals write (lease,
+# progress), so renewals never write to it.
 ################################################################################
 
 resource "aws_dynamodb_table" "jobs" {
@@ -14,7 +17,7 @@ resource "aws_dynamodb_table" "jobs" {
   }
 
   attribute {
-    name = "status"
+    name = "status_shard"
     type = "S"
   }
 
@@ -24,10 +27,15 @@ resource "aws_dynamodb_table" "jobs" {
   }
 
   global_secondary_index {
-    name            = "status-index"
-    hash_key        = "status"
+    name            = "status-shard-index"
+    hash_key        = "status_shard"
     range_key       = "created_at"
-    projection_type = "ALL"
+    projection_type = "INCLUDE"
+    non_key_attributes = [
+      "status", "input_bucket", "input_key", "input_version", "input_size_bytes", "instance_id", "updated_at",
+      "attempts", "retries", "running_since", "last_error", "manifest_key", "placed_at", "waiting_reason",
+      "capacity_wait_since", "package_name", "package_version", "package_uri", "params",
+    ]
   }
 
   ttl {

@@ -16,7 +16,7 @@ locals {
   instance_events_table_arns = [aws_dynamodb_table.instance_events.arn]
 
   # Attributes the instance's lease renewal touches (the key included), for dynamodb:Attributes.
-  job_lease_attributes = ["job_id", "status", "lease_expires_at", "updated_at", "running_since", "items_done", "items_total", "instance_problem"]
+  job_lease_attributes = ["job_id", "status", "status_shard", "lease_expires_at", "updated_at", "running_since", "items_done", "items_total", "instance_problem"]
 
   # The customer-managed EBS key, when the account encrypts volumes with one (roles that start instances).
   ebs_kms_key_arns = var.ebs_kms_key_id == null ? [] : [var.ebs_kms_key_id]
@@ -461,10 +461,11 @@ data "aws_iam_policy_document" "stop" {
 }
 
 data "aws_iam_policy_document" "reaper" {
-  # reaper: find active jobs by status, re-read one (GetItem), fail lost or overlong ones, re-queue stuck ones.
+  # reaper: find active jobs by status (Query on the status index), read them with their leases
+  # (BatchGetItem, 100 a call), re-read one (GetItem), fail lost or overlong ones, re-queue stuck ones.
   statement {
     sid       = "JobsTable"
-    actions   = ["dynamodb:GetItem", "dynamodb:UpdateItem", "dynamodb:Query"]
+    actions   = ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem", "dynamodb:Query"]
     resources = local.jobs_table_arns
   }
 
@@ -600,10 +601,10 @@ data "aws_iam_policy_document" "gpu" {
     resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
   }
 
-  # instance (job): renew the job's lease while it runs (worker/lease.py: status, lease_expires_at,
-  # updated_at, running_since, and items_done/items_total for progress, of the job's item, conditional on
-  # it being dispatched or running), and say on it which service the instance cannot reach
-  # (instance_problem, shown by `batchworker status`). Only
+  # instance (job): renew the job's lease while it runs (worker/lease.py: lease_expires_at, and
+  # items_done/items_total for progress; as its code starts, status, status_shard, running_since and
+  # updated_at; of the job's item, conditional on it being dispatched or running), and say on it which
+  # service the instance cannot reach (instance_problem, shown by `batchworker status`). Only
   # UpdateItem, and only on those attributes: the instance cannot read or create jobs.
   statement {
     sid       = "RenewJobLease"
@@ -782,10 +783,10 @@ data "aws_iam_policy_document" "client" {
 
 data "aws_iam_policy_document" "operator" {
   # operator: `report` and `dashboard` read every job: all of them (Scan), by status (the status index),
-  # one by id.
+  # one by id, a page of them with their progress (BatchGetItem).
   statement {
     sid       = "ReadJobs"
-    actions   = ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:Query"]
+    actions   = ["dynamodb:Scan", "dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query"]
     resources = [aws_dynamodb_table.jobs.arn, "${aws_dynamodb_table.jobs.arn}/index/*"]
   }
 

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from worker.spec import Lease
 
 STATUS_DISPATCHED = "DISPATCHED"
 STATUS_RUNNING = "RUNNING"
+STATUS_SHARDS = 4  # batchworker/jobs.py's; a job's status-index partition is "<status>#<crc32(job id) % 4>"
 RENEWALS_PER_LEASE = 3  # renew every lease.seconds / 3: two renewals may fail before the lease lapses
 
 logger = logging.getLogger("worker.lease")
@@ -43,6 +45,11 @@ def iso_utc(moment: dt.datetime) -> str:
     return moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def status_shard(job_id: str, status: str) -> str:
+    """The job's partition of the jobs table's status index (batchworker/jobs.py status_shard)."""
+    return f"{status}#{zlib.crc32(job_id.encode()) % STATUS_SHARDS}"
+
+
 def renew_lease(
     client: Any,
     job_id: str,
@@ -59,16 +66,19 @@ def renew_lease(
     stays DISPATCHED).
     Other errors (throttling, network, a missing table) propagate: the caller logs them and tries again.
     """
-    sets = ["lease_expires_at = :t", "updated_at = :now"]
+    # A plain renewal writes only attributes the status index does not project (lease, progress): it never
+    # writes to the index. Starting changes the status, so it moves the job's index entry (once per job).
+    sets = ["lease_expires_at = :t"]
     values = {
         ":dispatched": {"S": STATUS_DISPATCHED},
         ":running": {"S": STATUS_RUNNING},
         ":t": {"S": iso_utc(now + dt.timedelta(seconds=lease.seconds))},
-        ":now": {"S": iso_utc(now)},
     }
     if started is not False:
-        sets += ["#s = :running", "running_since = :since"]
-        values[":since"] = {"S": iso_utc(now if started is True else started)}
+        since = iso_utc(now if started is True else started)
+        sets += ["#s = :running", "status_shard = :shard", "running_since = :since", "updated_at = :since"]
+        values[":since"] = {"S": since}
+        values[":shard"] = {"S": status_shard(job_id, STATUS_RUNNING)}
     if progress is not None:
         sets += ["items_done = :done", "items_total = :total"]
         values.update({":done": {"N": str(progress[0])}, ":total": {"N": str(progress[1])}})

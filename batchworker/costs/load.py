@@ -13,6 +13,9 @@ import math
 from dataclasses import dataclass, replace
 
 ITEM_BYTES = 1024  # a job item with its attributes: one write unit, a quarter of a strongly consistent read unit
+INDEX_ENTRY_BYTES = 512  # after: a status-index entry, without the lease and the progress (INCLUDE projection)
+STATUS_SHARDS = 4  # after: partitions per status in the status index (batchworker/jobs.py)
+INDEX_WRITES_PER_JOB = 3  # the most index writes one job makes in one status partition (in, a change, out)
 DAY_WORK_SECONDS = 8 * 3600.0
 
 # Published limits, per second (account and Region unless said otherwise).
@@ -22,7 +25,7 @@ LIMITS = {
     "ec2:StopInstances": (5.0, "EC2 mutating actions: refill 5/s"),
     "ssm:GetParameter": (40.0, "SSM GetParameter, standard throughput (higher throughput: 10,000)"),
     "dynamodb:status-index hot partition writes": (1000.0, "DynamoDB: 1,000 write units/s per partition"),
-    "dynamodb:status-index reads (RCU)": (3000.0, "DynamoDB: 3,000 read units/s per partition"),
+    "dynamodb:status-index reads (RCU)": (3000.0, "DynamoDB: 3,000 read units/s per partition (the busiest)"),
     "lambda:concurrent executions": (1000.0, "Lambda: 1,000 concurrent executions per Region (default quota)"),
 }
 
@@ -134,15 +137,19 @@ def model(workload: Workload, deployment: Deployment) -> Load:
         calls.setdefault(component, {})
         calls[component][api] = calls[component].get(api, 0.0) + per_second
 
-    # trigger: per batch, the pool and the active set (3 GSI queries); per upload, the job and the ledger.
+    # trigger: per batch, the pool and its load; per upload, the job and the ledger.
     add("trigger", "ec2:DescribeInstances", batches)
-    add("trigger", "dynamodb:Query", 3 * batches)
+    if today:  # the load from the active set: 3 GSI queries reading every active job
+        add("trigger", "dynamodb:Query", 3 * batches)
+        read_units = batches * active * ITEM_BYTES / 4096 * 0.5  # eventually consistent GSI reads
+    else:  # the load from the pool's ledger items (BatchGetItem, 100 a call): the index is not read
+        add("trigger", "dynamodb:BatchGetItem", batches * max(1, math.ceil(d.pool_size / 100)))
+        read_units = 0.0
     add("trigger", "dynamodb:GetItem", batches)  # the pool's idle-gap record
     add("trigger", "dynamodb:PutItem", rate + starts)  # the job; the start's history record
-    add("trigger", "dynamodb:UpdateItem", 2 * rate)  # ledger generation, job's instance
+    add("trigger", "dynamodb:UpdateItem", 2 * rate)  # ledger placement (conditional after), job's instance
     add("trigger", "ec2:StartInstances", starts)
     add("trigger", "lambda:Invoke", dispatchers)
-    read_units = batches * active * ITEM_BYTES / 4096 * 0.5  # eventually consistent GSI reads
 
     # worker (dispatcher): per invocation, wait for the instance; per job, claim and lease.
     wait = d.boot_seconds if booting else 0.0
@@ -187,14 +194,18 @@ def model(workload: Workload, deployment: Deployment) -> Load:
     add("instance", "s3:GetObject", rate)
     add("instance", "s3:PutObject", 3 * rate)  # predictions, job.log, manifest
 
-    # stop: per manifest, the job's end; per stop decision (an instance per batch), the pool and active set.
+    # stop: per manifest, the job's end; per stop decision (an instance per batch), its ledger item, then (today
+    # always; after, only when no job is placed on the instance any more) the pool and the active set.
     decisions = min(rate, (rate / d.sqs_batch_size) * min(d.sqs_batch_size, max(instances, 1))) if rate else 0.0
+    # After: an instance's jobs taken as Poisson, the chance it holds none when a decision runs.
+    looks = decisions if today else decisions * math.exp(-running / max(instances, 1))
     add("stop", "s3:GetObject", rate)
     add("stop", "dynamodb:UpdateItem", 2 * rate)
-    add("stop", "dynamodb:GetItem", rate + 2 * decisions)  # the job; ledger and idle-gap record per decision
-    add("stop", "ec2:DescribeInstances", decisions)
-    add("stop", "dynamodb:Query", 3 * decisions)
-    read_units += decisions * active * ITEM_BYTES / 4096 * 0.5
+    add("stop", "dynamodb:GetItem", rate + decisions + looks)  # the job; the ledger; the idle-gap record
+    add("stop", "ec2:DescribeInstances", looks)
+    add("stop", "dynamodb:Query", 3 * looks * (1 if today else STATUS_SHARDS))
+    entry_bytes = ITEM_BYTES if today else INDEX_ENTRY_BYTES
+    read_units += looks * active * entry_bytes / 4096 * 0.5
 
     # reaper: one pass per period.
     passes = 1.0 / d.reaper_period_seconds
@@ -204,15 +215,23 @@ def model(workload: Workload, deployment: Deployment) -> Load:
         add("reaper", "dynamodb:GetItem", passes * 3 * instances)
         read_units += passes * (1 + instances) * active * ITEM_BYTES / 4096 * 0.5
     else:
+        # The pool, its ledger items and the active jobs: found in the index, then read with their leases.
         add("reaper", "ec2:DescribeInstances", passes)
-        add("reaper", "dynamodb:BatchGetItem", passes * max(1, math.ceil(instances / 100)))
-        add("reaper", "dynamodb:Query", passes * 3)
+        add("reaper", "dynamodb:BatchGetItem",
+            passes * (max(1, math.ceil(instances / 100)) + math.ceil(active / 100)))
+        add("reaper", "dynamodb:Query", passes * 3 * STATUS_SHARDS)
         add("reaper", "dynamodb:GetItem", passes)
-        read_units += passes * active * ITEM_BYTES / 4096 * 0.5
+        read_units += passes * active * INDEX_ENTRY_BYTES / 4096 * 0.5
 
-    # Every write of a job item rewrites its status-index entry (projection ALL): the lease renewals of all
-    # running jobs land on the partition of one status value.
-    hot_writes = renewals_per_second * math.ceil(ITEM_BYTES / 1024)
+    if today:
+        # Every write of a job item rewrites its status-index entry (projection ALL): the lease renewals of
+        # all jobs on the instances land on the partitions of two status values, beside each job's moves.
+        hot_writes = renewals_per_second * math.ceil(ITEM_BYTES / 1024) + INDEX_WRITES_PER_JOB * rate
+    else:
+        # Renewals write nothing the index carries; each job's moves spread over the shards of its status,
+        # and the reads of the active set over the shards of each status.
+        hot_writes = INDEX_WRITES_PER_JOB * rate / STATUS_SHARDS
+        read_units /= STATUS_SHARDS
     measures = {
         "dynamodb:status-index hot partition writes": hot_writes,
         "dynamodb:status-index reads (RCU)": read_units,

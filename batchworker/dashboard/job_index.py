@@ -1,7 +1,9 @@
 """Every job-table read of the dashboard: newest-first pages from the status index, and jobs in a time window.
 
-Never a table scan: each status is one partition of `status-index` (range key `created_at`), read newest
-first and merged. A page cursor holds, per status, the index key of the last job shown.
+Never a table scan: each status is STATUS_SHARDS partitions of the status index (`status_shard`, range key
+`created_at`), each read newest first, all merged. A page cursor holds, per partition, the index key of the last
+job shown. The index does not carry what lease renewals write (progress), so a page's rows are then read from
+the table itself (one BatchGetItem).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from batchworker.jobs import STATUS_INDEX
+from batchworker import aws
+from batchworker.jobs import SHARD_ATTRIBUTE, STATUS_INDEX, status_shard, status_shards
 from batchworker.models import JobStatus, isoformat, parse_time
 
 ALL_STATUSES = tuple(JobStatus)
@@ -44,7 +47,11 @@ class JobRow:
 
     @property
     def index_key(self) -> dict:
-        return {"job_id": {"S": self.job_id}, "status": {"S": self.status}, "created_at": {"S": self.created_at}}
+        return {"job_id": {"S": self.job_id}, SHARD_ATTRIBUTE: {"S": self.shard}, "created_at": {"S": self.created_at}}
+
+    @property
+    def shard(self) -> str:
+        return status_shard(self.job_id, self.status)
 
     @property
     def is_terminal(self) -> bool:
@@ -102,9 +109,10 @@ class JobPage:
 
 @dataclass
 class _Stream:
-    """One status partition, read newest first from `start` (an index key, or None for the newest)."""
+    """One partition of the index (a status and shard), read newest first from `start` (an index key, or None
+    for the newest)."""
 
-    status: str
+    shard: str
     start: dict | None
     fetched: list[JobRow] = field(default_factory=list)
     last_evaluated: dict | None = None
@@ -140,9 +148,10 @@ class JobIndex:
         A key-prefix search filters as it reads; once it has read `read_budget` items of a status without
         filling the page it returns what it found, and its cursor goes on from there.
         """
-        starts = decode_cursor(cursor) if cursor else {status: None for status in statuses}
-        streams = [_Stream(status, starts[status]) for status in statuses if status in starts]
-        # One query per status, at once: on AWS the page waits for one round trip instead of five.
+        shards = [shard for status in statuses for shard in status_shards(status)]
+        starts = decode_cursor(cursor) if cursor else dict.fromkeys(shards)
+        streams = [_Stream(shard, starts[shard]) for shard in shards if shard in starts]
+        # One query per partition, at once: on AWS the page waits for one round trip, not one per partition.
         with ThreadPoolExecutor(max_workers=max(1, len(streams))) as pool:
             searched = sum(pool.map(lambda stream: self._fill(stream, page_size, key_prefix, read_budget), streams))
         rows = _merge(streams, page_size)
@@ -152,24 +161,31 @@ class JobIndex:
             if stream.exhausted and all_consumed:
                 continue
             if all_consumed and stream.last_evaluated:
-                next_starts[stream.status] = stream.last_evaluated
+                next_starts[stream.shard] = stream.last_evaluated
             elif stream.consumed:
-                next_starts[stream.status] = stream.fetched[stream.consumed - 1].index_key
+                next_starts[stream.shard] = stream.fetched[stream.consumed - 1].index_key
             else:
-                next_starts[stream.status] = stream.start
+                next_starts[stream.shard] = stream.start
         cut_short = bool(key_prefix) and len(rows) < page_size and bool(next_starts)
-        return JobPage(rows, encode_cursor(next_starts) if next_starts else None, searched, cut_short)
+        return JobPage(self._live(rows), encode_cursor(next_starts) if next_starts else None, searched, cut_short)
+
+    def _live(self, rows: list[JobRow]) -> list[JobRow]:
+        """The page's rows as the table holds them now: with their progress, which the index does not carry."""
+        if not rows:
+            return rows
+        items = aws.batch_get(self.client, self.table_name, [{"job_id": {"S": row.job_id}} for row in rows])
+        current = {item["job_id"]["S"]: row_from_item(item) for item in items}
+        return [current.get(row.job_id, row) for row in rows]
 
     def since(self, moment: datetime) -> list[JobRow]:
         """Every job created at or after `moment`, of any status (the window of the timeline and cost pages)."""
         rows = []
-        for status in ALL_STATUSES:
+        for shard in (shard for status in ALL_STATUSES for shard in status_shards(status)):
             for page in self.client.get_paginator("query").paginate(
                 TableName=self.table_name,
                 IndexName=STATUS_INDEX,
-                KeyConditionExpression="#s = :s AND created_at >= :t",
-                ExpressionAttributeNames={"#s": "status"},
-                ExpressionAttributeValues={":s": {"S": status.value}, ":t": {"S": isoformat(moment)}},
+                KeyConditionExpression=f"{SHARD_ATTRIBUTE} = :s AND created_at >= :t",
+                ExpressionAttributeValues={":s": {"S": shard}, ":t": {"S": isoformat(moment)}},
             ):
                 rows.extend(row_from_item(item) for item in page.get("Items", []))
         return sorted(rows, key=lambda row: row.created_at)
@@ -182,9 +198,8 @@ class JobIndex:
             request = {
                 "TableName": self.table_name,
                 "IndexName": STATUS_INDEX,
-                "KeyConditionExpression": "#s = :s",
-                "ExpressionAttributeNames": {"#s": "status"},
-                "ExpressionAttributeValues": {":s": {"S": stream.status}},
+                "KeyConditionExpression": f"{SHARD_ATTRIBUTE} = :s",
+                "ExpressionAttributeValues": {":s": {"S": stream.shard}},
                 "ScanIndexForward": False,
                 # A search reads its whole budget in one request (DynamoDB stops at 1 MB anyway).
                 "Limit": page_size + 1 if not key_prefix else max(page_size + 1, read_budget - evaluated),
@@ -229,26 +244,26 @@ def _merge(streams: list[_Stream], page_size: int) -> list[JobRow]:
 
 def encode_cursor(starts: dict[str, dict | None]) -> str:
     compact = {
-        status: None if key is None else [key["job_id"]["S"], key["created_at"]["S"]] for status, key in starts.items()
+        shard: None if key is None else [key["job_id"]["S"], key["created_at"]["S"]] for shard, key in starts.items()
     }
     return base64.urlsafe_b64encode(json.dumps(compact, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> dict[str, dict | None]:
-    """The per-status start keys of a cursor; ValueError for anything this module did not write."""
+    """The per-partition start keys of a cursor; ValueError for anything this module did not write."""
     try:
         raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (ValueError, binascii.Error) as exc:
         raise ValueError("not a page cursor") from exc
-    known = {status.value for status in ALL_STATUSES}
+    known = {shard for status in ALL_STATUSES for shard in status_shards(status)}
     if not isinstance(raw, dict) or not set(raw) <= known:
         raise ValueError("not a page cursor")
     starts: dict[str, dict | None] = {}
-    for status, key in raw.items():
+    for shard, key in raw.items():
         if key is None:
-            starts[status] = None
+            starts[shard] = None
         elif isinstance(key, list) and len(key) == 2 and all(isinstance(part, str) for part in key):
-            starts[status] = {"job_id": {"S": key[0]}, "status": {"S": status}, "created_at": {"S": key[1]}}
+            starts[shard] = {"job_id": {"S": key[0]}, SHARD_ATTRIBUTE: {"S": shard}, "created_at": {"S": key[1]}}
         else:
             raise ValueError("not a page cursor")
     return starts

@@ -11,6 +11,8 @@ import pytest
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
+from batchworker.jobs import INDEX_ATTRIBUTES, SHARD_ATTRIBUTE, STATUS_INDEX
+
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "bwtest"
 
@@ -76,13 +78,15 @@ def create_stack(monkeypatch) -> Stack:
     ddb = boto3.client("dynamodb", region_name="us-east-1")
     ddb.create_table(
         TableName=f"{PREFIX}-jobs", BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("job_id", "status", "created_at")],
+        AttributeDefinitions=[
+            {"AttributeName": n, "AttributeType": "S"} for n in ("job_id", SHARD_ATTRIBUTE, "created_at")
+        ],
         KeySchema=[{"AttributeName": "job_id", "KeyType": "HASH"}],
         GlobalSecondaryIndexes=[{
-            "IndexName": "status-index",
-            "KeySchema": [{"AttributeName": "status", "KeyType": "HASH"},
+            "IndexName": STATUS_INDEX,
+            "KeySchema": [{"AttributeName": SHARD_ATTRIBUTE, "KeyType": "HASH"},
                           {"AttributeName": "created_at", "KeyType": "RANGE"}],
-            "Projection": {"ProjectionType": "ALL"},
+            "Projection": {"ProjectionType": "INCLUDE", "NonKeyAttributes": list(INDEX_ATTRIBUTES)},
         }],
     )
     ddb.create_table(

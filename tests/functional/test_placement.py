@@ -140,20 +140,22 @@ def _batches_at_once(env: dict, batches: list[list[str]]) -> dict[str, str]:
     placed: dict[str, str] = {}
     errors: list[BaseException] = []
 
-    def batch(keys: list[str]) -> None:
+    def batch(keys: list[str], parts, s3) -> None:
+        settings, jobs, pool, ledger = parts
         try:
-            settings, jobs, pool, ledger = _parts(env)
             placer = Placer(pool.list(), ledger, settings.max_jobs_per_instance)
             ready.wait()
             for key in keys:
                 upload = Upload(settings.input_bucket, key, 1, "etag", "v1")
                 accept_upload(upload, settings, jobs, pool, ledger,
-                              lambda job_id, instance_id: placed.__setitem__(job_id, instance_id),
-                              boto3.client("s3"), placer)
+                              lambda job_id, instance_id: placed.__setitem__(job_id, instance_id), s3, placer)
         except BaseException as exc:  # noqa: BLE001 - reported by the test below
             errors.append(exc)
 
-    threads = [threading.Thread(target=batch, args=(keys,), daemon=True) for keys in batches]
+    # Clients are made here, one set per batch as each Lambda invocation has its own: boto3's default session
+    # is not safe to make clients from in several threads at once (the clients themselves are).
+    threads = [threading.Thread(target=batch, args=(keys, _parts(env), boto3.client("s3")), daemon=True)
+               for keys in batches]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -167,3 +169,4 @@ def _batches_at_once(env: dict, batches: list[list[str]]) -> dict[str, str]:
 def _placed_counts(instance_ids: list[str]) -> dict[str, int]:
     entries = InstanceLedger(TABLE).read_many(instance_ids)
     return {instance_id: len(entry.placed_job_ids) for instance_id, entry in entries.items()}
+

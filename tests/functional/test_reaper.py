@@ -10,9 +10,9 @@ from batchworker.config import Settings
 from batchworker.control import Upload, accept_upload, finish_job, stop_if_idle
 from batchworker.idle_gaps import IdleGaps
 from batchworker.instances import InstanceHistory, InstancePool
-from batchworker.jobs import JobStore
+from batchworker.jobs import STATUS_SHARDS, JobStore
 from batchworker.ledger import InstanceLedger
-from batchworker.models import Job, JobStatus, utc_now
+from batchworker.models import ACTIVE_STATUSES, Job, JobStatus, utc_now
 from batchworker.reaper import reap
 from worker.lease import renew_lease
 from worker.spec import Lease
@@ -275,5 +275,7 @@ def test_a_reaper_pass_makes_as_many_api_calls_for_50_instances_as_for_5(stack):
         report = reap(settings, jobs, pool, ledger, s3, [].append, gaps=gaps)
         assert report.stopped == [] and report.failed == [] and report.redispatched == []
         per_pass[size] = calls.take()
-    # THEN it read the pool once, the ledger in one batch and the active jobs once per status, at either size
-    assert per_pass[50] == per_pass[5] == {"DescribeInstances": 1, "BatchGetItem": 1, "Query": 3, "GetItem": 1}
+    # THEN it read the pool once, the ledger in one batch, the active jobs once per status and shard of the index
+    # and then in one batch (with their leases), at either size
+    queries = len(ACTIVE_STATUSES) * STATUS_SHARDS
+    assert per_pass[50] == per_pass[5] == {"DescribeInstances": 1, "BatchGetItem": 2, "Query": queries, "GetItem": 1}

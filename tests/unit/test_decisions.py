@@ -5,7 +5,14 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from batchworker.decisions import JobAction, StopDecision, judge_job, kept_for_placed_jobs, place_job, should_stop
+from batchworker.decisions import (
+    JobAction,
+    StopDecision,
+    judge_job,
+    kept_for_placed_jobs,
+    place_job,
+    should_stop,
+)
 from batchworker.models import Instance, InstanceState, Job, JobStatus
 
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)

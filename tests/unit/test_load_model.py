@@ -69,3 +69,14 @@ def test_after_a_burst_costs_about_one_ec2_look_per_upload_whatever_its_size_and
         assert after < 2  # one look each; the boot is left to the instance's running event
     today, after = (model(BIG_BURST, Deployment(version=v)) for v in ("today", "after"))
     assert after.measures["lambda:concurrent executions"] < today.measures["lambda:concurrent executions"] / 10
+
+
+def test_after_the_trigger_reads_no_index_and_the_index_has_no_hot_partition():
+    busy = BURSTY.scaled(1000)
+    today, after = (model(busy, Deployment(version=v)) for v in ("today", "after"))
+    # the trigger places from the ledger items, not from the active set
+    assert "dynamodb:Query" in today.calls["trigger"] and "dynamodb:Query" not in after.calls["trigger"]
+    assert after.calls["trigger"]["dynamodb:BatchGetItem"] > 0
+    # renewals out of the index and 4 shards a status: both measures go from over their limit to well under it
+    for name in ("dynamodb:status-index hot partition writes", "dynamodb:status-index reads (RCU)"):
+        assert today.pressures()[name][1] >= 1.0 > 2 * after.pressures()[name][1], name

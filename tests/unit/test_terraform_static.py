@@ -918,3 +918,23 @@ def test_both_tables_expire_their_rows(tf):
         [ttl] = tf["resource"]["aws_dynamodb_table"][table]["ttl"]
         assert ttl == {"attribute_name": "expires_at", "enabled": True}, table
     assert tf["locals"]["lambda_environment"]["BATCHWORKER_JOB_RETENTION_DAYS"] == "${tostring(var.job_retention_days)}"
+
+
+def test_the_status_index_is_sharded_and_carries_nothing_a_lease_renewal_writes(tf):
+    from batchworker.jobs import INDEX_ATTRIBUTES, RENEWED_ATTRIBUTES, SHARD_ATTRIBUTE, STATUS_INDEX
+
+    table = tf["resource"]["aws_dynamodb_table"]["jobs"]
+    [index] = table["global_secondary_index"]
+    # GIVEN the index the code queries, keyed by "<status>#<shard>", oldest first
+    assert (index["name"], index["hash_key"], index["range_key"]) == (STATUS_INDEX, SHARD_ATTRIBUTE, "created_at")
+    assert {a["name"] for a in table["attribute"]} == {"job_id", SHARD_ATTRIBUTE, "created_at"}
+    # THEN it projects what its readers use, as the code (and the tests' tables) declare it
+    assert index["projection_type"] == "INCLUDE"
+    assert tuple(index["non_key_attributes"]) == INDEX_ATTRIBUTES
+    # AND none of what a plain renewal writes (worker/lease.py SETs only those): renewals never write to it
+    source = (REPO_ROOT / "worker" / "lease.py").read_text()
+    body = source[source.index("def renew_lease"):source.index("def note_instance_problem")]
+    started = body[body.index("if started:"):body.index("if progress")]  # once per job, with the status
+    plain = set(re.findall(r'"([a-z_]+) = :', body)) - set(re.findall(r'"([a-z_]+) = :', started))
+    assert plain == set(RENEWED_ATTRIBUTES)
+    assert not set(RENEWED_ATTRIBUTES) & set(INDEX_ATTRIBUTES)
