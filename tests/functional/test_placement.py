@@ -7,7 +7,6 @@ import threading
 from collections import Counter
 
 import boto3
-import pytest
 
 from batchworker.config import Settings
 from batchworker.control import Upload, accept_upload, finish_job
