@@ -934,7 +934,7 @@ def test_the_status_index_is_sharded_and_carries_nothing_a_lease_renewal_writes(
     # AND none of what a plain renewal writes (worker/lease.py SETs only those): renewals never write to it
     source = (REPO_ROOT / "worker" / "lease.py").read_text()
     body = source[source.index("def renew_lease"):source.index("def note_instance_problem")]
-    started = body[body.index("if started:"):body.index("if progress")]  # once per job, with the status
+    started = body[body.index("if started is not False:"):body.index("if progress")]  # once per job, with the status
     plain = set(re.findall(r'"([a-z_]+) = :', body)) - set(re.findall(r'"([a-z_]+) = :', started))
     assert plain == set(RENEWED_ATTRIBUTES)
     assert not set(RENEWED_ATTRIBUTES) & set(INDEX_ATTRIBUTES)
