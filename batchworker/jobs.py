@@ -23,7 +23,7 @@ from batchworker.models import ACTIVE_STATUSES, Job, JobStatus, isoformat, utc_n
 logger = logging.getLogger(__name__)
 
 STATUS_INDEX = "status-shard-index"
-STATUS_SHARDS = 4  # changing it moves every job to another partition: existing rows would need rewriting
+STATUS_SHARDS = 2  # changing it moves every job to another partition: existing rows would need rewriting
 SHARD_ATTRIBUTE = "status_shard"
 # What the index carries besides its keys (job_id, status_shard, created_at): all its readers use, and none of
 # what a lease renewal writes (terraform/dynamodb.tf has the same list).

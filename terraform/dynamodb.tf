@@ -1,6 +1,6 @@
 ################################################################################
 # Job table: one item per job (hash job_id). status-shard-index lists jobs by status, oldest first: its
-# partition key is "<status>#<shard>" (4 shards a status, from the job id: batchworker/jobs.py), so no
+# partition key is "<status>#<shard>" (2 shards a status, from the job id: batchworker/jobs.py), so no
 # partition takes more than its share of the writes; it leaves out what lease renewals write (lease,
 # progress), so renewals never write to it.
 ################################################################################

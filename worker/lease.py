@@ -25,7 +25,7 @@ from worker.spec import Lease
 
 STATUS_DISPATCHED = "DISPATCHED"
 STATUS_RUNNING = "RUNNING"
-STATUS_SHARDS = 4  # batchworker/jobs.py's; a job's status-index partition is "<status>#<crc32(job id) % 4>"
+STATUS_SHARDS = 2  # batchworker/jobs.py's; a job's status-index partition is "<status>#<crc32(job id) % 2>"
 RENEWALS_PER_LEASE = 3  # renew every lease.seconds / 3: two renewals may fail before the lease lapses
 
 logger = logging.getLogger("worker.lease")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 ITEM_BYTES = 1024  # a job item with its attributes: one write unit, a quarter of a strongly consistent read unit
 INDEX_ENTRY_BYTES = 512  # after: a status-index entry, without the lease and the progress (INCLUDE projection)
-STATUS_SHARDS = 4  # after: partitions per status in the status index (batchworker/jobs.py)
+STATUS_SHARDS = 2  # after: partitions per status in the status index (batchworker/jobs.py)
 INDEX_WRITES_PER_JOB = 3  # the most index writes one job makes in one status partition (in, a change, out)
 DAY_WORK_SECONDS = 8 * 3600.0
 
