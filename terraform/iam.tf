@@ -618,6 +618,16 @@ data "aws_iam_policy_document" "gpu" {
     }
   }
 
+  # instance (prewarm): learn that the default job has no deploy pointer (current.json; then it reads
+  # Terraform's bundled.json): without s3:ListBucket S3 answers the GetObject of a missing key with 403,
+  # an AccessDenied at every boot. Only when the instance was started by another package's job.
+  # unexercised: the integration tests start instances with default-job uploads (the pointer is not read).
+  statement {
+    sid       = "ListJobPackagePointers"
+    actions   = ["s3:ListBucket"]
+    resources = [aws_s3_bucket.this["artifacts"].arn]
+  }
+
   # instance (prewarm): read which job packages started it: the `prewarm` attribute the trigger writes
   # on the instance's ledger item at the start (worker/prewarm.py sets them up at boot). GetItem with a
   # projection of that attribute only: no other attribute of the table (history, placements) is readable.

@@ -75,7 +75,8 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, m
             warm.storage = Storage()
             if packages_uri and instance_events_table and instance_id:
                 starters = started_by(instance_events_table, instance_id, packages_uri)
-            if default_job and packages_uri:
+            if default_job and packages_uri and default_job not in {ref.name for ref in starters}:
+                # (a default-job upload started the instance: its record pins the version, no pointer read)
                 default = default_package(warm.storage, packages_uri, default_job)
             # While busy, the server still admits these packages' batches (they will find them warm)
             hosts.expect([ref.version for ref in [*starters, *([default] if default else [])]])
