@@ -27,7 +27,6 @@ class Settings:
     instance_events_table: str
     pool_tag: str
     worker_function: str
-    model_uri: str
     parameter_prefix: str
     job_command: str
     ssh_user: str = "ubuntu"
@@ -63,7 +62,7 @@ class Settings:
     # Dispatch attempts before a job that never started is failed.
     max_attempts: int = 3
     # Job packages live in the artifacts bucket (job-packages/<name>/); uploads under `<name>/` of a deployed
-    # package run it, the others default_job. No default_job: the others run the built-in model_uri job.
+    # package run it, the others default_job. No default_job: the others fail at once (nothing runs them).
     # No artifacts_bucket: job packages are off.
     artifacts_bucket: str | None = None
     default_job: str | None = None

@@ -85,7 +85,7 @@ def accept_upload(
 
     With job packages on (`artifacts_bucket` set), the upload is routed first: a key under `<name>/` of a
     deployed package, or any key when `default_job` is set, is pinned to that package's current version and
-    resolved parameters (other keys run the built-in model_uri job). An input over `max_input_bytes`, an extension the package does not accept, a bad
+    resolved parameters (with no default_job, other keys are refused). An input over `max_input_bytes`, an extension the package does not accept, a bad
     parameter or a missing package fail at once with a manifest: no GPU starts for them. A `placer` and
     `packages` shared by the uploads of one batch read the pool, its load and each package once for all.
     Returns the job id, or None when this delivery is a duplicate of a job already under way.
@@ -381,7 +381,6 @@ def job_spec(job: Job, settings: Settings, instance_id: str) -> dict:
         "job_id": job.job_id,
         "input": {"bucket": job.input_bucket, "key": job.input_key, "version_id": job.input_version},
         "output": {"bucket": settings.output_bucket, "prefix": output_prefix(job.job_id)},
-        "model_uri": settings.model_uri,
         "instance_id": instance_id,
         # The job renews this lease while it runs; the reaper fails jobs whose lease expires.
         "lease": {"table": settings.jobs_table, "seconds": settings.job_lease_seconds},

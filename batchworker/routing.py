@@ -1,7 +1,7 @@
 """Which job package an upload runs, with which parameters: decided in the trigger, before any instance starts.
 
-A key `<name>/...` runs the package deployed as `<name>`; every other key runs the default job (or, with no
-default_job, the built-in model_uri job). The upload's extension must be one the package accepts and its
+A key `<name>/...` runs the package deployed as `<name>`; every other key runs the default job (with no
+default_job, it is refused). The upload's extension must be one the package accepts and its
 `param-<name>` metadata must fit the package's [params].
 """
 
@@ -83,14 +83,17 @@ def decode_metadata_value(value: str) -> str:
 
 def route_upload(
     key: str, metadata: Mapping[str, str], default_job: str | None, lookup: PackageLookup
-) -> Route | None:
-    """The package and typed parameters for `key` (None: the built-in job); UploadRefused says what to fix."""
+) -> Route:
+    """The package and typed parameters for `key`; UploadRefused says what to fix."""
     folder = key.split("/", 1)[0] if "/" in key else None
     ref = lookup.current(folder) if folder and NAME_PATTERN.match(folder) else None
     by_prefix = ref is not None
     if ref is None:
         if default_job is None:
-            return None
+            raise UploadRefused(
+                f"no job runs this key: the deployment has no default job{_not_a_job(folder, lookup)}; upload "
+                "under <name>/ of a deployed job package (`batchworker job list`), or set Terraform default_job"
+            )
         ref = lookup.current(default_job)
         if ref is None:
             raise UploadRefused(

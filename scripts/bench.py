@@ -164,7 +164,7 @@ def overhead(bench: Bench, args) -> dict:
         seen_at = time.time()
         t = manifest["timings"]
         finished = parse_time(t["finished_at"]).timestamp()
-        compute = t.get("inference_s", 0.0) + t.get("compute_s", 0.0)
+        compute = t.get("inference_s", 0.0)  # the handler's process() call
         rows.append(max(finished, seen_at) - uploaded_at - compute - (BOOT_DELAY_SECONDS if booted else 0.0))
         job = bench.job(job_id)
         stages["trigger"].append(parse_time(job["created_at"]).timestamp() - uploaded_at)
@@ -180,8 +180,10 @@ def worker_vs_bare(bench: Bench, args) -> dict:
     import torch
     from sklearn.datasets import load_digits
 
-    from batchworker.local.paths import MODEL_PATH
-    from worker.model import BATCH_SIZE
+    from batchworker.local.paths import DEFAULT_JOB_PACKAGE, MODEL_PATH
+
+    sys.path.insert(0, str(DEFAULT_JOB_PACKAGE))  # the default job's handler: its batch size is the job's
+    from handler import BATCH_SIZE
 
     items = args.items
     data = np.resize(load_digits().data.astype(np.uint8), (items, 64))  # values 0-16: uint8 keeps the upload small
@@ -234,8 +236,8 @@ def critical_path(manifests: list[dict], started: float, ended: float) -> dict:
         by_instance.setdefault(manifest["instance_id"], []).append(
             (busy_from, parse_time(t["finished_at"]).timestamp(), t))
     runs = sorted(max(by_instance.values(), key=lambda jobs: max(end for _, end, _ in jobs)), key=lambda r: r[0])
-    # The workload itself: compute_s in the built-in job, inside inference_s (the handler's call) in a package's
-    compute = sum(t.get("compute_s") or t.get("inference_s", 0.0) for _, _, t in runs)
+    # The workload itself: inside inference_s (the handler's process() call)
+    compute = sum(t.get("inference_s", 0.0) for _, _, t in runs)
     phases = {f"jobs_{phase}": sum(t.get(phase, 0.0) for _, _, t in runs)
               for phase in ("package_s", "environment_s", "download_s", "model_load_s", "upload_s")}
     return {
@@ -243,7 +245,7 @@ def critical_path(manifests: list[dict], started: float, ended: float) -> dict:
         "compute_s": compute,
         "job_io_s": sum(end - begin for begin, end, _ in runs) - compute,
         # of which the first job's: imports and setup of a cold process land there (none when prewarmed)
-        "first_job_io_s": runs[0][1] - runs[0][0] - (runs[0][2].get("compute_s") or runs[0][2].get("inference_s", 0.0)),
+        "first_job_io_s": runs[0][1] - runs[0][0] - runs[0][2].get("inference_s", 0.0),
         **phases,
         "gaps_s": sum(max(0.0, nxt[0] - prev[1]) for prev, nxt in pairwise(runs)),
         "tail_s": ended - runs[-1][1],
@@ -304,7 +306,7 @@ def cold_cycles(bench: Bench, args) -> dict:
         # Everything the cold path added beyond the boot delay before the job's own work was done: trigger,
         # start, SSH, launch, process start, imports, model load or setup(), download; not the work itself
         # (compute, or the handler's call) nor the job's own uploads. Independent of where started_at is taken.
-        own = (t.get("compute_s") or t.get("inference_s", 0.0)) + t.get("upload_s", 0.0)
+        own = t.get("inference_s", 0.0) + t.get("upload_s", 0.0)
         delays.append(parse_time(t["finished_at"]).timestamp() - uploaded_at - own - BOOT_DELAY_SECONDS)
     return {"cold_start_overhead_s": percentile(delays, 50),
             "stages_cold": stage_summary(stages)}

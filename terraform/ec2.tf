@@ -44,7 +44,6 @@ locals {
     job_root            = local.instance_job_root
     job_package_pointer = local.job_package_pointer
     ssh_public_key      = var.transport == "ssh" ? local.ssh_public_key : ""
-    model_uri           = local.model_uri
     packages_uri        = "s3://${aws_s3_bucket.this["artifacts"].id}/job-packages/"
     default_job         = var.default_job
     # prewarm reads the packages of the jobs that started the instance from its ledger item there

@@ -570,17 +570,6 @@ data "aws_iam_policy_document" "gpu" {
     resources = ["${aws_s3_bucket.this["input"].arn}/*"]
   }
 
-  # instance (job): download the model (bundled one or var.model_uri) and read its optional sidecar
-  # <key>.json (worker/model.py), where a model without embedded metadata declares its input shape.
-  statement {
-    sid     = "ReadModel"
-    actions = ["s3:GetObject"]
-    resources = [
-      "arn:${local.partition}:s3:::${local.model_object_path}",
-      "arn:${local.partition}:s3:::${local.model_sidecar_path}",
-    ]
-  }
-
   # instance (job): download the job package archive a job is pinned to (content-addressed,
   # job-packages/<name>/<sha256>.tar.gz); instance (prewarm): read the default job's pointer
   # (current.json, else Terraform's bundled.json) to prepare that version at boot. Configs stay unread.
@@ -594,7 +583,7 @@ data "aws_iam_policy_document" "gpu" {
     ]
   }
 
-  # instance (job): upload predictions, job.log and manifest.json under jobs/<job_id>/.
+  # instance (job): upload results.csv, errors.jsonl, outputs/, job.log and manifest.json under jobs/<job_id>/.
   statement {
     sid       = "WriteResults"
     actions   = ["s3:PutObject"]

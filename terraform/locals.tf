@@ -23,13 +23,6 @@ locals {
     ) == 0 ? "${var.name_prefix}-${key}-${local.account_id}${local.global_name_suffix}" : ""
   }
 
-  model_source_path = coalesce(var.model_source_path, "${path.module}/../build/model/digits-cnn.pt")
-  model_key         = "models/digits-cnn.pt"
-  model_uri         = coalesce(var.model_uri, "s3://${aws_s3_bucket.this["artifacts"].id}/${local.model_key}")
-  # "s3://bucket/key" -> "bucket/key", for the instance role's s3:GetObject.
-  model_object_path = trimprefix(local.model_uri, "s3://")
-  # Its sidecar <key without extension>.json (worker/model.py), where a model may declare its input.
-  model_sidecar_path = "${replace(local.model_object_path, "/\\.[^./]*$/", "")}.json"
 
   lambda_build_dir = coalesce(var.lambda_build_dir, "${path.module}/../build/lambdas")
 
@@ -80,7 +73,6 @@ locals {
     BATCHWORKER_INSTANCE_EVENTS_TABLE          = aws_dynamodb_table.instance_events.name
     BATCHWORKER_POOL_TAG                       = var.name_prefix
     BATCHWORKER_WORKER_FUNCTION                = "${var.name_prefix}-worker"
-    BATCHWORKER_MODEL_URI                      = local.model_uri
     BATCHWORKER_ARTIFACTS_BUCKET               = aws_s3_bucket.this["artifacts"].id
     BATCHWORKER_DEFAULT_JOB                    = var.default_job
     BATCHWORKER_PARAMETER_PREFIX               = local.parameter_prefix

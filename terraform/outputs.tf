@@ -14,18 +14,13 @@ output "output_bucket" {
 }
 
 output "artifacts_bucket" {
-  description = "Bucket holding model artifacts."
+  description = "Bucket holding the job packages and the job wheel."
   value       = aws_s3_bucket.this["artifacts"].id
 }
 
 output "default_job" {
-  description = "Name of the job package that runs uploads outside every deployed job's prefix (empty: the built-in job)."
+  description = "Name of the job package that runs uploads outside every deployed job's prefix (empty: none)."
   value       = var.default_job
-}
-
-output "model_uri" {
-  description = "s3:// URI of the TorchScript model the jobs use."
-  value       = local.model_uri
 }
 
 output "jobs_table" {

@@ -146,19 +146,8 @@ resource "aws_s3_bucket_notification" "output" {
 }
 
 ################################################################################
-# Artifacts: the bundled model and the job package the instances install
+# Artifacts: the job wheel the instances install and the bundled default job package
 ################################################################################
-
-resource "aws_s3_object" "model" {
-  count = var.model_uri == null ? 1 : 0
-
-  bucket = aws_s3_bucket.this["artifacts"].id
-  key    = local.model_key
-  source = local.model_source_path
-  etag   = filemd5(local.model_source_path)
-
-  depends_on = [aws_s3_bucket_server_side_encryption_configuration.this]
-}
 
 # Versioned key (packages/batchworker_job-<version>-py3-none-any.whl) in a versioned bucket; the
 # instances find it through aws_ssm_parameter.job_package, which also pins the S3 version and sha256.

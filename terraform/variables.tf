@@ -81,25 +81,8 @@ variable "force_destroy_buckets" {
   default     = false
 }
 
-variable "model_source_path" {
-  description = "Local TorchScript file uploaded to s3://<artifacts bucket>/models/digits-cnn.pt. Null means <module>/../build/model/digits-cnn.pt. Unused when model_uri is set."
-  type        = string
-  default     = null
-}
-
-variable "model_uri" {
-  description = "s3://bucket/key of a TorchScript model to use instead of the bundled digits CNN. Null uploads and uses the bundled model."
-  type        = string
-  default     = null
-
-  validation {
-    condition     = var.model_uri == null || can(regex("^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+$", var.model_uri))
-    error_message = "The model_uri must look like s3://bucket/key."
-  }
-}
-
 variable "default_job" {
-  description = "Job package that runs every upload outside a `<name>/` folder of a deployed package (docs/jobs.md); \"digits\" is the bundled digits classifier (make build ships it). Empty: those uploads run the built-in model_uri job (packages still run under their `<name>/`)."
+  description = "Job package that runs every upload outside a `<name>/` folder of a deployed package (docs/jobs.md); \"digits\" is the bundled digits classifier (make build ships it). Empty: only `<name>/` uploads run; others fail at once with a manifest saying so."
   type        = string
   default     = "digits"
 

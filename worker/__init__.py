@@ -1,1 +1,1 @@
-"""The job that runs on the GPU instance: input -> model -> predictions + manifest."""
+"""The job that runs on the GPU instance: input -> the job package's handler -> results + manifest."""

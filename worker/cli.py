@@ -227,7 +227,7 @@ def run(path: Path, lock_fds: list[int] | tuple[int, ...] = (), role: ServerRole
     if linger <= 0 and role is not None:
         role.close()
     hosts = HostPool()  # the job packages' warm handler processes, one per (version, environment)
-    hosts.expect(spec.package.version for spec in specs if spec.package is not None)
+    hosts.expect(spec.package.version for spec in specs)
     server = _open_server(job_root, role, hosts) if linger > 0 else None  # before the slow imports
     from worker.runner import WarmState  # not at the top: `launch` stays free of boto3, NumPy and PIL
 
@@ -261,11 +261,11 @@ def _admit(batch_path: Path, busy: bool, job_root: Path, hosts: HostPool) -> boo
         return not busy  # idle: take it anyway, its run reports the problem
     admitted = (
         not busy
-        or all(spec.package is not None and hosts.has_package(spec.package.version) for spec in specs)
+        or all(hosts.has_package(spec.package.version) for spec in specs)
         or all(spec.max_concurrent_jobs == 1 for spec in specs)
     )
     if admitted:
-        hosts.expect(spec.package.version for spec in specs if spec.package is not None)
+        hosts.expect(spec.package.version for spec in specs)
     return admitted
 
 

@@ -9,7 +9,7 @@ class ExitCode(enum.IntEnum):
     """Exit codes of `batchworker-job run` (docs/architecture.md)."""
 
     SUCCEEDED = 0
-    FAILED = 2  # permanent: bad spec, bad input, bad model; retrying will not help
+    FAILED = 2  # permanent: bad spec, bad input, a broken package; retrying will not help
     TRANSIENT = 75  # EX_TEMPFAIL: S3 or network trouble; the same job may succeed later
 
 
@@ -29,10 +29,6 @@ class SpecError(JobError):
 
 class InputError(JobError):
     """The input file cannot be used (unknown type, corrupt, empty, wrong shape, over a limit)."""
-
-
-class ModelError(JobError):
-    """The model cannot be loaded or does not behave like a classifier of the declared input shape."""
 
 
 class Interrupted(JobError):

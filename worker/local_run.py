@@ -119,6 +119,6 @@ def _spec(key: str, ref: PackageRef, params: dict[str, str]) -> JobSpec:
     job_id = f"j-{secrets.token_hex(8)}"
     return JobSpec(
         job_id=job_id, input_bucket=INPUT_BUCKET, input_key=key, input_version_id=None,
-        output_bucket=OUTPUT_BUCKET, output_prefix=f"jobs/{job_id}/", model_uri=None, instance_id="local",
+        output_bucket=OUTPUT_BUCKET, output_prefix=f"jobs/{job_id}/", instance_id="local",
         max_concurrent_jobs=1, server_linger_seconds=0, package=ref, params=dict(params),
     )

@@ -92,7 +92,7 @@ def build_manifest(
         "timings": timings.to_json(),
         "items": items,
         "device": device,
-        "model_uri": spec.model_uri,
+        "package": spec.package.to_json(),  # the package's report (extra) says the same and more
         "instance_id": instance_id,
         **(extra or {}),
     }

@@ -3,8 +3,7 @@
 Started by the instance's systemd unit (Terraform user data) and, locally, by the instance host when the
 instance turns running: while the control plane still waits for the transport, this process imports the
 framework and prepares the job packages of the jobs that started the instance (the trigger names them on
-the instance's ledger item) and the default job (each package's handler process with setup() done; without
-a default package, torch and the model), so the first batch of a cold start runs warm. The handler
+the instance's ledger item) and the default job (each package's handler process with setup() done), so the first batch of a cold start runs warm. The handler
 processes the previous pre-warm on this disk set up are started first thing (start_remembered), so their
 imports and setup() overlap this process's own.
 
@@ -44,9 +43,8 @@ REMEMBERED_NAME = ".prewarm-hosts.json"  # in the job root: the handlers the las
 MAX_REMEMBERED = 4
 
 
-def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, model_uri: str | None,
-            linger_seconds: float, instance_events_table: str | None = None,
-            instance_id: str | None = None) -> int:
+def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, linger_seconds: float,
+            instance_events_table: str | None = None, instance_id: str | None = None) -> int:
     signal.signal(signal.SIGTERM, cli._on_sigterm)
     cli._raise_on_sigterm = False  # SIGTERM while preparing: stop afterwards, running what was taken
     job_root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -95,16 +93,6 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, m
                 early = taken
         if default is not None and default.version not in {ref.version for ref in starters}:
             _prepare([default], job_root, warm, remembered, "the default job")
-        elif default is None and model_uri:
-            try:
-                from worker.model import ModelCache
-                from worker.runner import MODEL_CACHE_DIR
-
-                warm.models = ModelCache(job_root / MODEL_CACHE_DIR)
-                warm.models.get(model_uri, warm.storage)
-                logger.info("model %s loaded", model_uri)
-            except Exception:  # noqa: BLE001 - a job prepares what is missing itself and reports it
-                logger.exception("loading the model failed; jobs will load it themselves")
         _discard(remembered)  # started for packages no longer wanted
         remember(job_root, hosts)
         logger.info("warm after %.2f s; serving for %.0f s without a batch", time.monotonic() - started,
@@ -248,7 +236,6 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="batchworker-job prewarm", description=__doc__.splitlines()[0])
     parser.add_argument("--packages-uri", help="s3://<artifacts bucket>/job-packages/")
     parser.add_argument("--default-job", help="name of the default job package")
-    parser.add_argument("--model-uri", help="the model of the built-in job, when there is no default package")
     parser.add_argument("--linger-seconds", type=float, default=120.0,
                         help="serve this long without a batch, then exit (default 120)")
     parser.add_argument("--instance-events-table",
@@ -256,5 +243,5 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return prewarm(job_root_from_env(), args.packages_uri, args.default_job, args.model_uri, args.linger_seconds,
+    return prewarm(job_root_from_env(), args.packages_uri, args.default_job, args.linger_seconds,
                    args.instance_events_table, os.environ.get(INSTANCE_ID_ENV))

@@ -1,8 +1,8 @@
-"""Jobs, start to finish: download input and model, predict, upload outputs, always upload the manifest.
+"""Jobs, start to finish: the job package's run (worker/package_run.py), then job.log and, always, the manifest.
 
-A batch runs its jobs one after another in one process, sharing one concurrency slot, the loaded model
-and one lease heartbeat. The exit code says whether a failure is worth retrying (worker.errors.ExitCode).
-Output order under output.prefix: predictions.csv, job.log, then manifest.json last.
+A batch runs its jobs one after another in one process, sharing one concurrency slot, the warm handler
+processes and one lease heartbeat. The exit code says whether a failure is worth retrying
+(worker.errors.ExitCode). Output order under output.prefix: the package's results, job.log, manifest.json last.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
@@ -27,14 +26,12 @@ from worker.connectivity import unreachable_message
 from worker.deadman import RUN_DONE_NAME, push_deadman
 from worker.errors import ExitCode, Interrupted, JobError, StorageError
 from worker.hosts import HostPool
-from worker.inputs import COMPUTE_EXTENSION, MAX_INPUT_BYTES, decode_input, display_name, input_extension
 from worker.joblog import flush_handlers, job_logging
 from worker.lease import Heartbeat, note_instance_problem
 from worker.lease import make_client as make_lease_client
 from worker.manifest import MANIFEST_NAME, JobStatus, Timings, build_manifest, utc_now
 from worker.package_run import PackageReport
 from worker.paths import job_dir_for
-from worker.predictions import PREDICTIONS_NAME, write_predictions
 from worker.runtime_cap import RuntimeCap, wait_to_be_killed
 from worker.slots import Slot, acquire_slot
 from worker.spec import JobSpec, Lease
@@ -42,7 +39,6 @@ from worker.storage import AlreadyWritten, Storage
 
 INSTANCE_ID_ENV = "BATCHWORKER_INSTANCE_ID"
 LOG_NAME = "job.log"
-MODEL_CACHE_DIR = ".model-cache"
 NETWORK_CHECK_WAIT_SECONDS = 20.0  # the check's three connects time out after 5 s each
 
 
@@ -65,7 +61,6 @@ def run_job(spec: JobSpec, job_root: Path, storage: Storage | None = None) -> Ex
 class WarmState:
     """What a `run` process keeps from one batch to the next (a warm server, worker/server.py)."""
 
-    models: Any = None  # worker.model.ModelCache once torch is imported
     storage: Storage | None = None
     hosts: HostPool = field(default_factory=HostPool)  # job packages' warm handler processes
     interrupted: Interrupted | None = None  # set: the next batch's jobs fail at once as interrupted
@@ -83,15 +78,15 @@ def run_jobs(
 
     From the first job's start (or earlier, by the given `heartbeat`), the leases of every job not
     finished yet are renewed, so jobs waiting their turn stay alive in the jobs table. After SIGTERM the
-    jobs still to come fail at once as interrupted. `warm` carries the loaded models and the S3 client over
-    to the next batch. `waiting_since` (UTC, monotonic): when a warm server took the batch to run after
+    jobs still to come fail at once as interrupted. `warm` carries the warm handler processes and the S3
+    client over to the next batch. `waiting_since` (UTC, monotonic): when a warm server took the batch to run after
     its current one (default: now). Every job's timings start there: the wait for the slot, and behind the
     batch's earlier jobs, counts as slot_wait_s, and only the job's own run counts toward the runtime cap.
     """
     leases = {spec.job_id: spec.lease for spec in specs if spec.lease}
     batch = _Batch(job_root, heartbeat or Heartbeat(leases), leases)
     if warm is not None:
-        batch.models, batch.interrupted, batch.hosts = warm.models, warm.interrupted, warm.hosts
+        batch.interrupted, batch.hosts = warm.interrupted, warm.hosts
         storage = storage or warm.storage
     arrived = waiting_since or (utc_now(), time.monotonic())
     codes: list[ExitCode] = []
@@ -114,7 +109,7 @@ def run_jobs(
     finally:
         batch.close()
         if warm is not None:
-            warm.models, warm.storage = batch.models, storage
+            warm.storage = storage
         else:
             batch.hosts.close()  # nobody keeps them warm for a next batch
     return codes
@@ -138,7 +133,6 @@ class _Batch:
         self.heartbeat = heartbeat
         self.leases = leases or {}  # every job of the batch with a row to write to
         self.slot: Slot | None = None
-        self.models: Any = None  # worker.model.ModelCache, created once torch is imported
         self.hosts = HostPool()
         self.interrupted: Interrupted | None = None
         self.current: _Job | None = None  # the job running now (a lapsed lease stops it)
@@ -221,9 +215,8 @@ class _Job:
         self.outcome = _Outcome(input_version_id=spec.input_version_id)
         self.device = "unknown"
         self.instance_id = spec.instance_id or os.environ.get(INSTANCE_ID_ENV) or None
-        self.input_path: Path | None = None
         self.cap: RuntimeCap | None = None
-        self.package_report = PackageReport() if spec.package is not None else None
+        self.package_report = PackageReport()
 
     def run(self) -> ExitCode:
         self.log.info(
@@ -231,7 +224,8 @@ class _Job:
             extra={
                 "input_bucket": self.spec.input_bucket,
                 "input_key": self.spec.input_key,
-                "model_uri": self.spec.model_uri,
+                "package": self.spec.package.name,
+                "package_version": self.spec.package.version,
                 "instance_id": self.instance_id,
             },
         )
@@ -245,10 +239,7 @@ class _Job:
             if self.batch.interrupted is not None:
                 raise self.batch.interrupted
             self.batch.check_network(self.log)
-            if self.package_report is not None:
-                self._run_package()
-            else:
-                self._predict_and_upload()
+            self._run_package()
             self.outcome.status, self.outcome.exit_code = JobStatus.SUCCEEDED, ExitCode.SUCCEEDED
         except JobError as exc:
             if isinstance(exc, Interrupted):
@@ -296,7 +287,6 @@ class _Job:
         """A job package's job (worker/package_run.py); its report goes into the manifest."""
         from worker.package_run import run_package_job
 
-        assert self.package_report is not None
         self._hold_slot()
         if self.storage is None:
             self.storage = Storage()
@@ -306,63 +296,6 @@ class _Job:
             self.package_report, lambda done, total: self.batch.heartbeat.set_progress(job_id, done, total),
         )
         self.outcome.items = self.package_report.items_total
-
-    def _predict_and_upload(self) -> None:
-        spec = self.spec
-        ext = input_extension(spec.input_key)  # before waiting or downloading: unsupported types fail fast
-        name = display_name(spec.input_key)
-        self._hold_slot()
-        # torch is slow to import: after the fast failures, once per process
-        from worker.compute import COMPUTE_ITEM, parse_workload, run_workload
-        from worker.model import ModelCache, predict, select_device
-
-        self.device = select_device().type
-        if self.storage is None:
-            self.storage = Storage()
-        # a fixed name: only the whitelisted extension comes from the key
-        self.input_path = self.job_dir / f"input{ext}"
-        with self.timings.measure("download_s"):
-            info = self.storage.download(
-                spec.input_bucket,
-                spec.input_key,
-                self.input_path,
-                version_id=spec.input_version_id,
-                max_bytes=MAX_INPUT_BYTES,
-            )
-        self.outcome.input_version_id = spec.input_version_id or info.version_id
-        self.log.info("input downloaded", extra={"bytes": info.size_bytes, "version_id": info.version_id})
-        workload = parse_workload(self.input_path, name) if ext == COMPUTE_EXTENSION else None
-        if self.batch.models is None:
-            self.batch.models = ModelCache(self.job_root / MODEL_CACHE_DIR)
-        with self.timings.measure("model_load_s"):
-            model = self.batch.models.get(spec.model_uri, self.storage)
-        self.log.info(
-            "model loaded",
-            extra={
-                "device": str(model.device),
-                "input_shape": list(model.model_input.shape),
-                "input_source": model.input_source,
-            },
-        )
-        if workload is not None:
-            kind, seconds = workload
-            self.log.info("compute workload started", extra={"workload": kind, "seconds": seconds})
-            with self.timings.measure("compute_s"):
-                items, last_batch = run_workload(model, kind, seconds)
-            names, probs = [COMPUTE_ITEM], last_batch[:1]  # one row: the last batch's first item
-        else:
-            with self.timings.measure("inference_s"):  # decoding included: it depends on the input shape
-                decoded = decode_input(self.input_path, ext, name, model.model_input)
-                probs = predict(model, decoded.pixels)
-            names, items = decoded.items, len(decoded.items)
-        self.log.info("inference done", extra={"items": items, "classes": int(probs.shape[1])})
-        predictions_path = self.job_dir / PREDICTIONS_NAME
-        write_predictions(predictions_path, names, probs)
-        with self.timings.measure("upload_s"):
-            key = spec.output_key(PREDICTIONS_NAME)
-            self.storage.upload_file(predictions_path, spec.output_bucket, key, "text/csv")
-        self.outcome.outputs.append(key)
-        self.outcome.items = items
 
     def _write_stopped_manifest(self, error: str) -> None:
         """On the guard's thread: the failed manifest of a job stopped on the instance (past its cap, or its
@@ -399,14 +332,11 @@ class _Job:
             extra={"status": outcome.status.value, "exit_code": int(outcome.exit_code)},
         )
         flush_handlers()
-        if self.input_path is not None:
-            self.input_path.unlink(missing_ok=True)  # inputs are the big files (up to 100 MiB)
         report = self.package_report
-        if report is not None:
-            outcome.outputs[:0] = report.outputs
-            outcome.items, self.device = report.items_total, report.device
-            for path in report.scratch:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        outcome.outputs[:0] = report.outputs
+        outcome.items, self.device = report.items_total, report.device
+        for path in report.scratch:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         if self.storage is None:
             try:
                 self.storage = Storage()
@@ -432,7 +362,7 @@ class _Job:
             device=self.device,
             input_version_id=outcome.input_version_id,
             instance_id=self.instance_id,
-            extra=report.manifest_fields() if report is not None else None,
+            extra=report.manifest_fields(),
         )
         try:
             _write_local_json(self.job_dir / MANIFEST_NAME, manifest)

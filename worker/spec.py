@@ -62,23 +62,14 @@ class JobSpec:
     input_version_id: str | None
     output_bucket: str
     output_prefix: str
-    model_uri: str | None  # the built-in classifier's model (jobs without a package)
+    package: PackageRef  # the job package the job runs, pinned when the upload was accepted
     instance_id: str | None
     lease: Lease | None = None  # None: no heartbeat
     max_concurrent_jobs: int = DEFAULT_MAX_CONCURRENT_JOBS  # slots per instance (worker/slots.py)
     idle_shutdown_seconds: float = DEFAULT_IDLE_SHUTDOWN_SECONDS  # dead-man push (worker/deadman.py)
     server_linger_seconds: float = DEFAULT_SERVER_LINGER_SECONDS  # warm server after the batch; 0: none
     max_runtime_seconds: float | None = None  # the job is killed past this (worker/runtime_cap.py); None: no cap
-    package: PackageRef | None = None  # None: the built-in classifier at model_uri
     params: dict[str, Any] = field(default_factory=dict)  # checked by the trigger, again by the runner
-
-    @property
-    def model_bucket(self) -> str:
-        return parse_s3_uri(self.model_uri)[0]
-
-    @property
-    def model_key(self) -> str:
-        return parse_s3_uri(self.model_uri)[1]
 
     def output_key(self, name: str) -> str:
         return self.output_prefix + name
@@ -93,14 +84,13 @@ class JobSpec:
                 "version_id": self.input_version_id,
             },
             "output": {"bucket": self.output_bucket, "prefix": self.output_prefix},
-            "model_uri": self.model_uri,
             "instance_id": self.instance_id,
             "lease": {"table": self.lease.table, "seconds": self.lease.seconds} if self.lease else None,
             "max_concurrent_jobs": self.max_concurrent_jobs,
             "idle_shutdown_seconds": self.idle_shutdown_seconds,
             "server_linger_seconds": self.server_linger_seconds,
             "max_runtime_seconds": self.max_runtime_seconds,
-            "package": self.package.to_json() if self.package else None,
+            "package": self.package.to_json(),
             "params": dict(self.params),
         }
 
@@ -112,10 +102,10 @@ def is_valid_job_id(value: object) -> bool:
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split s3://bucket/key; raise SpecError if it is not one."""
     if not isinstance(uri, str) or not uri.startswith("s3://"):
-        raise SpecError(f"model_uri must look like s3://bucket/key, got {uri!r:.200}")
+        raise SpecError(f"expected an s3://bucket/key URI, got {uri!r:.200}")
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not BUCKET_PATTERN.fullmatch(bucket) or not key or len(key.encode("utf-8")) > MAX_KEY_BYTES:
-        raise SpecError(f"model_uri must look like s3://bucket/key, got {uri!r:.200}")
+        raise SpecError(f"expected an s3://bucket/key URI, got {uri!r:.200}")
     return bucket, key
 
 
@@ -182,9 +172,6 @@ def spec_from_object(raw: object) -> JobSpec:
     if not isinstance(prefix, str) or not prefix or len(prefix.encode("utf-8")) > MAX_KEY_BYTES - 64:
         raise SpecError(f"output.prefix must be a non-empty string of at most {MAX_KEY_BYTES - 64} bytes")
     package = _parse_package(raw.get("package"))
-    model_uri = raw.get("model_uri")
-    if model_uri is not None or package is None:
-        parse_s3_uri(model_uri)
     instance_id = raw.get("instance_id")
     if instance_id is not None and (
         not isinstance(instance_id, str) or not INSTANCE_ID_PATTERN.fullmatch(instance_id)
@@ -199,7 +186,7 @@ def spec_from_object(raw: object) -> JobSpec:
         input_version_id=version_id,
         output_bucket=output_bucket,
         output_prefix=prefix,
-        model_uri=model_uri,
+        package=package,
         instance_id=instance_id,
         lease=_parse_lease(raw.get("lease")),
         max_concurrent_jobs=_optional_int(
@@ -212,16 +199,14 @@ def spec_from_object(raw: object) -> JobSpec:
             if raw.get("max_runtime_seconds") is not None
             else None
         ),
-        package=package,
         params=_parse_params(raw.get("params")),
     )
 
 
-def _parse_package(value: object) -> PackageRef | None:
-    if value is None:
-        return None
+def _parse_package(value: object) -> PackageRef:
     if not isinstance(value, dict) or set(value) != {"name", "version", "uri"}:
-        raise SpecError('package must be null or {"name": ..., "version": <sha256>, "uri": "s3://..."}')
+        raise SpecError('package must be {"name": ..., "version": <sha256>, "uri": "s3://..."}: every job runs '
+                        "a job package (the control plane pins it when the upload is accepted)")
     name, version, uri = value["name"], value["version"], value["uri"]
     if not isinstance(name, str) or not PACKAGE_NAME_PATTERN.fullmatch(name):
         raise SpecError(f"package.name must match {PACKAGE_NAME_PATTERN.pattern}, got {name!r:.100}")

@@ -192,7 +192,7 @@ def model(workload: Workload, deployment: Deployment) -> Load:
     add("instance", "dynamodb:UpdateItem", renewals_per_second + rate * (1.0 if today else 2.0))
     add("instance", "s3:HeadObject", rate)  # the input's size and version before the download
     add("instance", "s3:GetObject", rate)
-    add("instance", "s3:PutObject", 3 * rate)  # predictions, job.log, manifest
+    add("instance", "s3:PutObject", 4 * rate)  # results.csv, errors.jsonl, job.log, manifest
 
     # stop: per manifest, the job's end; per stop decision (an instance per batch), its ledger item, then (today
     # always; after, only when no job is placed on the instance any more) the pool and the active set.

@@ -122,7 +122,7 @@ class Supervisor:
 
     def boot_command(self, outputs: dict) -> list[str]:
         """What the instance's batchworker-prewarm unit runs at boot (terraform/templates/user_data.sh.tftpl)."""
-        command = [str(VENV_BIN / "batchworker-job"), "prewarm", "--model-uri", outputs["model_uri"],
+        command = [str(VENV_BIN / "batchworker-job"), "prewarm",
                    "--packages-uri", f"s3://{outputs['artifacts_bucket']}/job-packages/",
                    "--instance-events-table", outputs["instance_events_table"]]
         if outputs.get("default_job"):
@@ -160,7 +160,6 @@ class Supervisor:
             "transport": "ssh",
             "job_command": f"{VENV_BIN / 'batchworker-job'} launch",
             "lambda_build_dir": str(LAMBDA_BUILD_DIR),
-            "model_source_path": str(MODEL_PATH),
             **self.options.terraform_variables(),
         }
 

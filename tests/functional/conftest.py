@@ -108,7 +108,6 @@ def create_stack(monkeypatch) -> Stack:
         "BATCHWORKER_INSTANCE_EVENTS_TABLE": f"{PREFIX}-instance-events",
         "BATCHWORKER_POOL_TAG": PREFIX,
         "BATCHWORKER_WORKER_FUNCTION": f"{PREFIX}-worker",
-        "BATCHWORKER_MODEL_URI": f"s3://{PREFIX}-artifacts/models/digits-cnn.pt",
         "BATCHWORKER_PARAMETER_PREFIX": f"/{PREFIX}",
         "BATCHWORKER_JOB_COMMAND": "/opt/batchworker/venv/bin/batchworker-job launch",
         "BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS": "5",

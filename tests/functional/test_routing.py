@@ -200,18 +200,21 @@ def test_one_batch_reads_each_package_pointer_once(stack, packages, monkeypatch)
     assert sorted(reads) == ["digits", "wordstats"]
 
 
-def test_without_default_job_other_keys_run_the_built_in_job(stack, packages, monkeypatch):
-    # GIVEN job packages on (artifacts bucket) but no default_job: the built-in model_uri job is the default
+def test_without_default_job_other_keys_are_refused(stack, packages, monkeypatch):
+    # GIVEN job packages on (artifacts bucket) but no default_job
     monkeypatch.setenv("BATCHWORKER_DEFAULT_JOB", "")
     stack.env["BATCHWORKER_DEFAULT_JOB"] = ""
     ref = packages(WORDSTATS)
     trigger = load_handler("trigger")
     trigger.lambda_client = recorder = RecordingLambdaClient()
     store = JobStore(stack.jobs_table)
-    # THEN <name>/ still runs the package, every other key the built-in job (no package, no params)
-    assert store.get(upload(stack, trigger, "wordstats/a.txt")).package == ref.to_spec()
+    # THEN <name>/ still runs the package, and every other key fails at once, saying where to upload
+    job = store.get(upload(stack, trigger, "wordstats/a.txt"))
+    assert job.package == ref.to_spec()
+    assert job_spec(job, Settings.from_env(stack.env), stack.instance_id)["package"] == ref.to_spec()
     for key in ("a.png", "photos/b.png", "wordstat/c.png"):
-        job = store.get(upload(stack, trigger, key))
-        assert job.status.value == "QUEUED" and job.package is None and job.params is None, key
-        assert "package" not in job_spec(job, Settings.from_env(stack.env), stack.instance_id)
-    assert len(recorder.calls) == 4
+        job_id = upload(stack, trigger, key)
+        assert store.get(job_id).status.value == "FAILED", key
+        assert "no default job" in manifest(stack, job_id)["error"], key
+    assert "did you mean 'wordstats/'" in manifest(stack, upload(stack, trigger, "wordstat/d.png"))["error"]
+    assert len(recorder.calls) == 1

@@ -32,21 +32,24 @@ from batchworker.jobs import JobStore
 from batchworker.ledger import InstanceLedger
 from batchworker.local.instance_host import UNREACHABLE_ENDPOINT
 from batchworker.models import Job, JobStatus, utc_now
-from tests.functional.test_job_run import (  # noqa: F401  (moto_server, s3, aws_env, model_bytes are fixtures)
+from tests.functional.test_job_run import (  # noqa: F401  (moto_server, s3, aws_env, digits_archive, ... are fixtures)
     ARTIFACTS,
     AWS_ENV,
     INPUT,
     OUTPUT,
     TABLE,
+    _package_for_specs,
     aws_env,
     compute_file,
     create_jobs_table,
+    digits_archive,
     job_id,
     job_item,
     launch_job,
     make_spec,
-    model_bytes,
     moto_server,
+    package_ref,
+    put_package,
     read_json,
     run_job,
     s3,
@@ -70,7 +73,7 @@ def settings_for(table: str) -> Settings:
     return Settings.from_env({
         "BATCHWORKER_INPUT_BUCKET": INPUT, "BATCHWORKER_OUTPUT_BUCKET": OUTPUT, "BATCHWORKER_JOBS_TABLE": table,
         "BATCHWORKER_INSTANCE_EVENTS_TABLE": EVENTS_TABLE, "BATCHWORKER_POOL_TAG": "job",
-        "BATCHWORKER_WORKER_FUNCTION": "job-worker", "BATCHWORKER_MODEL_URI": f"s3://{ARTIFACTS}/models/m.pt",
+        "BATCHWORKER_WORKER_FUNCTION": "job-worker",
         "BATCHWORKER_PARAMETER_PREFIX": "/job", "BATCHWORKER_JOB_COMMAND": "batchworker-job launch",
     })
 
@@ -96,12 +99,12 @@ def launched_pids():
 
 
 def test_a_job_past_its_cap_is_killed_on_a_busy_instance_and_says_so(
-    moto_server, model_bytes, tmp_path, launched_pids  # noqa: F811
+    moto_server, digits_archive, tmp_path, launched_pids  # noqa: F811
 ):
     # GIVEN two DISPATCHED jobs on one instance, each in its own process: a runaway ("hold" 120 s, cap 4 s)
     # and a busy neighbour ("hold" 12 s, cap 600 s) that keeps the instance up well past the runaway's cap
     out, ddb = server_clients(moto_server)
-    out.put_object(Bucket=ARTIFACTS, Key="models/digits-cnn.pt", Body=model_bytes)
+    put_package(out, digits_archive)
     out.put_object(Bucket=INPUT, Key="runaway.json", Body=compute_file(120, "hold"))
     out.put_object(Bucket=INPUT, Key="busy.json", Body=compute_file(12, "hold"))
     runaway, busy = job_id(140), job_id(141)
@@ -147,7 +150,7 @@ def test_a_late_writer_cannot_overwrite_the_failed_manifest(s3, tmp_path):  # no
     runner.start()
     log = tmp_path / job_id(150) / "job.log"
     deadline = time.monotonic() + 60
-    while not (log.exists() and "workload started" in log.read_text()) and time.monotonic() < deadline:
+    while not (log.exists() and "handler setup() done" in log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     # WHEN the control plane fails it meanwhile (the reaper judged it past its cap)
     jobs = JobStore(TABLE, client=ddb)
@@ -168,14 +171,14 @@ def test_a_late_writer_cannot_overwrite_the_failed_manifest(s3, tmp_path):  # no
 
 
 def test_a_job_that_cannot_reach_dynamodb_stops_itself_and_says_why(
-    moto_server, model_bytes, tmp_path, launched_pids  # noqa: F811
+    moto_server, digits_archive, tmp_path, launched_pids  # noqa: F811
 ):
     # Fault (issue 14): the instance has no route to DynamoDB (a private subnet without the gateway endpoint;
     # the local instance host does the same with its `no-dynamodb` switch). S3 is reachable.
     # Promise: the job's log names DynamoDB at once; the job cannot renew its lease, so instead of running on
     # unobserved it stops itself after one lease: a failed manifest says why, and its process exits.
     out, ddb = server_clients(moto_server)
-    out.put_object(Bucket=ARTIFACTS, Key="models/digits-cnn.pt", Body=model_bytes)
+    put_package(out, digits_archive)
     out.put_object(Bucket=INPUT, Key="cut-off.json", Body=compute_file(120, "hold"))
     job = job_id(160)
     create_jobs_table(ddb, {job: "DISPATCHED"})

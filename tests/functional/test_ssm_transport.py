@@ -158,7 +158,6 @@ def settings_for(**overrides) -> Settings:
         "BATCHWORKER_INSTANCE_EVENTS_TABLE": f"{PREFIX}-instance-events",
         "BATCHWORKER_POOL_TAG": PREFIX,
         "BATCHWORKER_WORKER_FUNCTION": f"{PREFIX}-worker",
-        "BATCHWORKER_MODEL_URI": f"s3://{PREFIX}-artifacts/models/digits-cnn.pt",
         "BATCHWORKER_PARAMETER_PREFIX": f"/{PREFIX}",
         "BATCHWORKER_JOB_COMMAND": "/opt/batchworker/venv/bin/batchworker-job launch",
         "BATCHWORKER_TRANSPORT": "ssm",
@@ -178,7 +177,7 @@ def spec_for(instance_id: str, key: str = HOSTILE_KEY) -> dict:
         "job_id": job_id,
         "input": {"bucket": f"{PREFIX}-input", "key": key, "version_id": "v1"},
         "output": {"bucket": f"{PREFIX}-output", "prefix": f"jobs/{job_id}/"},
-        "model_uri": f"s3://{PREFIX}-artifacts/models/digits-cnn.pt",
+        "package": {"name": "digits", "version": "cd" * 32, "uri": f"s3://{PREFIX}-artifacts/job-packages/d.tar.gz"},
         "instance_id": instance_id,
     }
 

@@ -28,7 +28,7 @@ from batchworker.iamcheck.evaluate import Match, statement_matches
 from batchworker.iamcheck.markers import read_markers
 from batchworker.iamcheck.state import AppliedState, load_state
 from batchworker.local import call_log
-from batchworker.local.paths import REPO_ROOT, TERRAFORM_DIR
+from batchworker.local.paths import TERRAFORM_DIR
 
 pytestmark = pytest.mark.integration
 MARKERS = read_markers(TERRAFORM_DIR / "iam.tf")
@@ -58,18 +58,6 @@ def test_paths_the_pipeline_tests_do_not_take_are_recorded(local_cloud):
     local_cloud.client("sqs").send_message(QueueUrl=outputs["done_queue_url"]["value"], MessageBody=json.dumps(event))
     recorded(lambda c: c["principal"].startswith("lambda:") and c["operation"] == "GetObject"
              and c["params"].get("Key") == key and c["result"] == "NoSuchKey", 60, "stop reading a missing manifest")
-    # AND the model's sidecar read, as the job reads it for a model without embedded metadata
-    model_uri = outputs["model_uri"]["value"]
-    bucket, _, model_key = model_uri.removeprefix("s3://").partition("/")
-    sidecar_key = model_key.rsplit(".", 1)[0] + ".json"
-    local_cloud.client("s3").put_object(Bucket=bucket, Key=sidecar_key, Body=b'{"input_shape": [1, 8, 8]}')
-    instance_id = outputs["instance_ids"]["value"][0]
-    env = call_log.child_environment({**os.environ, **local_cloud.env}, f"instance:{instance_id}")
-    script = ("import sys; from worker.model import _sidecar_metadata; from worker.storage import Storage; "
-              "print(_sidecar_metadata(sys.argv[1], Storage())[1])")
-    read = subprocess.run([sys.executable, "-c", script, model_uri], env=env, capture_output=True, text=True,
-                          timeout=60, cwd=REPO_ROOT)
-    assert read.returncode == 0 and "input_shape" in read.stdout, read.stderr
     # AND the operator's report
     report = local_cloud.cli("report", "--json")
     assert report.returncode == 0, report.stderr
@@ -104,11 +92,12 @@ def test_removing_any_needed_statement_fails_the_check(session):
 def test_the_policies_before_issue_11_report_its_findings(session):
     applied, calls = session
     old = copy.deepcopy(applied)
-    # GIVEN the statements as they were: no GetItem on instance events (trigger), the model only without
-    # its sidecar (instance), no ListBucket on the output bucket (stop)
+    # GIVEN the statements as they were: no GetItem on instance events (trigger), package archives only
+    # without the default job's pointers prewarm reads (instance), no ListBucket on the output bucket (stop)
     for kind, sid, change in [
         ("trigger", "InstanceEventsTable", lambda s: s.update(Action=[a for a in s["Action"] if a != "dynamodb:GetItem"])),
-        ("instance", "ReadModel", lambda s: s.update(Resource=[r for r in s["Resource"] if not r.endswith(".json")])),
+        ("instance", "ReadJobPackageArchives",
+         lambda s: s.update(Resource=[r for r in s["Resource"] if not r.endswith(".json")])),
         ("stop", "MissingManifestIs404", lambda s: s.update(Action=["s3:GetObject"], Resource="arn:aws:s3:::none/*")),
     ]:
         for policy in old.roles[kind].documents.values():

@@ -82,11 +82,9 @@ def _apply(tmp_path, work_dir):
     snapshot = tmp_path / "build"
     shutil.copytree(LAMBDA_BUILD_DIR, snapshot / "lambdas")
     shutil.copytree(BUILD_DIR / "job", snapshot / "job")
-    shutil.copy2(MODEL_PATH, snapshot / "model.pt")
     variables.update(
         lambda_build_dir=str(snapshot / "lambdas"),
         job_package_dir=str(snapshot / "job"),
-        model_source_path=str(snapshot / "model.pt"),
     )
     terraform = LocalTerraform(work_dir, variables)
     terraform.init()

@@ -14,7 +14,6 @@ REQUIRED = {
     "BATCHWORKER_INSTANCE_EVENTS_TABLE": "events",
     "BATCHWORKER_POOL_TAG": "bw",
     "BATCHWORKER_WORKER_FUNCTION": "bw-worker",
-    "BATCHWORKER_MODEL_URI": "s3://a/m.pt",
     "BATCHWORKER_PARAMETER_PREFIX": "/bw",
     "BATCHWORKER_JOB_COMMAND": "/opt/x launch",
 }

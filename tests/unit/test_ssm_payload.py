@@ -39,7 +39,7 @@ def spec(key: str) -> dict:
         "job_id": "j-0123456789abcdef",
         "input": {"bucket": "in", "key": key, "version_id": None},
         "output": {"bucket": "out", "prefix": "jobs/j-0123456789abcdef/"},
-        "model_uri": "s3://a/m.pt",
+        "package": {"name": "digits", "version": "cd" * 32, "uri": "s3://a/job-packages/d.tar.gz"},
         "instance_id": "i-0123456789abcdef0",
     }
 

@@ -638,7 +638,6 @@ def _render_user_data(**overrides: str) -> str:
         "job_root": "/var/lib/batchworker/jobs",
         "job_package_pointer": "/batchworker/job-package",
         "ssh_public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ2yjeHEy0jhNg6BSvbpIkOjdF1OjX6r5c0wEiGgFTJq",
-        "model_uri": "s3://batchworker-artifacts-123456789012/models/digits-cnn.pt",
         "packages_uri": "s3://batchworker-artifacts-123456789012/job-packages/",
         "default_job": "digits",
         "instance_events_table": "batchworker-instance-events",

@@ -60,7 +60,7 @@ _MIN_CONTRAST = 0.05  # below this an image is blank: all background
 
 @dataclass(frozen=True)
 class ModelInput:
-    """What the model wants to be fed (see worker/model.py for where each field comes from)."""
+    """What the model wants to be fed (handler.py's setup() reads each field from the TorchScript model)."""
 
     channels: int
     height: int
