@@ -109,10 +109,7 @@ class JobArtifacts:
         name = next((n for n in RESULTS_NAMES if prefix + n in keys), None)
         if name is None:
             return None
-        response = self.client.get_object(
-            Bucket=self.output_bucket, Key=prefix + name, Range=f"bytes=0-{RESULTS_READ_BYTES - 1}"
-        )
-        raw = response["Body"].read()
+        response, raw = self._head_bytes(prefix + name, RESULTS_READ_BYTES)
         truncated = _object_size(response, len(raw)) > len(raw)
         text = raw.decode(errors="replace")
         if truncated:
@@ -124,8 +121,7 @@ class JobArtifacts:
         key = output_prefix(job_id) + ERRORS_NAME
         if key not in keys:
             return None
-        response = self.client.get_object(Bucket=self.output_bucket, Key=key, Range=f"bytes=0-{ERRORS_READ_BYTES - 1}")
-        raw = response["Body"].read()
+        response, raw = self._head_bytes(key, ERRORS_READ_BYTES)
         lines = raw.decode(errors="replace").splitlines()
         errors = []
         for line in lines[:ERRORS_HEAD_LINES]:
@@ -136,6 +132,17 @@ class JobArtifacts:
             if isinstance(record, dict):
                 errors.append({name: str(record.get(name, "")) for name in ("item", "type", "message")})
         return errors, len(lines) > ERRORS_HEAD_LINES or _object_size(response, len(raw)) > len(raw)
+
+    def _head_bytes(self, key: str, limit: int) -> tuple[dict, bytes]:
+        """The first `limit` bytes of an output object (a ranged GET), and the response; an empty object (a
+        package job with no failed item uploads an empty errors.jsonl) answers a range with InvalidRange."""
+        try:
+            response = self.client.get_object(Bucket=self.output_bucket, Key=key, Range=f"bytes=0-{limit - 1}")
+        except ClientError as exc:
+            if _code(exc) == "InvalidRange":
+                return {}, b""
+            raise
+        return response, response["Body"].read()
 
     def object_bytes(self, bucket: str, key: str) -> bytes | None:
         """A whole object up to PREVIEW_MAX_BYTES; None when it is missing or larger."""

@@ -118,6 +118,22 @@ def test_hostile_key_error_and_manifest_render_as_text(stack, client):
     assert image.status_code == 200 and image.mimetype == "image/png" and image.data == png_bytes()
 
 
+def test_a_package_job_with_no_failed_item_renders(stack, client):
+    # GIVEN a succeeded package job: results.csv, and the EMPTY errors.jsonl every package job uploads
+    job_id = make_job(stack, "digits/a.png", JobStatus.SUCCEEDED, 1)
+    prefix = f"jobs/{job_id}/"
+    s3 = stack.client("s3")
+    s3.put_object(Bucket=stack.output_bucket, Key=prefix + "results.csv", Body=b"item,label,confidence\na.png,3,0.9\n")
+    s3.put_object(Bucket=stack.output_bucket, Key=prefix + "errors.jsonl", Body=b"")
+    s3.put_object(Bucket=stack.output_bucket, Key=prefix + "manifest.json", Body=json.dumps(
+        {"job_id": job_id, "status": "succeeded", "error": None, "timings": {},
+         "input": {"bucket": stack.input_bucket, "key": "digits/a.png"}}).encode())
+    # WHEN its page renders THEN it shows the results (an empty object answers a ranged GET with InvalidRange)
+    response = client.get(f"/jobs/{job_id}")
+    assert response.status_code == 200, response.get_data(as_text=True)[:500]
+    assert "a.png" in response.get_data(as_text=True)
+
+
 def test_every_response_carries_a_strict_content_security_policy(client):
     response = client.get("/jobs")
     assert "script-src 'self'" in response.headers["Content-Security-Policy"]
