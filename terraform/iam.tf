@@ -65,7 +65,48 @@ resource "aws_iam_role_policy" "lambda" {
   policy = local.lambda_policy_json[each.key]
 }
 
+# The roles that start instances (trigger, worker) share these grants.
+data "aws_iam_policy_document" "start_encrypted_instances" {
+  # trigger, worker: start an instance whose root volume is encrypted with the customer-managed key ebs_kms_key_id
+  # (EBS creates a grant and decrypts the volume's data key on the caller's behalf; without these the
+  # instance goes pending -> stopped). Only when ebs_kms_key_id is set.
+  dynamic "statement" {
+    for_each = local.ebs_kms_key_arns
+
+    content {
+      sid       = "EbsKeyGrant"
+      actions   = ["kms:CreateGrant"]
+      resources = [statement.value]
+
+      condition {
+        test     = "Bool"
+        variable = "kms:GrantIsForAWSResource"
+        values   = ["true"]
+      }
+    }
+  }
+
+  # trigger, worker: decrypt with ebs_kms_key_id, only through EC2 (see EbsKeyGrant).
+  dynamic "statement" {
+    for_each = local.ebs_kms_key_arns
+
+    content {
+      sid       = "EbsKeyDecrypt"
+      actions   = ["kms:Decrypt"]
+      resources = [statement.value]
+
+      condition {
+        test     = "StringEquals"
+        variable = "kms:ViaService"
+        values   = ["ec2.${var.region}.amazonaws.com"]
+      }
+    }
+  }
+}
+
 data "aws_iam_policy_document" "trigger" {
+  source_policy_documents = [data.aws_iam_policy_document.start_encrypted_instances.json]
+
   # trigger: consume S3 upload events from the jobs queue (event source mapping).
   # unexercised (sqs:GetQueueAttributes): Lambda's event source mapping reads the queue with it on AWS; the local poller does not.
   statement {
@@ -144,42 +185,6 @@ data "aws_iam_policy_document" "trigger" {
     resources = ["${aws_s3_bucket.this["output"].arn}/jobs/*"]
   }
 
-  # trigger: start an instance whose root volume is encrypted with the customer-managed key ebs_kms_key_id
-  # (EBS creates a grant and decrypts the volume's data key on the caller's behalf; without these the
-  # instance goes pending -> stopped). Only when ebs_kms_key_id is set.
-  dynamic "statement" {
-    for_each = local.ebs_kms_key_arns
-
-    content {
-      sid       = "EbsKeyGrant"
-      actions   = ["kms:CreateGrant"]
-      resources = [statement.value]
-
-      condition {
-        test     = "Bool"
-        variable = "kms:GrantIsForAWSResource"
-        values   = ["true"]
-      }
-    }
-  }
-
-  # trigger: decrypt with ebs_kms_key_id, only through EC2 (see EbsKeyGrant).
-  dynamic "statement" {
-    for_each = local.ebs_kms_key_arns
-
-    content {
-      sid       = "EbsKeyDecrypt"
-      actions   = ["kms:Decrypt"]
-      resources = [statement.value]
-
-      condition {
-        test     = "StringEquals"
-        variable = "kms:ViaService"
-        values   = ["ec2.${var.region}.amazonaws.com"]
-      }
-    }
-  }
-
   # trigger: hand the job to the worker (dispatcher) function asynchronously.
   statement {
     sid       = "InvokeWorker"
@@ -197,6 +202,8 @@ data "aws_iam_policy_document" "trigger" {
 }
 
 data "aws_iam_policy_document" "worker" {
+  source_policy_documents = [data.aws_iam_policy_document.start_encrypted_instances.json]
+
   # worker: read the job and move it to RUNNING (or FAILED when dispatch fails); BatchGetItem: the dispatcher
   # holding an instance reads every job placed on it at once (batchworker/control.py dispatch_instance).
   statement {
@@ -236,42 +243,6 @@ data "aws_iam_policy_document" "worker" {
       test     = "StringEquals"
       variable = "ec2:ResourceTag/batchworker:pool"
       values   = [var.name_prefix]
-    }
-  }
-
-  # worker: start an instance whose root volume is encrypted with the customer-managed key ebs_kms_key_id
-  # (EBS creates a grant and decrypts the volume's data key on the caller's behalf; without these the
-  # instance goes pending -> stopped). Only when ebs_kms_key_id is set.
-  dynamic "statement" {
-    for_each = local.ebs_kms_key_arns
-
-    content {
-      sid       = "EbsKeyGrant"
-      actions   = ["kms:CreateGrant"]
-      resources = [statement.value]
-
-      condition {
-        test     = "Bool"
-        variable = "kms:GrantIsForAWSResource"
-        values   = ["true"]
-      }
-    }
-  }
-
-  # worker: decrypt with ebs_kms_key_id, only through EC2 (see EbsKeyGrant).
-  dynamic "statement" {
-    for_each = local.ebs_kms_key_arns
-
-    content {
-      sid       = "EbsKeyDecrypt"
-      actions   = ["kms:Decrypt"]
-      resources = [statement.value]
-
-      condition {
-        test     = "StringEquals"
-        variable = "kms:ViaService"
-        values   = ["ec2.${var.region}.amazonaws.com"]
-      }
     }
   }
 

@@ -7,7 +7,7 @@ patches both there: each state change an EC2 call makes is put on the default bu
 event, when a rule matches it, goes to each Lambda target of the rule as an asynchronous invocation of the
 local Lambda runtime (`deliver_to(invoke_url)`), from a background thread: EventBridge delivers apart from
 the API call that caused the change. Only the final state is sent (`running`, `stopped`, `terminated`): moto
-has no `pending` or `stopping` in between.
+has no `pending` or `stopping` in between. It also sets LaunchTime at every start, as EC2 does.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import queue
 import threading
 import urllib.error
 import urllib.request
+from datetime import timedelta
 from urllib.parse import quote
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,10 @@ def _sending_state_changes(original):
         changed = original(backend, instance_ids, *args, **kwargs)
         from moto.events.models import events_backends
 
+        for instance, previous in changed:
+            if instance.state == "running" and previous.name != "running":
+                _set_launch_time(instance)
+
         entries = [
             state_change_entry(backend.account_id, backend.region_name, instance.id, instance.state)
             for instance, previous in changed
@@ -94,6 +99,16 @@ def _sending_state_changes(original):
         return changed
 
     return changing_state
+
+
+def _set_launch_time(instance) -> None:
+    """EC2 sets LaunchTime at every start; moto keeps the first launch's. LaunchTime has one-second
+    resolution and an EC2 stop takes far longer than that, but moto stops at once: a start within the second
+    of the previous one is dated a second later, so every start has its own LaunchTime (the local instance
+    host tells a stop and start it did not see apart by it)."""
+    from moto.core.utils import utcnow
+
+    instance.launch_time = max(utcnow(), instance.launch_time + timedelta(seconds=1))
 
 
 def _deliver_forever() -> None:

@@ -145,6 +145,7 @@ class InstanceHost:
         self.ready_file = state_dir / "ready.json"
         self.deadman_file = state_dir / "jobs" / DEADMAN_NAME
         self._running_since: float | None = None
+        self._launch_time: Any = None  # LaunchTime of the running period being served
         self._state: str | None = None
         self._stop = asyncio.Event()
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -253,7 +254,8 @@ class InstanceHost:
     async def _poll_once(self) -> None:
         try:
             response = await asyncio.to_thread(self.ec2.describe_instances, InstanceIds=[self.instance_id])
-            state = response["Reservations"][0]["Instances"][0]["State"]["Name"]
+            instance = response["Reservations"][0]["Instances"][0]
+            state, launch_time = instance["State"]["Name"], instance.get("LaunchTime")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
                 logger.warning("describe_instances failed, keeping state %s: %s", self._state, exc)
@@ -263,9 +265,14 @@ class InstanceHost:
             logger.warning("describe_instances failed, keeping state %s: %r", self._state, exc)
             return
         previous, self._state = self._state, state
+        if state == "running" and self._running_since is not None and launch_time != self._launch_time:
+            # A stop and a start both fell between two polls (EC2 sets LaunchTime at every start): the
+            # instance was off in between, so nothing of the previous running period may survive.
+            self._running_since = None
+            await self._power_off("stopped and started again between two polls")
         if state == "running":
             if self._running_since is None:
-                self._running_since = time.monotonic()
+                self._running_since, self._launch_time = time.monotonic(), launch_time
                 logger.info("instance %s is running; accepting SSH after %.1f s of boot", self.instance_id,
                             self.boot_delay_seconds)
                 await self._start_boot_command()

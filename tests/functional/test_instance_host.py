@@ -20,6 +20,7 @@ import paramiko
 import pytest
 from moto.server import ThreadedMotoServer
 
+from batchworker.local import ec2_events
 from batchworker.transports.ssh import (
     AuthenticationFailed,
     CommandTimeout,
@@ -67,6 +68,7 @@ class Cloud:
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    ec2_events.install()  # as the local cloud's moto: LaunchTime set at every start, as EC2 does
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -365,4 +367,24 @@ def test_boot_command_starts_with_every_boot_and_dies_at_stop(cloud: Cloud, host
     cloud.ec2.stop_instances(InstanceIds=[host.instance_id])
     wait_for(lambda: not is_alive(pid), 10, "the boot command to die with the instance")
     cloud.ec2.start_instances(InstanceIds=[host.instance_id])
+    wait_for(lambda: len(list(jobs.glob("booted-*"))) == 2, 15, "the boot command of the second boot")
+
+
+@pytest.mark.parametrize("host", [["--boot-command", json.dumps([sys.executable, "-c", BOOT_SCRIPT])]],
+                         indirect=True)
+def test_a_stop_and_start_between_two_polls_still_powers_off(cloud: Cloud, host: Host) -> None:
+    # GIVEN a running instance with its boot command
+    jobs = host.state_dir / "jobs"
+    cloud.ec2.start_instances(InstanceIds=[host.instance_id])
+    first = wait_for(lambda: list(jobs.glob("booted-*")), 15, "the boot command")[0]
+    pid = int(first.name.removeprefix("booted-"))
+    # WHEN it is stopped and started again while the host does not look (frozen, so no poll sees "stopped")
+    os.kill(host.process.pid, signal.SIGSTOP)
+    try:
+        cloud.ec2.stop_instances(InstanceIds=[host.instance_id])
+        cloud.ec2.start_instances(InstanceIds=[host.instance_id])
+    finally:
+        os.kill(host.process.pid, signal.SIGCONT)
+    # THEN the previous running period's processes die and the boot command starts again, as after any stop
+    wait_for(lambda: not is_alive(pid), 10, "the first boot's process to die")
     wait_for(lambda: len(list(jobs.glob("booted-*"))) == 2, 15, "the boot command of the second boot")

@@ -12,22 +12,21 @@ import json
 
 import pytest
 
+from batchworker.local.instance_host import marked_pids
 from tests.integration.test_pipeline import put, wait_all_stopped
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-@pytest.mark.skip(reason=(
-    "failed in the fresh-clone CI of e836003: the job ran in a warm handler process started before the no-s3 "
-    "switch (job.log: 'handler warm: setup() already done') and succeeded with S3 reachable, so the test's "
-    "premise (every process starts after the switch) does not hold since the boot-time prewarm changes; "
-    "fix the premise (wait until the instance host has no process left) and re-enable (issue 14)"))
 def test_an_instance_cut_off_from_s3_says_so_in_status_and_in_the_failure(local_cloud):
-    # GIVEN every instance of the pool cut off from S3, switched while stopped: everything on it starts
-    # after the switch (the boot's warm server too)
+    # GIVEN every instance of the pool cut off from S3, switched while stopped and powered off (no process of
+    # an earlier running period left): everything on it starts after the switch (the boot's warm server too)
     wait_all_stopped(local_cloud)
-    switches = [host / "no-s3" for host in (local_cloud.local_dir / "instances").iterdir() if host.is_dir()]
-    assert switches
+    hosts = [host for host in (local_cloud.local_dir / "instances").iterdir() if host.is_dir()]
+    assert hosts
+    local_cloud.wait_until(lambda: not any(marked_pids(host.name) for host in hosts), 30,
+                           "every instance powered off (none of its processes alive)")
+    switches = [host / "no-s3" for host in hosts]
     try:
         for switch in switches:
             switch.touch()

@@ -190,3 +190,25 @@ def test_a_batch_size_over_ten_without_a_batching_window_fails_the_plan(applied)
                         trigger_batching_window_seconds=0)
     assert code != 0, "the plan accepted event_source_batch_size = 20 with trigger_batching_window_seconds = 0"
     assert "event_source_batch_size" in err and "trigger_batching_window_seconds" in err, err[-2000:]
+
+
+def test_a_customer_managed_ebs_key_is_granted_to_the_roles_that_start_instances(applied):
+    # GIVEN an account that encrypts volumes with its own KMS key
+    key = f"arn:aws:kms:{LOCAL_REGION}:123456789012:key/0f0e0d0c-0000-4000-8000-000000000001"
+    code, planned, err = plan(applied, "ebs-key", "-refresh=false", ebs_kms_key_id=key)
+    assert code == 0, err
+    policies = {change["address"]: json.loads(change["change"]["after"]["policy"])
+                for change in planned["resource_changes"] if change["address"].startswith("aws_iam_role_policy.lambda")}
+    # THEN the trigger and the worker (they start instances) may make EBS's grant and decrypt through EC2 only,
+    # with that key and nothing else; the other functions get nothing of it
+    for function in ("trigger", "worker"):
+        statements = {s.get("Sid"): s for s in policies[f'aws_iam_role_policy.lambda["{function}"]']["Statement"]}
+        grant, decrypt = statements["EbsKeyGrant"], statements["EbsKeyDecrypt"]
+        assert (grant["Action"], grant["Resource"]) == ("kms:CreateGrant", key), grant
+        assert grant["Condition"] == {"Bool": {"kms:GrantIsForAWSResource": "true"}}, grant
+        assert (decrypt["Action"], decrypt["Resource"]) == ("kms:Decrypt", key), decrypt
+        assert decrypt["Condition"] == {"StringEquals": {"kms:ViaService": f"ec2.{LOCAL_REGION}.amazonaws.com"}}
+    for address, policy in policies.items():
+        if address.endswith(('["trigger"]', '["worker"]')):
+            continue
+        assert not [s for s in policy["Statement"] if "kms" in json.dumps(s.get("Action"))], address
