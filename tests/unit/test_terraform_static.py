@@ -937,3 +937,15 @@ def test_the_status_index_is_sharded_and_carries_nothing_a_lease_renewal_writes(
     plain = set(re.findall(r'"([a-z_]+) = :', body)) - set(re.findall(r'"([a-z_]+) = :', started))
     assert plain == set(RENEWED_ATTRIBUTES)
     assert not set(RENEWED_ATTRIBUTES) & set(INDEX_ATTRIBUTES)
+
+
+def test_both_root_modules_commit_one_provider_lock_for_every_platform():
+    # `terraform init` on macOS or arm64 must find the hashes of its own platform's release in the lock
+    # (zh: one per platform the registry publishes), and the offline mirror's linux_amd64 package (h1:) too.
+    locks = [(REPO_ROOT / root / ".terraform.lock.hcl").read_text() for root in ("terraform", "examples/minimal")]
+    assert locks[0] == locks[1], "terraform/ and examples/minimal/ lock different provider builds"
+    version = re.search(r'provider "registry.terraform.io/hashicorp/aws" \{\s*version\s*=\s*"([^"]+)"', locks[0])
+    assert version and version.group(1).startswith("5."), "the lock must pin hashicorp/aws within ~> 5.0"
+    platforms = re.findall(r'"zh:[0-9a-f]{64}"', locks[0])
+    assert len(platforms) >= 4, f"release hashes for {len(platforms)} platforms only (linux/darwin x amd64/arm64)"
+    assert re.findall(r'"h1:[A-Za-z0-9+/=]{44}"', locks[0]), "no h1: hash for the offline mirror's package"
