@@ -94,7 +94,6 @@ def run_package_job(
 ) -> None:
     """Run the job; raises a JobError (the manifest's error) when it fails. `package`: already unpacked
     (`batchworker job run` hands in the local folder), else fetched by the spec's package ref."""
-    assert spec.package is not None
     report.package = spec.package.to_json()
     if package is None:
         with timings.measure("package_s"):
