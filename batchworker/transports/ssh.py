@@ -229,6 +229,11 @@ def _connect(
             "check the instance's published ssh-endpoint before retrying"
         ) from exc
     except paramiko.AuthenticationException as exc:
+        transport = client.get_transport()
+        if transport is None or not transport.is_active():
+            # paramiko says "Authentication failed" also when the connection dropped or timed out during
+            # authentication (an instance powering off): that is not a refusal, and trying again may work.
+            raise TransportUnavailable(f"SSH to {where} closed during authentication: {exc!r}") from exc
         raise AuthenticationFailed(
             f"{where} refused user {username!r} with key {pkey.fingerprint}: "
             "install the matching public key in the instance's authorized_keys"
