@@ -44,6 +44,11 @@ def is_throttling(exc: ClientError) -> bool:
     return error_code(exc) in THROTTLING_CODES
 
 
+def is_condition_failure(exc: ClientError) -> bool:
+    """A conditional write whose condition did not hold."""
+    return error_code(exc) == "ConditionalCheckFailedException"
+
+
 BATCH_GET_KEYS = 100  # BatchGetItem's limit
 UNPROCESSED_RETRIES = 8
 

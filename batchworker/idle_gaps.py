@@ -41,7 +41,7 @@ class IdleGaps:
                 ExpressionAttributeValues={":now": {"S": isoformat(now or utc_now())}},
             )
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            if not aws.is_condition_failure(exc):
                 raise
 
     def note_arrival(self, now: datetime | None = None) -> float | None:
@@ -61,7 +61,7 @@ class IdleGaps:
                 ExpressionAttributeValues={":gaps": {"L": gaps}, ":seen": item["idle_since"]},
             )
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            if aws.is_condition_failure(exc):
                 return None
             raise
         return gap

@@ -88,7 +88,7 @@ class JobStore:
                 ConditionExpression="attribute_not_exists(job_id)",
             )
         except ClientError as exc:
-            if _is_condition_failure(exc):
+            if aws.is_condition_failure(exc):
                 return False
             raise
         return True
@@ -167,7 +167,7 @@ class JobStore:
                 ExpressionAttributeValues=values,
             )
         except ClientError as exc:
-            if _is_condition_failure(exc):
+            if aws.is_condition_failure(exc):
                 return False
             raise
         return True
@@ -190,7 +190,7 @@ class JobStore:
                 },
             )
         except ClientError as exc:
-            if _is_condition_failure(exc):
+            if aws.is_condition_failure(exc):
                 return False
             raise
         return True
@@ -260,7 +260,7 @@ class JobStore:
                 )
                 done += 1
             except ClientError as exc:
-                if not _is_condition_failure(exc):
+                if not aws.is_condition_failure(exc):
                     raise
         return done
 
@@ -305,7 +305,3 @@ def _to_job(item: dict) -> Job:
         items_total=n("items_total"),
         instance_problem=s("instance_problem"),
     )
-
-
-def _is_condition_failure(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"

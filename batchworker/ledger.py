@@ -75,6 +75,19 @@ class InstanceLedger:
     def _key(self, instance_id: str) -> dict:
         return {"instance_id": {"S": instance_id}, "at": {"S": LEDGER_SORT_KEY}}
 
+    def _update(self, instance_id: str, **request) -> dict:
+        return self.client.update_item(TableName=self.table_name, Key=self._key(instance_id), **request)
+
+    def _update_if(self, instance_id: str, **request) -> tuple[bool, dict]:
+        """A conditional update of the instance's record: (True, the response) when its condition held, (False,
+        the error response: the item as it is, if ReturnValuesOnConditionCheckFailure asked) when it did not."""
+        try:
+            return True, self._update(instance_id, **request)
+        except ClientError as exc:
+            if not aws.is_condition_failure(exc):
+                raise
+            return False, exc.response
+
     def read(self, instance_id: str) -> LedgerEntry:
         item = self.client.get_item(TableName=self.table_name, Key=self._key(instance_id), ConsistentRead=True).get(
             "Item", {}
@@ -96,9 +109,8 @@ class InstanceLedger:
         if job_ids := sorted(set(job_ids)):
             update += f", {PLACED} :jobs"
             values[":jobs"] = {"SS": job_ids}
-        response = self.client.update_item(
-            TableName=self.table_name,
-            Key=self._key(instance_id),
+        response = self._update(
+            instance_id,
             UpdateExpression=update + " SET last_activity_at = :now",
             ExpressionAttributeValues=values,
             ReturnValues="UPDATED_NEW",
@@ -111,30 +123,24 @@ class InstanceLedger:
 
         Like note_assignment, it voids any stop decided on an older generation.
         """
-        try:
-            response = self.client.update_item(
-                TableName=self.table_name,
-                Key=self._key(instance_id),
-                UpdateExpression=f"ADD generation :one, {PLACED} :jobs SET last_activity_at = :now",
-                ConditionExpression=(
-                    # nothing is placed on it (an empty set is no attribute in DynamoDB)
-                    f"attribute_not_exists({PLACED})"
-                    # or this job is placed on it already: a retried delivery adds nothing, so it may go on
-                    f" OR contains({PLACED}, :job)"
-                    # or it has a free slot: the set's size is its job count
-                    f" OR size({PLACED}) < :max"
-                ),
-                ExpressionAttributeValues={
-                    ":one": {"N": "1"}, ":now": {"S": isoformat(now or utc_now())},
-                    ":jobs": {"SS": [job_id]}, ":job": {"S": job_id}, ":max": {"N": str(max_jobs)},
-                },
-                ReturnValues="UPDATED_NEW",
-            )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
-                return None
-            raise
-        return int(response["Attributes"]["generation"]["N"])
+        placed, response = self._update_if(
+            instance_id,
+            UpdateExpression=f"ADD generation :one, {PLACED} :jobs SET last_activity_at = :now",
+            ConditionExpression=(
+                # nothing is placed on it (an empty set is no attribute in DynamoDB)
+                f"attribute_not_exists({PLACED})"
+                # or this job is placed on it already: a retried delivery adds nothing, so it may go on
+                f" OR contains({PLACED}, :job)"
+                # or it has a free slot: the set's size is its job count
+                f" OR size({PLACED}) < :max"
+            ),
+            ExpressionAttributeValues={
+                ":one": {"N": "1"}, ":now": {"S": isoformat(now or utc_now())},
+                ":jobs": {"SS": [job_id]}, ":job": {"S": job_id}, ":max": {"N": str(max_jobs)},
+            },
+            ReturnValues="UPDATED_NEW",
+        )
+        return int(response["Attributes"]["generation"]["N"]) if placed else None
 
     def note_activity(self, instance_id: str, now: datetime | None = None, job_ids: Iterable[str] = ()) -> None:
         """Jobs finished on the instance (their manifests are recorded): its idle time counts from now."""
@@ -143,22 +149,13 @@ class InstanceLedger:
         if job_ids := sorted(set(job_ids)):
             update += f" DELETE {PLACED} :jobs"
             values[":jobs"] = {"SS": job_ids}
-        self.client.update_item(
-            TableName=self.table_name,
-            Key=self._key(instance_id),
-            UpdateExpression=update,
-            ExpressionAttributeValues=values,
-        )
+        self._update(instance_id, UpdateExpression=update, ExpressionAttributeValues=values)
 
     def release(self, instance_id: str, job_ids: Iterable[str]) -> None:
         """Forget placements that ended without a recorded manifest (the reaper's repair); idle time unchanged."""
         if job_ids := sorted(set(job_ids)):
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=self._key(instance_id),
-                UpdateExpression=f"DELETE {PLACED} :jobs",
-                ExpressionAttributeValues={":jobs": {"SS": job_ids}},
-            )
+            self._update(instance_id, UpdateExpression=f"DELETE {PLACED} :jobs",
+                         ExpressionAttributeValues={":jobs": {"SS": job_ids}})
 
     def claim_dispatch(
         self, instance_id: str, owner: str, seconds: float, job_ids: Iterable[str] = (), now: float | None = None
@@ -173,114 +170,90 @@ class InstanceLedger:
         for _ in range(HANDOVER_TRIES):
             moment = time.time() if now is None else now
             values = {":me": {"S": owner}, ":now": {"N": f"{moment:.3f}"}}
-            try:
-                response = self.client.update_item(
-                    TableName=self.table_name,
-                    Key=self._key(instance_id),
-                    # generation set if absent: the release compares it
-                    UpdateExpression=(
-                        f"SET {DISPATCHER} = :me, {DISPATCHING_UNTIL} = :until, generation = if_not_exists(generation, :zero)"
-                    ),
-                    ConditionExpression=(
-                        f"attribute_not_exists({DISPATCHING_UNTIL}) OR {DISPATCHING_UNTIL} < :now OR {DISPATCHER} = :me"
-                    ),
-                    ExpressionAttributeValues={**values, ":until": {"N": f"{moment + seconds:.3f}"}, ":zero": {"N": "0"}},
-                    ReturnValues="ALL_NEW",
-                )
+            claimed, response = self._update_if(
+                instance_id,
+                # generation set if absent: the release compares it
+                UpdateExpression=(
+                    f"SET {DISPATCHER} = :me, {DISPATCHING_UNTIL} = :until, generation = if_not_exists(generation, :zero)"
+                ),
+                ConditionExpression=(
+                    f"attribute_not_exists({DISPATCHING_UNTIL}) OR {DISPATCHING_UNTIL} < :now OR {DISPATCHER} = :me"
+                ),
+                ExpressionAttributeValues={**values, ":until": {"N": f"{moment + seconds:.3f}"}, ":zero": {"N": "0"}},
+                ReturnValues="ALL_NEW",
+            )
+            if claimed:
                 return _to_entry(instance_id, response["Attributes"])
-            except ClientError as exc:
-                if not _is_condition_failure(exc):
-                    raise
             # Held by another: hand the jobs over. Written after the jobs were assigned to the instance, so the
             # holder's next look finds them QUEUED there.
             update, handover = "ADD generation :one", {":one": {"N": "1"}}
             if job_ids:
                 update += f", {PLACED} :jobs"
                 handover[":jobs"] = {"SS": job_ids}
-            try:
-                self.client.update_item(
-                    TableName=self.table_name,
-                    Key=self._key(instance_id),
-                    UpdateExpression=update,
-                    ConditionExpression=f"{DISPATCHING_UNTIL} >= :now AND {DISPATCHER} <> :me",
-                    ExpressionAttributeValues={**values, **handover},
-                )
+            handed_over, _ = self._update_if(
+                instance_id,
+                UpdateExpression=update,
+                ConditionExpression=f"{DISPATCHING_UNTIL} >= :now AND {DISPATCHER} <> :me",
+                ExpressionAttributeValues={**values, **handover},
+            )
+            if handed_over:
                 return None
-            except ClientError as exc:
-                if not _is_condition_failure(exc):
-                    raise
             # The holder let go (or its claim lapsed) in between: claim it ourselves.
         raise RetryableError(f"could not claim nor hand over instance {instance_id}: its dispatcher keeps changing")
 
     def release_dispatch(self, instance_id: str, owner: str, generation: int) -> LedgerEntry | None:
         """Let go of the claim if nothing was placed or handed over since `generation`. Returns None when let go;
         else the entry as it is now (still ours: look again at its `placed`; another's: our claim lapsed)."""
-        try:
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=self._key(instance_id),
-                UpdateExpression=f"REMOVE {DISPATCHER}, {DISPATCHING_UNTIL}",
-                ConditionExpression=f"{DISPATCHER} = :me AND generation = :g",
-                ExpressionAttributeValues={":me": {"S": owner}, ":g": {"N": str(generation)}},
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
-            )
-        except ClientError as exc:
-            if not _is_condition_failure(exc):
-                raise
-            item = exc.response.get("Item")
-            return _to_entry(instance_id, item) if item is not None else self.read(instance_id)
-        return None
+        released, response = self._update_if(
+            instance_id,
+            UpdateExpression=f"REMOVE {DISPATCHER}, {DISPATCHING_UNTIL}",
+            ConditionExpression=f"{DISPATCHER} = :me AND generation = :g",
+            ExpressionAttributeValues={":me": {"S": owner}, ":g": {"N": str(generation)}},
+            ReturnValuesOnConditionCheckFailure="ALL_OLD",
+        )
+        if released:
+            return None
+        item = response.get("Item")
+        return _to_entry(instance_id, item) if item is not None else self.read(instance_id)
 
     def drop_dispatch(self, instance_id: str, owner: str) -> None:
         """Let go of the claim whatever changed (the dispatcher gives up; the reaper re-invokes what it left)."""
-        try:
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=self._key(instance_id),
-                UpdateExpression=f"REMOVE {DISPATCHER}, {DISPATCHING_UNTIL}",
-                ConditionExpression=f"{DISPATCHER} = :me",
-                ExpressionAttributeValues={":me": {"S": owner}},
-            )
-        except ClientError as exc:
-            if not _is_condition_failure(exc):
-                raise
+        self._update_if(  # not ours any more (lapsed, taken over): nothing to let go
+            instance_id,
+            UpdateExpression=f"REMOVE {DISPATCHER}, {DISPATCHING_UNTIL}",
+            ConditionExpression=f"{DISPATCHER} = :me",
+            ExpressionAttributeValues={":me": {"S": owner}},
+        )
+
     def note_start(self, instance_id: str, packages: Mapping[str, str]) -> None:
         """The instance was started for jobs of these packages ({name: pinned version}): its boot-time
         pre-warm (worker/prewarm.py) reads them and sets them up before the first job arrives. Replaces what
         an earlier start left; best effort (a missed record means a job sets its package up itself)."""
         if packages:
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=self._key(instance_id),
+            self._update(
+                instance_id,
                 UpdateExpression=f"SET {PREWARM} = :packages",
                 ExpressionAttributeValues={":packages": {"M": {n: {"S": v} for n, v in sorted(packages.items())}}},
             )
         else:
-            self.client.update_item(TableName=self.table_name, Key=self._key(instance_id),
-                                    UpdateExpression=f"REMOVE {PREWARM}")
+            self._update(instance_id, UpdateExpression=f"REMOVE {PREWARM}")
 
     def claim_stop(self, instance_id: str, generation: int) -> bool:
         """True for exactly one caller per generation, and only if no job was placed since it was read."""
-        try:
-            self.client.update_item(
-                TableName=self.table_name,
-                Key=self._key(instance_id),
-                UpdateExpression="SET stopped_generation = :g, generation = if_not_exists(generation, :zero)",
-                ConditionExpression=(
-                    # nothing was assigned since the caller read the generation
-                    "(attribute_not_exists(generation) OR generation = :g)"
-                    # and no job is placed on it right now (an empty set is no attribute in DynamoDB)
-                    f" AND attribute_not_exists({PLACED})"
-                    # and nobody has claimed the stop of this generation yet
-                    " AND (attribute_not_exists(stopped_generation) OR stopped_generation <> :g)"
-                ),
-                ExpressionAttributeValues={":g": {"N": str(generation)}, ":zero": {"N": "0"}},
-            )
-        except ClientError as exc:
-            if _is_condition_failure(exc):
-                return False
-            raise
-        return True
+        claimed, _ = self._update_if(
+            instance_id,
+            UpdateExpression="SET stopped_generation = :g, generation = if_not_exists(generation, :zero)",
+            ConditionExpression=(
+                # nothing was assigned since the caller read the generation
+                "(attribute_not_exists(generation) OR generation = :g)"
+                # and no job is placed on it right now (an empty set is no attribute in DynamoDB)
+                f" AND attribute_not_exists({PLACED})"
+                # and nobody has claimed the stop of this generation yet
+                " AND (attribute_not_exists(stopped_generation) OR stopped_generation <> :g)"
+            ),
+            ExpressionAttributeValues={":g": {"N": str(generation)}, ":zero": {"N": "0"}},
+        )
+        return claimed
 
 
 def _to_entry(instance_id: str, item: dict) -> LedgerEntry:
@@ -293,7 +266,3 @@ def _to_entry(instance_id: str, item: dict) -> LedgerEntry:
         dispatcher=item[DISPATCHER]["S"] if DISPATCHER in item else None,
         dispatching_until=float(item[DISPATCHING_UNTIL]["N"]) if DISPATCHING_UNTIL in item else None,
     )
-
-
-def _is_condition_failure(exc: ClientError) -> bool:
-    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
