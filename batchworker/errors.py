@@ -17,10 +17,6 @@ class PermanentError(BatchworkerError):
     """Trying again cannot help: bad input, a missing object, a refused request."""
 
 
-class InstanceNotReady(RetryableError):
-    """The instance is not running yet, or its transport does not answer yet."""
-
-
 class LaunchInterrupted(RetryableError):
     """The launch command was cut off before it answered (the instance stopped under it)."""
 

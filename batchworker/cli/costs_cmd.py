@@ -158,12 +158,6 @@ def simulation_table(result: dict) -> Table:
     return table
 
 
-def simulation_markdown(result: dict) -> str:
-    lines = ["| " + " | ".join(SIMULATION_COLUMNS) + " |", "|" + "---|" * len(SIMULATION_COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in simulation_rows(result)]
-    return "\n".join(lines)
-
-
 def headline_lines(result: dict) -> list[str]:
     h = result["headline"]
     lines = []

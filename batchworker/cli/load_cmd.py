@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from batchworker.costs.load import LIMITS, Deployment, Workload, levels, model, per_job_calls
+from batchworker.costs.load import Deployment, Workload, levels, model, per_job_calls
 
 out = Console(width=160)
 API_COLUMNS = ("ec2:DescribeInstances", "ec2:StartInstances", "dynamodb:status-index hot partition writes",
@@ -119,10 +119,4 @@ def markdown(rows, recording: dict | None) -> str:
                       [[w.name, t.breaks_first(), a.breaks_first()] for w, t, a in rows])]
     if recording:
         lines += ["", *md(*recorded_rows(recording))]
-    return "\n".join(lines)
-
-
-def limits_markdown() -> str:
-    lines = ["| limit | per second | source |", "|---|---|---|"]
-    lines += [f"| {name} | {value:,.0f} | {source} |" for name, (value, source) in LIMITS.items()]
     return "\n".join(lines)

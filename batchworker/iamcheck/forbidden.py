@@ -8,7 +8,6 @@ from batchworker.iamcheck.evaluate import Request
 from batchworker.iamcheck.state import AppliedState
 
 ALL = ("trigger", "worker", "stop", "reaper", "instance", "client", "operator")
-LAMBDAS = ("trigger", "worker", "stop", "reaper")
 
 
 @dataclass(frozen=True)
