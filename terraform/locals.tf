@@ -51,7 +51,7 @@ locals {
   ssm_output_prefix = "ssm-output/"
   ssm_document_name = "${var.name_prefix}-run-job"
 
-  # Where jobs keep their files and the model cache on the instance (user data creates it).
+  # Where jobs keep their files, the package cache and environments on the instance (user data creates it).
   instance_job_root = "/var/lib/batchworker/jobs"
 
   # The Lambda functions. "worker" is the dispatcher Lambda (waits for an instance and launches the job

@@ -44,7 +44,7 @@ variable "tags" {
 }
 
 ################################################################################
-# S3 and the model
+# S3
 ################################################################################
 
 variable "tls_only_bucket_policy" {
@@ -446,7 +446,7 @@ variable "root_volume_size_gb" {
 }
 
 variable "user_data" {
-  description = "Replacement cloud-init user data of the GPU instances. Null renders templates/user_data.sh.tftpl (installs the job package, prepares the job and model cache directories, publishes the SSH endpoint when transport = \"ssh\")."
+  description = "Replacement cloud-init user data of the GPU instances. Null renders templates/user_data.sh.tftpl (installs the job package, prepares the job root, publishes the SSH endpoint when transport = \"ssh\")."
   type        = string
   default     = null
 }

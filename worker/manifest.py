@@ -30,7 +30,7 @@ def utc_now() -> dt.datetime:
 class Timings:
     """Wall-clock start/finish and seconds spent per phase; phases may be measured more than once.
 
-    Phases other than PHASES (compute_s for a compute workload) appear once measured.
+    Phases other than PHASES (a package's package_s, environment_s, results_s) appear once measured.
     """
 
     started_at: dt.datetime = field(default_factory=utc_now)

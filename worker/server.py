@@ -18,9 +18,10 @@ starts a new process:
    start a new `run` itself, and finds it gone when the server took the batch but its answer was lost.
 
 Idle, the server takes any batch. Busy, it takes a batch only if the batch would wait for the instance's
-only slot anyway (max_concurrent_jobs 1): it queues behind the running one, its leases renewed, instead
-of a new process importing torch and loading the model again; with more slots it refuses ("busy") and
-launch starts a process that can use a free slot. The server exits after linger seconds without a
+only slot anyway (max_concurrent_jobs 1), or if every job of it runs a package whose handler this process
+has warm: it queues behind the running one, its leases renewed, instead of a new process starting the
+package's handler and its setup() again; otherwise it refuses ("busy") and launch starts a process that can
+use a free slot. The server exits after linger seconds without a
 batch, or on SIGTERM (batches it took still run, failing at once as interrupted).
 """
 
@@ -159,9 +160,9 @@ Admit = Callable[[Path, bool], bool]
 class Server:
     """The job root's warm server: listens on .server.sock from the start of its `run` process.
 
-    Idle, it takes any offered batch. Busy, it takes one only when admit() says so (a batch that would wait
-    for the instance's only slot anyway waits here, with torch and the model loaded; otherwise launch
-    starts a new process that can use a free slot). Batches run in the order they were taken.
+    Idle, it takes any offered batch. Busy, it takes one only when admit() says so (worker/cli.py: a batch
+    that would wait for the instance's only slot anyway, or whose packages' handlers are warm here; otherwise
+    launch starts a new process that can use a free slot). Batches run in the order they were taken.
     """
 
     def __init__(
