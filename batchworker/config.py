@@ -79,9 +79,6 @@ class Settings:
     def ssh_private_key_parameter(self) -> str:
         return f"{self.parameter_prefix}/ssh/private-key"
 
-    def instance_parameter(self, instance_id: str) -> str:
-        return f"{self.parameter_prefix}/instances/{instance_id}/ssh-endpoint"
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ

@@ -33,7 +33,6 @@ def test_settings_read_every_field_and_convert_numbers():
     assert settings.input_bucket == "in"
     assert settings.instance_ready_timeout_seconds == 42.0
     assert settings.ssh_private_key_parameter == "/bw/ssh/private-key"
-    assert settings.instance_parameter("i-1") == "/bw/instances/i-1/ssh-endpoint"
 
 
 @pytest.mark.parametrize("missing", sorted(REQUIRED))
