@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable
 
 from batchworker.decisions import Placement, place_job
-from batchworker.ledger import InstanceLedger, LedgerEntry
+from batchworker.ledger import InstanceLedger
 from batchworker.models import Instance, InstanceState
 
 logger = logging.getLogger(__name__)
@@ -23,22 +23,12 @@ logger = logging.getLogger(__name__)
 class Placer:
     """Places the jobs of one batch: reads the pool's ledger items once, then claims one slot per job."""
 
-    def __init__(
-        self,
-        instances: Iterable[Instance],
-        ledger: InstanceLedger,
-        max_jobs_per_instance: int,
-        entries: dict[str, LedgerEntry] | None = None,
-    ):
+    def __init__(self, instances: Iterable[Instance], ledger: InstanceLedger, max_jobs_per_instance: int):
         self.instances = list(instances)
         self.ledger = ledger
         self.max_jobs_per_instance = max_jobs_per_instance
-        if entries is None:
-            entries = ledger.read_many(i.instance_id for i in self.instances)
-        self.load = {
-            i.instance_id: len(entries[i.instance_id].placed_job_ids) if i.instance_id in entries else 0
-            for i in self.instances
-        }
+        entries = ledger.read_many(i.instance_id for i in self.instances)
+        self.load = {i.instance_id: len(entries[i.instance_id].placed_job_ids) for i in self.instances}
 
     def place(self, job_id: str) -> Placement | None:
         """Place the job and record it in the instance's ledger item (which voids any stop claimed before)."""
