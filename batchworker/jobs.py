@@ -1,7 +1,7 @@
 """The job table (DynamoDB): one item per job, every transition a conditional write.
 
 Jobs are found by status through `status-shard-index`: its partition key `status_shard` is the status and a
-shard number derived from the job id ("RUNNING#5"), so one status is STATUS_SHARDS partitions and none takes
+shard number derived from the job id ("RUNNING#1"), so one status is STATUS_SHARDS partitions and none takes
 more than its share of the writes. Its projection leaves out what a running job's lease renewals write
 (`lease_expires_at`, `items_done`, `items_total`; the renewals write nothing else), so they never write to the
 index. Readers that need those attributes read the items themselves (`active`, one BatchGetItem per 100 jobs).
@@ -36,7 +36,7 @@ RENEWED_ATTRIBUTES = ("lease_expires_at", "items_done", "items_total")  # worker
 
 
 def status_shard(job_id: str, status: JobStatus | str) -> str:
-    """The job's partition of the status index, e.g. "QUEUED#3" (worker/lease.py computes the same)."""
+    """The job's partition of the status index, e.g. "QUEUED#1" (worker/lease.py computes the same)."""
     value = status.value if isinstance(status, JobStatus) else status
     return f"{value}#{zlib.crc32(job_id.encode()) % STATUS_SHARDS}"
 
