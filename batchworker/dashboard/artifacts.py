@@ -26,7 +26,7 @@ PREVIEW_MAX_COUNT = 12
 # Raster images only: an SVG is a document that can run script.
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                ".webp": "image/webp"}
-RESULTS_NAMES = ("results.csv", "predictions.csv")
+RESULTS_NAMES = ("results.csv", "predictions.csv")  # predictions.csv: jobs of the removed built-in model job
 CONFIDENCE_BINS = 10
 ERRORS_NAME = "errors.jsonl"
 ERRORS_READ_BYTES = 256 * 1024
