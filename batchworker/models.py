@@ -72,7 +72,8 @@ class Job:
     waiting_reason: str | None = None
     capacity_wait_since: str | None = None
     # The job package it was pinned to when accepted ({"name", "version", "uri"}) and its resolved
-    # parameters; None for the built-in job (no default_job configured).
+    # parameters; None for an upload refused before a package was found (it fails at once) and for rows of
+    # the removed built-in model job.
     package: dict | None = None
     params: dict | None = None
     items_done: int | None = None  # progress the job's lease heartbeat reports, when its runner counts items
