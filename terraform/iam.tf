@@ -511,8 +511,8 @@ data "aws_iam_policy_document" "reaper" {
 }
 
 ################################################################################
-# GPU instance role: the job reads its input and the model and writes results; user data installs
-# the job package and (ssh) publishes the instance's own endpoint; (ssm) the agent takes commands.
+# GPU instance role: the job reads its input and its job package and writes results; user data installs
+# the instance runtime (the batchworker_job wheel) and (ssh) publishes the instance's own endpoint; (ssm) the agent takes commands.
 ################################################################################
 
 data "aws_iam_policy_document" "gpu_assume" {
@@ -815,7 +815,7 @@ data "aws_iam_policy_document" "operator" {
   }
 
   # operator: `job list` lists package names, and a missing pointer or archive must read as 404 (not 403):
-  # bucket-wide (the artifacts bucket holds only the model and the packages).
+  # bucket-wide (the artifacts bucket holds only the runtime wheel and the job packages).
   statement {
     sid       = "ListArtifacts"
     actions   = ["s3:ListBucket"]
