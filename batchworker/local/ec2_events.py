@@ -7,7 +7,9 @@ patches both there: each state change an EC2 call makes is put on the default bu
 event, when a rule matches it, goes to each Lambda target of the rule as an asynchronous invocation of the
 local Lambda runtime (`deliver_to(invoke_url)`), from a background thread: EventBridge delivers apart from
 the API call that caused the change. Only the final state is sent (`running`, `stopped`, `terminated`): moto
-has no `pending` or `stopping` in between. It also sets LaunchTime at every start, as EC2 does.
+has no `pending` or `stopping` in between. It also sets LaunchTime at every start, as EC2 does. Each change
+also wakes the instance's local host at once (a datagram to the port in its ready.json): its boot begins at
+StartInstances, as on AWS, not a poll later.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import copy
 import json
 import logging
 import queue
+import re
+import socket
 import threading
 import urllib.error
 import urllib.request
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import quote
 
 logger = logging.getLogger(__name__)
@@ -28,10 +33,14 @@ DETAIL_TYPE = "EC2 Instance State-change Notification"
 _deliveries: queue.Queue[tuple[str, str]] = queue.Queue()
 _invoke_url: list[str] = []  # set once the local Lambda runtime is up
 _installed = threading.Event()
+_instances_dir: list[Path] = []  # the local cloud's instances/<instance id>/ folders (the hosts' state dirs)
+INSTANCE_ID = re.compile(r"i-[0-9a-f]{8,17}")
 
 
-def install() -> None:
-    """Patch moto (in this process) to send state-change events and deliver them to Lambda targets."""
+def install(instances_dir: Path | None = None) -> None:
+    """Patch moto (in this process) to send state-change events and deliver them to Lambda targets, and to
+    wake the instance hosts under `instances_dir` at each state change of their instance."""
+    _instances_dir[:] = [instances_dir] if instances_dir is not None else []
     if _installed.is_set():
         return
     from moto.ec2.models.instances import InstanceBackend
@@ -76,6 +85,16 @@ def state_change_entry(account_id: str, region: str, instance_id: str, state: st
     }
 
 
+def wake_host(ready_file: Path) -> None:
+    """Tell an instance host (by the state_change_port of its ready.json) that its instance changed state."""
+    try:
+        port = int(json.loads(ready_file.read_bytes()[:4096])["state_change_port"])
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"state-change", ("127.0.0.1", port))
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # no host (yet): it sees the change at its poll
+        logger.debug("instance host of %s not woken: %r", ready_file.parent.name, exc)
+
+
 def _sending_state_changes(original):
     def changing_state(backend, instance_ids, *args, **kwargs):
         changed = original(backend, instance_ids, *args, **kwargs)
@@ -84,6 +103,10 @@ def _sending_state_changes(original):
         for instance, previous in changed:
             if instance.state == "running" and previous.name != "running":
                 _set_launch_time(instance)
+        if _instances_dir:  # after LaunchTime: the host's look at the instance must see this start's
+            for instance, previous in changed:
+                if instance.state != previous.name and INSTANCE_ID.fullmatch(instance.id):
+                    wake_host(_instances_dir[0] / instance.id / "ready.json")
 
         entries = [
             state_change_entry(backend.account_id, backend.region_name, instance.id, instance.state)

@@ -148,6 +148,7 @@ class InstanceHost:
         self._launch_time: Any = None  # LaunchTime of the running period being served
         self._state: str | None = None
         self._stop = asyncio.Event()
+        self._state_changed = asyncio.Event()  # set by a datagram from moto's EC2 (local/ec2_events.py)
         self._handshakes: set[asyncio.Task[None]] = set()
         self._boot_reapers: set[asyncio.Task[None]] = set()
 
@@ -186,6 +187,10 @@ class InstanceHost:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
+        # The port moto's patched EC2 calls send a datagram to at each state change of this instance
+        # (local/ec2_events.py): the boot begins at StartInstances, as on AWS, not up to a poll later.
+        wake, _ = await loop.create_datagram_endpoint(lambda: _Wake(self._state_changed),
+                                                      local_addr=(LISTEN_HOST, 0))
         await self._poll_once()
         tasks = [
             asyncio.create_task(self._watch_instance()),
@@ -193,7 +198,7 @@ class InstanceHost:
         ]
         if self.deadman_check_seconds > 0:
             tasks.append(asyncio.create_task(self._watch_deadman()))
-        self._write_ready_file(endpoint, name)
+        self._write_ready_file(endpoint, name, wake.get_extra_info("sockname")[1])
         logger.info("instance %s: SSH on %s:%d, endpoint published to %s", self.instance_id, LISTEN_HOST,
                     self.port, name)
         try:
@@ -203,6 +208,7 @@ class InstanceHost:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             listener.close()
+            wake.close()
             await self._power_off("instance host shutting down")
             self.ready_file.unlink(missing_ok=True)
             logger.info("instance %s: host stopped", self.instance_id)
@@ -217,9 +223,10 @@ class InstanceHost:
             handle.write(key.export_private_key())
         return key
 
-    def _write_ready_file(self, endpoint: SshEndpoint, parameter_name: str) -> None:
+    def _write_ready_file(self, endpoint: SshEndpoint, parameter_name: str, state_change_port: int) -> None:
         ready = {"pid": os.getpid(), "port": self.port, "host": endpoint.host, "host_key": endpoint.host_key,
-                 "instance_id": self.instance_id, "parameter": parameter_name}
+                 "instance_id": self.instance_id, "parameter": parameter_name,
+                 "state_change_port": state_change_port}
         partial = self.ready_file.with_suffix(".tmp")
         partial.write_text(json.dumps(ready) + "\n")
         partial.replace(self.ready_file)
@@ -247,8 +254,12 @@ class InstanceHost:
             logger.debug("SSH connection ended before login (a probe, or a client giving up): %r", exc)
 
     async def _watch_instance(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval_seconds)
+        while True:  # the poll stays: a datagram may be lost, and a test's moto may send none
+            try:
+                await asyncio.wait_for(self._state_changed.wait(), self.poll_interval_seconds)
+            except asyncio.TimeoutError:
+                pass
+            self._state_changed.clear()
             await self._poll_once()
 
     async def _poll_once(self) -> None:
@@ -408,6 +419,16 @@ class InstanceHost:
                 process.exit_with_signal(signal.Signals(-returncode).name.removeprefix("SIG"))
         except (OSError, asyncssh.Error):
             pass  # the connection is gone already
+
+
+class _Wake(asyncio.DatagramProtocol):
+    """Any datagram means "the instance's state changed": look now (what it says is not trusted)."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self._event = event
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._event.set()
 
 
 async def _copy_stdin(source: asyncssh.SSHReader, target: asyncio.StreamWriter) -> None:

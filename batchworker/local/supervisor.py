@@ -69,7 +69,8 @@ class Supervisor:
         self.phase("building lambda zips and the model")
         self.build()
         capacity_faults.install(self.local_dir)  # outages switched on by writing faults/capacity.json
-        ec2_events.install()  # instance state-change events, delivered to Lambda targets once the runtime is up
+        # Instance state-change events, delivered to Lambda targets once the runtime is up; hosts woken at once
+        ec2_events.install(self.local_dir / "instances")
         if self.options.gsi_lag_seconds > 0:
             gsi_lag.install(self.options.gsi_lag_seconds)  # the moto server runs in this process
             self.phase(f"GSI queries lag {self.options.gsi_lag_seconds:g}s behind writes")

@@ -388,3 +388,20 @@ def test_a_stop_and_start_between_two_polls_still_powers_off(cloud: Cloud, host:
     # THEN the previous running period's processes die and the boot command starts again, as after any stop
     wait_for(lambda: not is_alive(pid), 10, "the first boot's process to die")
     wait_for(lambda: len(list(jobs.glob("booted-*"))) == 2, 15, "the boot command of the second boot")
+
+
+@pytest.mark.parametrize("host", [["--poll-interval-seconds", "60"]], indirect=True)
+def test_a_state_change_datagram_wakes_the_host_at_once(cloud: Cloud, host: Host) -> None:
+    # As moto's patched EC2 calls do in the local cloud (local/ec2_events.py): the boot begins at
+    # StartInstances, not at the next poll (60 s away here), and the stop powers off at once.
+    cloud.ec2.start_instances(InstanceIds=[host.instance_id])
+    started = time.monotonic()
+    ec2_events.wake_host(host.state_dir / "ready.json")
+    wait_for(lambda: probe(host.endpoint, 1.0), BOOT_DELAY_SECONDS + 10, "the SSH banner")
+    assert BOOT_DELAY_SECONDS <= time.monotonic() - started < BOOT_DELAY_SECONDS + 10
+    pid = launch_detached_sleep(cloud, host)
+
+    cloud.ec2.stop_instances(InstanceIds=[host.instance_id])
+    ec2_events.wake_host(host.state_dir / "ready.json")
+    wait_for(lambda: not is_alive(pid), 10, "the instance's processes to die at the stop")
+    assert not probe(host.endpoint, 1.0)
