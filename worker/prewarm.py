@@ -71,6 +71,9 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, l
         default: PackageRef | None = None
         try:
             warm.storage = Storage()
+            # The client the server's listener renews taken jobs' leases with: made now, not while the
+            # first job waits for its hand-over (a session and a service model load).
+            cli._listener_lease_client()
             if packages_uri and instance_events_table and instance_id:
                 starters = started_by(instance_events_table, instance_id, packages_uri)
             if default_job and packages_uri and default_job not in {ref.name for ref in starters}:

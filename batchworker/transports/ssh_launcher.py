@@ -42,14 +42,15 @@ class SshLauncher:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         poll_seconds: float = 0.5,
-        probe_seconds: float = 0.1,
+        probe_seconds: float = 0.05,
     ):
         self.settings = settings
         self.ssm = ssm_client
         self.sleep = sleep
         self.clock = clock
         self.poll_seconds = poll_seconds  # first wait between endpoint reads (SSM), then growing
-        # A known endpoint is probed often: its SSH answering is the moment a cold start waits for.
+        # A known endpoint is probed often: its SSH answering is the moment a cold start waits for (a TCP
+        # connect and a banner, no AWS call; every 0.05 s: a cold start waits 0.025 s for it on average).
         self.probe_seconds = probe_seconds
         self._pkey = None
 
