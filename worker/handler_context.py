@@ -13,7 +13,7 @@ import posixpath
 import shutil
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,13 @@ class JobContext(SetupContext):
             raise refused  # a symlink inside the folder pointing out of it
         return Path(target)
 
+    def table(self, columns: Mapping[str, Any] | Any, *, decimals: int | None = None) -> Table:
+        """Many results rows of one item at once: `yield item, ctx.table({"row": numbers, "score": scores})`.
+        columns: a dict of equal-length columns (lists, tuples, 1-D NumPy arrays, pandas Series) or a pandas
+        DataFrame; decimals: digits after the point for every float (None: as Python writes them).
+        A bad table (lengths differ, a name that is not a str or is "item") raises ValueError here."""
+        return Table(columns, decimals)
+
     @contextlib.contextmanager
     def item(self, item: Item | Any) -> Iterator[None]:
         """`with ctx.item(item):` an exception inside fails this item only (recorded in errors.jsonl)."""
@@ -154,20 +161,100 @@ class JobContext(SetupContext):
             self._on_item_error(error)
 
 
+class Table:
+    """The results rows of one item as columns: `yield item, ctx.table({"label": labels, ...})`, one row per
+    position. Kept as the handler gave them (a copy) while process() runs; formatted only when results.csv is
+    written, so a 100,000-row array item does not build 100,000 dicts in process()."""
+
+    def __init__(self, columns: Mapping[str, Any], decimals: int | None = None) -> None:
+        if not isinstance(columns, Mapping):
+            columns = _frame_columns(columns)
+        if decimals is not None and (type(decimals) is not int or not 0 <= decimals <= MAX_DECIMALS):
+            raise ValueError(f"table decimals must be an int from 0 to {MAX_DECIMALS} or None, not {decimals!r:.50}")
+        if not columns:
+            raise ValueError("a table needs at least one column")
+        self.decimals = decimals
+        self.columns: dict[str, Any] = {}
+        lengths: dict[str, int] = {}
+        for name, column in columns.items():
+            if type(name) is not str or not name or name == "item":
+                reason = "the item column is the runner's" if name == "item" else "a column name is a non-empty str"
+                raise ValueError(f"table column name {name!r:.100} refused: {reason}")
+            self.columns[name] = _column_copy(name, column)
+            lengths[name] = len(self.columns[name])
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"{name}={length}" for name, length in list(lengths.items())[:12])
+            raise ValueError(f"table columns differ in length ({shown}): one value per row in every column")
+        self.length = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def cells(self, name: str) -> list:
+        """One column as csv.writer cells: Python values (NumPy's converted), floats with `decimals` digits
+        when given (one % over the whole column, not one per value), None an empty cell."""
+        column = self.columns[name]
+        values = column.tolist() if hasattr(column, "tolist") else list(column)
+        if self.decimals is None or not values:
+            return values
+        fmt = f"%.{self.decimals}f"
+        dtype = getattr(column, "dtype", None)
+        if getattr(dtype, "kind", "") == "f" or all(type(v) is float for v in values):
+            with contextlib.suppress(TypeError):  # a missing value (pandas' NA) in a float column: one by one
+                return ("\n".join([fmt] * len(values)) % tuple(values)).split("\n")
+        return [fmt % v if isinstance(v, float) else v for v in values]
+
+
+MAX_DECIMALS = 17
+
+
+def _column_copy(name: str, column: Any) -> Any:
+    """A copy of one column (the handler may reuse its arrays for the next item); a sequence, not a scalar."""
+    if isinstance(column, (str, bytes, bytearray)) or not hasattr(column, "__len__"):
+        raise ValueError(f"table column {name!r:.100} must be a sequence (a list or 1-D array: one value per "
+                         f"row), not {type(column).__name__}")
+    if getattr(column, "ndim", 1) != 1:
+        raise ValueError(f"table column {name!r:.100} has {column.ndim} dimensions; a column is 1-D")
+    if isinstance(column, (tuple, range)):
+        return column
+    copy = getattr(column, "copy", None)  # NumPy arrays, pandas Series, lists
+    return copy() if callable(copy) else list(column)
+
+
+def _frame_columns(frame: Any) -> dict[Any, Any]:
+    """A pandas DataFrame's columns (without importing pandas); anything else is refused."""
+    names = getattr(frame, "columns", None)
+    if names is None or not hasattr(frame, "iloc"):
+        raise TypeError(f"a table is a dict of columns or a pandas DataFrame, not a {type(frame).__name__}")
+    names = list(names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"table column names repeat: {names!r:.200}")
+    return {name: frame[name] for name in names}
+
+
 @dataclass
 class RowCollector:
-    """The rows process() yields, per item, in order; columns are the union of row keys, `item` first."""
+    """What process() yields, per item, in order: (name, dict) rows and (name, Table) tables; columns are
+    the union of row keys and table columns, `item` first."""
 
-    rows: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    rows: list[tuple[str, dict[str, Any] | Table]] = field(default_factory=list)
 
     def add(self, item_name: str, row: dict[str, Any]) -> None:
         self.rows.append((item_name, dict(row)))
+
+    def count(self) -> int:
+        """results.csv's rows: a dict is one, a table its length."""
+        return sum(len(row) if type(row) is Table else 1 for _, row in self.rows)
+
+    def names(self) -> set[str]:
+        """The items with at least one row."""
+        return {name for name, row in self.rows if type(row) is not Table or len(row)}
 
     def columns(self) -> list[str]:
         seen: dict[str, None] = {"item": None}
         shapes: set[tuple] = set()  # rows of one handler mostly share their keys: look at each set once
         for _, row in self.rows:
-            keys = tuple(row)
+            keys = tuple(row.columns if type(row) is Table else row)
             if keys not in shapes:
                 shapes.add(keys)
                 for key in keys:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from worker.handler_context import (
     ItemError,
     JobContext,
     RowCollector,
+    Table,
     SetupContext,
     describe_exception,
 )
@@ -92,8 +94,9 @@ def load_handler(package_dir: Path, entrypoint: str) -> Any:
 
 def run_process(handler: Any, items: list[Item], ctx: JobContext, on_progress=None) -> tuple[RowCollector, str | None]:
     """Drive handler.process(items, ctx) to the end: the rows, and an error message if process() itself
-    raised (its item errors are in ctx.errors). This loop is the hot path of a job with many rows (a .npy
-    of 100,000 is 100,000 rows): a few cheap checks per row, the clock read every PROGRESS_CHECK_ROWS rows."""
+    raised (its item errors are in ctx.errors). This loop is the hot path of a job with many rows yielded
+    one by one: a few cheap checks per yield, the clock read every PROGRESS_CHECK_ROWS yields and after each
+    table. A table (ctx.table, or a pandas DataFrame) is kept as it is: results.csv formats it later."""
     rows = RowCollector()
     add = rows.rows.append
     done: set[str] = set()
@@ -105,16 +108,26 @@ def run_process(handler: Any, items: list[Item], ctx: JobContext, on_progress=No
         produced = handler.process(items, ctx)
         for pair in produced if produced is not None else ():
             if not isinstance(pair, tuple) or len(pair) != 2:
-                raise TypeError(f"process() must yield (item, row_dict) pairs, got {type(pair).__name__}")
+                raise TypeError(f"process() must yield (item, row_dict) or (item, table) pairs, got {type(pair).__name__}")
             item, row = pair
-            if type(row) is not dict and not isinstance(row, Mapping):
-                raise TypeError(f"process() must yield (item, row_dict) pairs, got a {type(row).__name__} row")
             name = item.name if type(item) is Item else getattr(item, "name", item)
             if type(name) is not str:
                 raise TypeError(f"process() yielded an item of type {type(item).__name__}; yield the Item")
-            add((name, dict(row)))  # a copy: a handler may reuse its dict for the next row
-            done.add(name)
             count += 1
+            if type(row) is dict or isinstance(row, Mapping):
+                add((name, dict(row)))  # a copy: a handler may reuse its dict for the next row
+            elif type(row) is Table or hasattr(row, "columns"):
+                try:
+                    table = row if type(row) is Table else Table(row)  # a pandas DataFrame
+                except (TypeError, ValueError) as exc:
+                    ctx.fail_item(name, exc)  # a bad table fails its item, as a bad item does
+                    continue
+                add((name, table))
+                count = 0  # a table can be long: look at the clock now
+            else:
+                raise TypeError(f"process() must yield (item, row_dict) or (item, table) pairs, got a "
+                                f"{type(row).__name__} row")
+            done.add(name)
             if on_progress is not None and not count % PROGRESS_CHECK_ROWS:
                 now = time.monotonic()
                 if now - last_sent >= PROGRESS_EVERY_SECONDS:
@@ -135,7 +148,7 @@ def finish_job(items: list[Item], ctx: JobContext, rows: RowCollector, results_p
     """Write results.csv and errors.jsonl; the item counts. An item succeeded when it has a row and no
     error; an item with neither gets a "NoResult" error."""
     failed_names = {error.item for error in ctx.errors}
-    with_rows = {name for name, _ in rows.rows}
+    with_rows = rows.names()
     for item in items:
         if item.name not in with_rows and item.name not in failed_names:
             ctx.errors.append(ItemError(item.name, "NoResult", "process() yielded no row for this item", ""))
@@ -145,13 +158,14 @@ def finish_job(items: list[Item], ctx: JobContext, rows: RowCollector, results_p
         for error in ctx.errors:
             fh.write(json.dumps(error.to_json(), ensure_ascii=False) + "\n")
     failed = len({item.name for item in items} & failed_names)
-    return {"total": len(items), "succeeded": len(items) - failed, "failed": failed, "rows": len(rows.rows)}
+    return {"total": len(items), "succeeded": len(items) - failed, "failed": failed, "rows": rows.count()}
 
 
 def write_results(rows: RowCollector, path: Path) -> None:
-    """results.csv: `item`, then the union of the rows' keys in order of appearance; a missing value (or
-    None) is an empty cell. A row whose keys come in the columns' own order (the usual case: every row of
-    a handler has the same keys) is written as it is, without a lookup per cell."""
+    """results.csv: `item`, then the union of the rows' keys and tables' columns in order of appearance; a
+    missing value (or None) is an empty cell. A row whose keys come in the columns' own order (the usual
+    case: every row of a handler has the same keys) is written as it is, without a lookup per cell; a table
+    column by column (Table.cells), its rows by zip."""
     columns = rows.columns()
     tail = tuple(columns[1:])
 
@@ -165,7 +179,13 @@ def write_results(rows: RowCollector, path: Path) -> None:
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(columns)
-        writer.writerows(line(name, row) for name, row in rows.rows)
+        for tables, group in itertools.groupby(rows.rows, key=lambda entry: type(entry[1]) is Table):
+            if not tables:
+                writer.writerows(line(name, row) for name, row in group)
+                continue
+            for name, table in group:
+                cells = [table.cells(c) if c in table.columns else itertools.repeat(None) for c in tail]
+                writer.writerows(zip(itertools.repeat(name, len(table)), *cells))
 
 
 def serve(package_dir: Path, entrypoint: str, stdin: TextIO, channel: _Channel) -> int:

@@ -258,6 +258,39 @@ def test_zip_items_reject_traversal_and_bombs(tmp_path, monkeypatch):
         expand_items(zip_of({"1": b"", "2": b"", "3": b""}), "in.zip", tmp_path / "i4")
 
 
+def test_tables_through_the_runner_count_rows_and_fail_their_own_item(tmp_path, job_root):
+    # GIVEN a package yielding one table per item (one row per word), and a mismatched table for "bad"
+    package = make_package(tmp_path / "pkg", """
+        from pathlib import Path
+
+        class Job:
+            def process(self, items, ctx):
+                for item in items:
+                    with ctx.item(item):
+                        words = Path(item.path).read_text().split()
+                        lengths = [len(w) / 3 for w in words] + ([0.0] if "bad" in item.name else [])
+                        yield item, ctx.table({"word": words, "length": lengths}, decimals=2)
+    """)
+    archive = tmp_path / "in" / "words.zip"
+    archive.parent.mkdir(parents=True)
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.txt", "to be, or not")
+        zf.writestr("bad.txt", "x")
+        zf.writestr("c.txt", 'say "hi"')
+    # WHEN it runs through the instance's runner
+    (manifest,) = run_local(package, [archive], tmp_path / "out", job_root=job_root)
+    # THEN each table's rows are in results.csv and counted, and the bad table failed its item only
+    assert (manifest["items"], manifest["items_succeeded"], manifest["items_failed"]) == (3, 2, 1)
+    assert manifest["results_rows"] == 6
+    files = job_files(tmp_path / "out", manifest)
+    assert list(csv.reader((files / "results.csv").open(newline=""))) == [
+        ["item", "word", "length"], ["a.txt", "to", "0.67"], ["a.txt", "be,", "1.00"], ["a.txt", "or", "0.67"],
+        ["a.txt", "not", "1.00"], ["c.txt", "say", "1.00"], ["c.txt", '"hi"', "1.33"]]
+    (error,) = [json.loads(line) for line in (files / "errors.jsonl").read_text().splitlines()]
+    assert (error["item"], error["type"]) == ("bad.txt", "ValueError")
+    assert error["message"] == "table columns differ in length (word=1, length=2): one value per row in every column"
+
+
 def test_handler_prints_do_not_break_the_protocol(tmp_path, job_root):
     package = make_package(tmp_path / "pkg", """
         import sys
