@@ -7,6 +7,7 @@ handler never imports this module: a test may hand it any object with the same a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import posixpath
@@ -204,8 +205,42 @@ class Table:
                 return ("\n".join([fmt] * len(values)) % tuple(values)).split("\n")
         return [fmt % v if isinstance(v, float) else v for v in values]
 
+    def csv_lines(self, item_cell: str, names: list[str]) -> str | None:
+        """This table's lines of results.csv by one % over all its values, when every column holds numbers
+        (NumPy int/float/bool columns, ranges, lists of one number type): `item_cell` is the item's cell
+        as csv.writer quotes it, `names` the file's columns after `item` (one this table lacks is empty).
+        None when a column holds anything else: cells() and csv.writer then write it."""
+        formats, columns = [], []
+        for name in names:
+            column = self.columns.get(name)
+            if column is None:
+                formats.append("")
+                continue
+            values = column.tolist() if hasattr(column, "tolist") else list(column)
+            fmt = _number_format(values, getattr(getattr(column, "dtype", None), "kind", ""), self.decimals)
+            if fmt is None:
+                return None
+            formats.append(fmt)
+            columns.append(values)
+        line = item_cell.replace("%", "%%") + "," + ",".join(formats) + "\r\n"
+        try:
+            return (line * self.length) % tuple(itertools.chain.from_iterable(zip(*columns)))
+        except TypeError:  # a missing value (pandas' NA) in a number column
+            return None
+
 
 MAX_DECIMALS = 17
+
+
+def _number_format(values: list, kind: str, decimals: int | None) -> str | None:
+    """The % format csv.writer's text of these numbers has: ints as str(), bools True/False, floats repr()
+    or with `decimals` digits; None for a column that is not all numbers of one type."""
+    if kind not in ("i", "u", "f", "b"):
+        types = set(map(type, values))
+        kind = {frozenset([int]): "i", frozenset([float]): "f", frozenset([bool]): "b"}.get(frozenset(types), "")
+    if kind == "f":
+        return "%r" if decimals is None else f"%.{decimals}f"
+    return {"i": "%d", "u": "%d", "b": "%s"}.get(kind)
 
 
 def _column_copy(name: str, column: Any) -> Any:

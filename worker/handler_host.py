@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import io
 import itertools
 import json
 import logging
@@ -184,8 +185,19 @@ def write_results(rows: RowCollector, path: Path) -> None:
                 writer.writerows(line(name, row) for name, row in group)
                 continue
             for name, table in group:
+                text = table.csv_lines(_csv_cell(name), list(tail))
+                if text is not None:
+                    fh.write(text)
+                    continue
                 cells = [table.cells(c) if c in table.columns else itertools.repeat(None) for c in tail]
                 writer.writerows(zip(itertools.repeat(name, len(table)), *cells))
+
+
+def _csv_cell(value: str) -> str:
+    """One cell as csv.writer writes it in a row of several (quoted when it holds , " or a line break)."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow([value, ""])
+    return buffer.getvalue()[: -len(",\r\n")]
 
 
 def serve(package_dir: Path, entrypoint: str, stdin: TextIO, channel: _Channel) -> int:
