@@ -248,7 +248,7 @@ def moto_server():
 
 
 def test_launch_detaches_and_the_job_uploads_its_manifest(moto_server, digits_archive, tmp_path):
-    # GIVEN a moto server with the model and an input
+    # GIVEN a moto server with the digits package and an input
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1", **{
         "aws_access_key_id": "testing", "aws_secret_access_key": "testing"})
     for bucket in (INPUT, OUTPUT, ARTIFACTS):
@@ -327,7 +327,7 @@ def test_sigterm_gives_a_transient_failed_manifest(moto_server, digits_archive, 
     deadline = time.monotonic() + 30
     while not (log.exists() and "job started" in log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    # WHEN it is terminated (instance stopping) while it imports torch
+    # WHEN it is terminated (instance stopping) while it sets its package up
     process.terminate()
     # THEN it still uploads a failed manifest and exits 75
     assert process.wait(timeout=60) == ExitCode.TRANSIENT
@@ -551,7 +551,7 @@ def test_one_slot_keeps_two_runs_apart(moto_server, digits_archive, tmp_path):
         launch_job(moto_server, tmp_path, make_spec(job, "load/two.json", max_concurrent_jobs=1, lease=lease).to_json())
         for job in jobs
     ]
-    # THEN the second waits in the first one's process (torch and the model loaded), not in a new one
+    # THEN the second waits in the first one's process (its package's handler warm), not in a new one
     assert replies[0]["pid"] == replies[1]["pid"]
     # AND their device time does not overlap; the wait counts as the second's slot wait
     manifests = wait_for_manifests(s3, jobs, tmp_path)
@@ -651,7 +651,7 @@ def test_a_warm_server_takes_the_next_batch(moto_server, digits_archive, tmp_pat
     assert is_alive(first["pid"])
     # WHEN a second job is launched
     second, warm = timed_launch(moto_server, tmp_path, warm_spec(51, 30), job_processes)
-    # THEN the same process ran it, with the model still loaded, faster
+    # THEN the same process ran it, with the package's handler still warm (setup() not run again), faster
     assert second["job_id"] == job_id(51) and second["pid"] == first["pid"]
     assert first["manifest"]["status"] == second["manifest"]["status"] == "succeeded"
     cold_t, warm_t = first["manifest"]["timings"], second["manifest"]["timings"]
@@ -739,13 +739,13 @@ def test_the_first_batch_runs_in_the_prewarmed_server(moto_server, digits_archiv
     s3, _ = server_clients(moto_server)
     put_package(s3, digits_archive)
     s3.put_object(Bucket=INPUT, Key="warm/digit-3.png", Body=(SAMPLES / "digit-3.png").read_bytes())
-    # GIVEN an instance that booted: prewarm imported torch and loaded the model before any job came
+    # GIVEN an instance that booted: prewarm set up the default job's handler before any job came
     process, log = prewarm()
     wait_until(lambda: b"warm after" in log.read_bytes() or process.poll() is not None, 60, "prewarm ready")
     assert process.poll() is None, log.read_text()
     # WHEN the first job of the cold start is launched
     reply, _ = timed_launch(moto_server, tmp_path, warm_spec(60, 30), job_processes)
-    # THEN the prewarmed process ran it, the model already loaded
+    # THEN the prewarmed process ran it, the handler's setup() already done
     assert reply["pid"] == process.pid
     assert reply["manifest"]["status"] == "succeeded"
     assert reply["manifest"]["timings"]["model_load_s"] < 0.5
