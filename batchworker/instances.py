@@ -113,9 +113,9 @@ class InstancePool:
         try:
             self.start(instance_id, reason)
         except ClientError as exc:
-            if _error_code(exc) not in TRANSIENT_START_ERRORS:
+            if aws.error_code(exc) not in TRANSIENT_START_ERRORS:
                 raise
-            logger.warning("start of %s refused for now (%s); the worker will retry", instance_id, _error_code(exc))
+            logger.warning("start of %s refused for now (%s); the worker will retry", instance_id, aws.error_code(exc))
             return False
         return True
 
@@ -163,9 +163,9 @@ class InstancePool:
                     self.start(instance_id, reason)
                     backoff = poll_seconds
                 except ClientError as exc:
-                    if _error_code(exc) not in TRANSIENT_START_ERRORS:
+                    if aws.error_code(exc) not in TRANSIENT_START_ERRORS:
                         raise
-                    if _error_code(exc) == CAPACITY_ERROR and capacity_retry_seconds is not None:
+                    if aws.error_code(exc) == CAPACITY_ERROR and capacity_retry_seconds is not None:
                         short_since = self.clock() if short_since is None else short_since
                         if self.clock() - short_since >= capacity_retry_seconds:
                             zone = instance.availability_zone or "its Availability Zone"
@@ -173,7 +173,7 @@ class InstancePool:
                                 f"{CAPACITY_ERROR}: no {instance.instance_type or 'GPU'} capacity for {instance_id} "
                                 f"in {zone}", (instance_id,), tuple(filter(None, [instance.availability_zone])),
                             ) from exc
-                    last_refusal = f"; last start refused with {_error_code(exc)}"
+                    last_refusal = f"; last start refused with {aws.error_code(exc)}"
                     backoff = min(backoff * 2, 60.0)
                     wait = self.jitter(backoff)
             if self.clock() >= deadline:
@@ -184,5 +184,3 @@ class InstancePool:
             self.sleep(min(wait, max(deadline - self.clock(), 0.0) + 0.01))
 
 
-def _error_code(exc: ClientError) -> str:
-    return exc.response.get("Error", {}).get("Code", "")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from botocore.exceptions import ClientError
 
+from batchworker import aws
 from batchworker.models import manifest_key, output_prefix
 
 MANIFEST_MAX_BYTES = 1024 * 1024
@@ -93,7 +94,7 @@ class JobArtifacts:
                 Bucket=self.output_bucket, Key=output_prefix(job_id) + "job.log", Range=f"bytes=-{LOG_TAIL_BYTES}"
             )
         except ClientError as exc:
-            if _is_missing(exc) or _code(exc) == "InvalidRange":  # InvalidRange: an empty log
+            if _is_missing(exc) or aws.error_code(exc) == "InvalidRange":  # InvalidRange: an empty log
                 return None if _is_missing(exc) else ([], False)
             raise
         raw = response["Body"].read()
@@ -139,7 +140,7 @@ class JobArtifacts:
         try:
             response = self.client.get_object(Bucket=self.output_bucket, Key=key, Range=f"bytes=0-{limit - 1}")
         except ClientError as exc:
-            if _code(exc) == "InvalidRange":
+            if aws.error_code(exc) == "InvalidRange":
                 return {}, b""
             raise
         return response, response["Body"].read()
@@ -149,7 +150,7 @@ class JobArtifacts:
         try:
             head = self.client.head_object(Bucket=bucket, Key=key)
         except ClientError as exc:
-            if _is_missing(exc) or _code(exc) in ("404", "403"):
+            if _is_missing(exc) or aws.error_code(exc) in ("404", "403"):
                 return None
             raise
         if head["ContentLength"] > PREVIEW_MAX_BYTES:
@@ -198,9 +199,5 @@ def _object_size(response: dict, read: int) -> int:
     return int(total) if total.isdigit() else read
 
 
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
 def _is_missing(exc: ClientError) -> bool:
-    return _code(exc) in ("NoSuchKey", "404", "NotFound")
+    return aws.error_code(exc) in ("NoSuchKey", "404", "NotFound")

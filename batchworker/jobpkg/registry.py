@@ -21,6 +21,7 @@ from pathlib import Path
 import boto3
 from botocore.exceptions import ClientError
 
+from batchworker import aws
 from batchworker.jobpkg.archive import ARCHIVE_SUFFIX, ArchiveInfo, build_archive
 from batchworker.jobpkg.config import NAME_PATTERN, JobConfig, load_job_config
 from batchworker.jobpkg.errors import DeployConflict, PackageNotFound
@@ -136,7 +137,7 @@ class PackageRegistry:
         try:
             body = self.s3.get_object(Bucket=self.bucket, Key=self.config_key(name, version))["Body"].read()
         except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404"):
+            if aws.error_code(exc) in ("NoSuchKey", "404"):
                 raise PackageNotFound(f"job package {name!r} has no version {version[:12]}") from exc
             raise
         return JobConfig.from_dict(json.loads(body)["config"], origin=f"{name} version {version[:12]}")
@@ -183,7 +184,7 @@ class PackageRegistry:
         try:
             self._put_json(self.pointer_key(name), new, if_match=etag, if_none_match=etag is None)
         except ClientError as exc:
-            if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            if aws.error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                 latest = self.current(name)
                 raise DeployConflict(
                     f"another deploy or rollback of {name!r} happened at the same moment"
@@ -213,7 +214,7 @@ class PackageRegistry:
         try:
             response = self.s3.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404"):
+            if aws.error_code(exc) in ("NoSuchKey", "404"):
                 return None, None
             raise
         return json.loads(response["Body"].read(MAX_POINTER_BYTES)), response["ETag"]
@@ -231,14 +232,14 @@ class PackageRegistry:
             )
         except ClientError as exc:
             # A content-addressed record that already exists holds the same content: nothing to do.
-            if key.endswith(POINTER_NAME) or _code(exc) not in ("PreconditionFailed", "412"):
+            if key.endswith(POINTER_NAME) or aws.error_code(exc) not in ("PreconditionFailed", "412"):
                 raise
 
     def _exists(self, key: str) -> bool:
         try:
             self.s3.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+            if aws.error_code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return False
             raise
         return True
@@ -268,7 +269,3 @@ def bundled_record(config: JobConfig, archive: ArchiveInfo) -> dict:
 def dumps(data: dict) -> bytes:
     """The one JSON form of registry records: the same record is the same bytes (and S3 ETag)."""
     return json.dumps(data, indent=2, sort_keys=True).encode()
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))

@@ -18,6 +18,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from batchworker import aws
 from batchworker.config import Settings
 from batchworker.errors import ConfigurationError, DispatchError, InstanceReadyTimeout
 
@@ -86,14 +87,10 @@ def execution_timeout(settings: Settings) -> str:
     return str(max(1, math.ceil(settings.max_job_runtime_seconds)))
 
 
-def error_code(exc: ClientError) -> str:
-    return exc.response.get("Error", {}).get("Code", "")
-
-
 def is_retryable(exc: ClientError) -> bool:
     """Throttling and server-side errors: trying again after a pause may succeed."""
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-    return error_code(exc) in THROTTLING_CODES | SERVER_ERROR_CODES or status >= 500
+    return aws.error_code(exc) in THROTTLING_CODES | SERVER_ERROR_CODES or status >= 500
 
 
 class SsmLauncher:
@@ -154,7 +151,7 @@ class SsmLauncher:
             except ClientError as exc:
                 if not is_retryable(exc):
                     raise DispatchError(f"cannot look up instance {instance_id} in SSM: {exc}") from exc
-                last_seen = f"SSM lookups failing: {error_code(exc)}"
+                last_seen = f"SSM lookups failing: {aws.error_code(exc)}"
                 attempt += 1
                 if not self._pause(self._backoff(attempt), deadline):
                     raise self._not_online(instance_id, last_seen) from exc
@@ -192,7 +189,7 @@ class SsmLauncher:
             try:
                 command_id = self.ssm.send_command(**request)["Command"]["CommandId"]
             except ClientError as exc:
-                code = error_code(exc)
+                code = aws.error_code(exc)
                 # InvalidInstanceId: the agent reported Online but Run Command does not know it yet, or
                 # the instance is between states; it settles within seconds.
                 if not (is_retryable(exc) or code == "InvalidInstanceId"):
@@ -221,7 +218,7 @@ class SsmLauncher:
             try:
                 invocation = self.ssm.get_command_invocation(CommandId=command_id, InstanceId=instance_id)
             except ClientError as exc:
-                code = error_code(exc)
+                code = aws.error_code(exc)
                 if code == "InvocationDoesNotExist":  # normal for a moment right after send_command
                     delay = self.poll_seconds
                 elif is_retryable(exc):
