@@ -1,7 +1,7 @@
 """Job packages through the local cloud: `job deploy` from the CLI, refusals before any instance starts, and a
 new version deployed in the middle of a burst (each job runs, and its manifest names, the version it was
-accepted with). A key under a mistyped job name is tested in tests/functional/test_routing.py: here the
-default job is the built-in one (Terraform default_job = "")."""
+accepted with). A key under a mistyped job name (it runs the default job, the digits package, and says so) is
+tested in tests/functional/test_routing.py."""
 
 from __future__ import annotations
 
