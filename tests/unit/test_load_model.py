@@ -80,3 +80,12 @@ def test_after_the_trigger_reads_no_index_and_the_index_has_no_hot_partition():
     # renewals out of the index and 2 shards a status: both measures go from over their limit to under it
     for name in ("dynamodb:status-index hot partition writes", "dynamodb:status-index reads (RCU)"):
         assert today.pressures()[name][1] >= 1.0 > after.pressures()[name][1], name
+
+
+def test_the_model_shards_the_status_index_as_the_code_does():
+    # The load model's "after" column counts index queries and hot-partition writes per STATUS_SHARDS: it must
+    # follow the job table's own constant, not a copy that stays behind when that one changes.
+    from batchworker.costs.load import STATUS_SHARDS as modelled
+    from batchworker.jobs import STATUS_SHARDS
+
+    assert modelled == STATUS_SHARDS
