@@ -218,7 +218,7 @@ class InstanceLedger:
 
     def drop_dispatch(self, instance_id: str, owner: str) -> None:
         """Let go of the claim whatever changed (the dispatcher gives up; the reaper re-invokes what it left)."""
-        self._update_if(  # not ours any more (lapsed, taken over): nothing to let go
+        self._update_if(  # refused when the claim is not ours any more (lapsed, taken over): nothing to let go
             instance_id,
             UpdateExpression=f"REMOVE {DISPATCHER}, {DISPATCHING_UNTIL}",
             ConditionExpression=f"{DISPATCHER} = :me",
