@@ -9,12 +9,13 @@ batchworker/jobs.py, which the instance does not install; the update here must s
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
@@ -27,6 +28,7 @@ STATUS_DISPATCHED = "DISPATCHED"
 STATUS_RUNNING = "RUNNING"
 STATUS_SHARDS = 2  # batchworker/jobs.py's; a job's status-index partition is "<status>#<crc32(job id) % 2>"
 RENEWALS_PER_LEASE = 3  # renew every lease.seconds / 3: two renewals may fail before the lease lapses
+CALLER_TURN_SECONDS = 30.0  # the longest the heartbeat lets finish()/stop() callers go first (a hung call)
 
 logger = logging.getLogger("worker.lease")
 
@@ -138,6 +140,12 @@ class Heartbeat:
         self._leases = dict(leases)
         self._client = client
         self._lock = threading.Lock()  # held while renewing, so finish() waits for a renewal in flight
+        # Callers of finish()/stop() waiting for the lock: the heartbeat lets them in before its next renewal
+        # (threading.Lock is not fair: re-taking it at once, the thread could keep finish() out for a round).
+        self._callers = 0
+        self._callers_lock = threading.Lock()
+        self._no_callers = threading.Event()
+        self._no_callers.set()
         self._stopped = threading.Event()
         self._wake = threading.Event()  # a RUNNING write is pending, or stop()
         self._pending_start: dict[str, dt.datetime] = {}  # job_id -> when its code started, not written yet
@@ -184,14 +192,14 @@ class Heartbeat:
         self._wake.set()
 
     def finish(self, job_id: str) -> None:
-        with self._lock:
+        with self._caller_turn():
             self._write_pending(job_id)  # RUNNING (and running_since) before the manifest ends the job
             self._leases.pop(job_id, None)
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopped.set()
         self._wake.set()
-        with self._lock:
+        with self._caller_turn():
             self._leases.clear()
             self._pending_start.clear()
         if self._thread is not None:
@@ -216,12 +224,28 @@ class Heartbeat:
                 if self._stopped.is_set() or due.get(job_id, 0.0) > time.monotonic():
                     continue
                 due[job_id] = time.monotonic() + self.interval_seconds
+                self._no_callers.wait(CALLER_TURN_SECONDS)  # a finish() waiting goes first
                 with self._lock:  # held per renewal: finish() waits for this one call at most
                     if job_id in self._leases:
                         self._renew(job_id, lease)
             with self._lock:
                 next_due = min((due.get(job_id, 0.0) for job_id in self._leases), default=0.0)
             self._wake.wait(max(0.0, next_due - time.monotonic()))
+
+    @contextlib.contextmanager
+    def _caller_turn(self) -> Iterator[None]:
+        """The lock for finish()/stop(), ahead of the heartbeat's next renewal."""
+        with self._callers_lock:
+            self._callers += 1
+            self._no_callers.clear()
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._callers_lock:
+                self._callers -= 1
+                if not self._callers:
+                    self._no_callers.set()
 
     def _write_pending(self, job_id: str) -> None:
         """The RUNNING write of a job whose code started (lock held); kept pending while it fails."""
