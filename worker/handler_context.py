@@ -224,7 +224,7 @@ class Table:
             columns.append(values)
         line = item_cell.replace("%", "%%") + "," + ",".join(formats) + "\r\n"
         try:
-            return (line * self.length) % tuple(itertools.chain.from_iterable(zip(*columns)))
+            return (line * self.length) % tuple(itertools.chain.from_iterable(zip(*columns, strict=True)))
         except TypeError:  # a missing value (pandas' NA) in a number column
             return None
 

@@ -28,8 +28,8 @@ from worker.handler_context import (
     ItemError,
     JobContext,
     RowCollector,
-    Table,
     SetupContext,
+    Table,
     describe_exception,
 )
 
@@ -190,7 +190,7 @@ def write_results(rows: RowCollector, path: Path) -> None:
                     fh.write(text)
                     continue
                 cells = [table.cells(c) if c in table.columns else itertools.repeat(None) for c in tail]
-                writer.writerows(zip(itertools.repeat(name, len(table)), *cells))
+                writer.writerows(zip(itertools.repeat(name, len(table)), *cells, strict=False))  # a missing column repeats None
 
 
 def _csv_cell(value: str) -> str:

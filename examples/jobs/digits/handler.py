@@ -64,10 +64,10 @@ class Digits:
         probs = self.predict(np.concatenate([pixels for _, _, pixels in decoded]))
         # An image is one row: a dict (formatted in bulk for all images at once). An array or CSV item is one
         # row per line, numbered in a `row` column: a table, so no Python object is built per row.
-        starts = np.cumsum([0] + [len(pixels) for _, _, pixels in decoded]).tolist()
-        image_lines = np.array([start for start, (_, rows, _) in zip(starts, decoded) if rows is None], np.intp)
+        starts = np.cumsum([0] + [len(pixels) for _, _, pixels in decoded[:-1]]).tolist()
+        image_lines = np.array([start for start, (_, rows, _) in zip(starts, decoded, strict=True) if rows is None], np.intp)
         images = iter(_prediction_rows(probs[image_lines]))
-        for start, (item, rows, pixels) in zip(starts, decoded):
+        for start, (item, rows, pixels) in zip(starts, decoded, strict=True):
             if rows is None:
                 yield item, next(images)
             else:
