@@ -51,6 +51,7 @@ class PackageReport:
     results_rows: int = 0
     device: str = "unknown"
     handler_pid: int | None = None
+    input_version_id: str | None = None  # the S3 version downloaded (the event may not have named one)
     setup_called: bool = False  # this job started the handler's process (setup() ran for it)
     process_started_at: str | None = None
     outputs: list[str] = field(default_factory=list)
@@ -111,6 +112,7 @@ def run_package_job(
     with timings.measure("download_s"):
         info = storage.download(spec.input_bucket, spec.input_key, input_path,
                                 version_id=spec.input_version_id, max_bytes=MAX_INPUT_BYTES)
+    report.input_version_id = info.version_id
     log.info("input downloaded", extra={"bytes": info.size_bytes, "version_id": info.version_id})
     items = expand_items(input_path, printable(spec.input_key.rsplit("/", 1)[-1] or spec.input_key, 120),
                          job_dir / "items")

@@ -335,6 +335,7 @@ class _Job:
         report = self.package_report
         outcome.outputs[:0] = report.outputs
         outcome.items, self.device = report.items_total, report.device
+        outcome.input_version_id = outcome.input_version_id or report.input_version_id
         for path in report.scratch:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         if self.storage is None:

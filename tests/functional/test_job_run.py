@@ -138,6 +138,17 @@ def output_keys(s3) -> list[str]:
     return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=OUTPUT).get("Contents", []))
 
 
+def test_the_manifest_names_the_version_it_read_when_the_event_did_not(s3, tmp_path):
+    # GIVEN a versioned input bucket and a spec without the object's version (an event that did not carry it)
+    s3.put_bucket_versioning(Bucket=INPUT, VersioningConfiguration={"Status": "Enabled"})
+    version = s3.put_object(Bucket=INPUT, Key="v/digit.png", Body=(SAMPLES / "digit-3.png").read_bytes())["VersionId"]
+    # WHEN the job runs
+    code = run_job(make_spec(job_id(90), "v/digit.png"), tmp_path / "jobs")
+    # THEN its manifest names the version it downloaded
+    manifest = read_json(s3, f"jobs/{job_id(90)}/manifest.json")
+    assert code == ExitCode.SUCCEEDED, manifest["error"]
+    assert manifest["input"] == {"bucket": INPUT, "key": "v/digit.png", "version_id": version}
+
 def test_bundled_samples_are_predicted(s3, tmp_path):
     # GIVEN every bundled sample uploaded under an awkward key
     labels = json.loads((SAMPLES / "labels.json").read_text())
