@@ -63,6 +63,7 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, l
     # imports and reads: their framework imports and setup() overlap them. Kept if still wanted.
     remembered = start_remembered(job_root)
     try:
+        import batchworker.jobpkg  # noqa: F401 - the first job reads its job.toml with it (10-40 ms, else on its path)
         from worker.runner import WarmState  # the slow imports start here
         from worker.storage import Storage
 
