@@ -12,7 +12,6 @@ import logging
 import os
 import posixpath
 import shutil
-import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -295,12 +294,3 @@ class RowCollector:
                 for key in keys:
                     seen.setdefault(str(key), None)
         return list(seen)
-
-
-def stderr_logger(name: str = "job") -> logging.Logger:
-    """A logger for running a handler by hand (a plain shell, or a test)."""
-    logger = logging.getLogger(name)
-    if not logger.handlers:
-        logger.addHandler(logging.StreamHandler(sys.stderr))
-        logger.setLevel(logging.INFO)
-    return logger

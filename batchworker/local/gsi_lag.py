@@ -38,10 +38,6 @@ def set_lag(seconds: float) -> None:
     _state["seconds"] = max(float(seconds), 0.0)
 
 
-def lag_seconds() -> float:
-    return _state["seconds"]
-
-
 def install(seconds: float) -> None:
     """Patch moto's DynamoDB in this process (idempotent); `seconds` old views from now on."""
     set_lag(seconds)

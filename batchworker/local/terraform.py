@@ -72,17 +72,6 @@ class LocalTerraform:
             self._check("plan", code, out, err)
         return code == 2
 
-    def planned_actions(self) -> dict[str, list[str]]:
-        """What a plan would do: resource address -> actions (["update"], ["delete", "create"], ...), no-ops left out."""
-        plan_file = self.work_dir / "check.tfplan"
-        var_file = self.work_dir / "local.tfvars.json"
-        self._check("plan", *self._run_plain(
-            "plan", "-input=false", f"-state={self.state_path}", f"-var-file={var_file}", f"-out={plan_file}"))
-        code, out, err = self._run_plain("show", "-json", str(plan_file))
-        self._check("show", code, out, err)
-        changes = json.loads(out).get("resource_changes", [])
-        return {c["address"]: c["change"]["actions"] for c in changes if c["change"]["actions"] not in (["no-op"], ["read"])}
-
     def outputs(self) -> dict:
         code, out, err = self._run_plain("output", "-json", f"-state={self.state_path}")
         self._check("output", code, out, err)
