@@ -194,7 +194,7 @@ class Table:
         """One column as csv.writer cells: Python values (NumPy's converted), floats with `decimals` digits
         when given (one % over the whole column, not one per value), None an empty cell."""
         column = self.columns[name]
-        values = column.tolist() if hasattr(column, "tolist") else list(column)
+        values = _values(column)
         if self.decimals is None or not values:
             return values
         fmt = f"%.{self.decimals}f"
@@ -215,7 +215,7 @@ class Table:
             if column is None:
                 formats.append("")
                 continue
-            values = column.tolist() if hasattr(column, "tolist") else list(column)
+            values = _values(column)
             fmt = _number_format(values, getattr(getattr(column, "dtype", None), "kind", ""), self.decimals)
             if fmt is None:
                 return None
@@ -229,6 +229,11 @@ class Table:
 
 
 MAX_DECIMALS = 17
+
+
+def _values(column: Any) -> list:
+    """A column's values as Python objects (NumPy and pandas convert theirs in one call)."""
+    return column.tolist() if hasattr(column, "tolist") else list(column)
 
 
 def _number_format(values: list, kind: str, decimals: int | None) -> str | None:
