@@ -29,6 +29,8 @@ class Settings:
     worker_function: str
     parameter_prefix: str
     job_command: str
+    # Job packages live here (job-packages/<name>/): every job runs one, so a deployment cannot do without it.
+    artifacts_bucket: str
     ssh_user: str = "ubuntu"
     instance_ready_timeout_seconds: float = 600.0
     dispatch_command_timeout_seconds: float = 60.0
@@ -61,10 +63,8 @@ class Settings:
     max_input_bytes: int = 100 * 1024 * 1024
     # Dispatch attempts before a job that never started is failed.
     max_attempts: int = 3
-    # Job packages live in the artifacts bucket (job-packages/<name>/); uploads under `<name>/` of a deployed
-    # package run it, the others default_job. No default_job: the others fail at once (nothing runs them).
-    # No artifacts_bucket: job packages are off.
-    artifacts_bucket: str | None = None
+    # Uploads under `<name>/` of a deployed package run it, the others default_job. No default_job: the others
+    # fail at once (nothing runs them).
     default_job: str | None = None
     # EC2 "Instance State-change Notification" events reach the worker function (terraform/events.tf): a
     # dispatcher never waits through a boot; the instance's `running` event brings one back for its jobs.
@@ -107,14 +107,11 @@ class Settings:
                 f"{ENV_PREFIX}IDLE_GRACE_POLICY must be one of {', '.join(IDLE_GRACE_POLICIES)}, "
                 f"got {self.idle_grace_policy!r}"
             )
-        if self.default_job is not None:
-            if not NAME_PATTERN.match(self.default_job):
-                raise ConfigurationError(
-                    f"{ENV_PREFIX}DEFAULT_JOB must be a job package name (^[a-z][a-z0-9-]{{0,39}}$), "
-                    f"got {self.default_job!r}"
-                )
-            if not self.artifacts_bucket:
-                raise ConfigurationError(f"{ENV_PREFIX}ARTIFACTS_BUCKET must be set when {ENV_PREFIX}DEFAULT_JOB is")
+        if self.default_job is not None and not NAME_PATTERN.match(self.default_job):
+            raise ConfigurationError(
+                f"{ENV_PREFIX}DEFAULT_JOB must be a job package name (^[a-z][a-z0-9-]{{0,39}}$), "
+                f"got {self.default_job!r}"
+            )
         if self.max_job_runtime_seconds <= 0:
             raise ConfigurationError(f"{ENV_PREFIX}MAX_JOB_RUNTIME_SECONDS must be > 0")
         # ssm_document is checked where it is used (SsmLauncher), so trigger and stop do not need it.

@@ -83,9 +83,9 @@ def accept_upload(
 ) -> str | None:
     """Record the job, place it on an instance (starting one if needed), hand it to `dispatch(job_id, instance_id)`.
 
-    With job packages on (`artifacts_bucket` set), the upload is routed first: a key under `<name>/` of a
-    deployed package, or any key when `default_job` is set, is pinned to that package's current version and
-    resolved parameters (with no default_job, other keys are refused). An input over `max_input_bytes`, an extension the package does not accept, a bad
+    The upload is routed first: a key under `<name>/` of a deployed package, or any key when `default_job` is
+    set, is pinned to that package's current version and resolved parameters (with no default_job, other keys
+    are refused). An input over `max_input_bytes`, an extension the package does not accept, a bad
     parameter or a missing package fail at once with a manifest: no GPU starts for them. A `placer` and
     `packages` shared by the uploads of one batch read the pool, its load and each package once for all.
     Returns the job id, or None when this delivery is a duplicate of a job already under way.
@@ -95,12 +95,11 @@ def accept_upload(
     if not upload.key or upload.key.endswith("/"):
         raise RejectedEvent(f"key {upload.key!r} is a folder marker, not a file")
     route, refusal = None, None
-    if settings.artifacts_bucket:
-        packages = packages or PackageLookup(PackageRegistry(settings.artifacts_bucket, s3_client))
-        try:
-            route = route_upload(upload.key, upload.metadata, settings.default_job, packages)
-        except UploadRefused as exc:
-            refusal = str(exc)
+    packages = packages or PackageLookup(PackageRegistry(settings.artifacts_bucket, s3_client))
+    try:
+        route = route_upload(upload.key, upload.metadata, settings.default_job, packages)
+    except UploadRefused as exc:
+        refusal = str(exc)
     job = Job(
         job_id=upload.job_id,
         status=JobStatus.QUEUED,

@@ -29,7 +29,7 @@ ledger = InstanceLedger(settings.instance_events_table)
 gaps = IdleGaps(settings.instance_events_table)
 lambda_client = aws.client("lambda")
 s3 = aws.client("s3")
-registry = PackageRegistry(settings.artifacts_bucket, s3) if settings.artifacts_bucket else None
+registry = PackageRegistry(settings.artifacts_bucket, s3)
 
 
 class Dispatches:
@@ -51,8 +51,8 @@ class Dispatches:
             self._placer = Placer(pool.list(), ledger, settings.max_jobs_per_instance)
         return self._placer
 
-    def packages(self) -> PackageLookup | None:
-        if self._packages is None and registry is not None:
+    def packages(self) -> PackageLookup:
+        if self._packages is None:
             self._packages = PackageLookup(registry)
         return self._packages
 
@@ -78,9 +78,9 @@ dispatches = Dispatches()
 def object_facts(bucket: str, key: str, version_id: str | None) -> tuple[str | None, dict[str, str]]:
     """The object's version (moto's events never carry versionId; S3's do) and its user metadata.
 
-    The metadata holds `param-<name>` job parameters; it is read only when job packages are on.
+    The metadata holds `param-<name>` job parameters.
     """
-    if bucket != settings.input_bucket or (version_id and registry is None):
+    if bucket != settings.input_bucket:
         return version_id, {}
     extra = {"VersionId": version_id} if version_id else {}
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,15 @@ import pytest
 from moto import mock_aws
 from moto.server import ThreadedMotoServer
 
+from batchworker.jobpkg.registry import PackageRegistry
 from batchworker.jobs import INDEX_ATTRIBUTES, SHARD_ATTRIBUTE, STATUS_INDEX
 
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "bwtest"
+ARTIFACTS = f"{PREFIX}-artifacts"
+# Every job runs a job package, as in a deployment: the stack deploys this one as its default job.
+DEFAULT_JOB = "stackjob"
+DEFAULT_JOB_TOML = f'name = "{DEFAULT_JOB}"\nentrypoint = "handler:Job"\naccept = [".png", ".npy", ".csv"]\n'
 
 
 @dataclass
@@ -23,6 +29,7 @@ class Stack:
     instance_id: str
     input_bucket: str = f"{PREFIX}-input"
     output_bucket: str = f"{PREFIX}-output"
+    artifacts_bucket: str = ARTIFACTS
     jobs_table: str = f"{PREFIX}-jobs"
     events_table: str = f"{PREFIX}-instance-events"
 
@@ -70,11 +77,13 @@ def http_stack(monkeypatch):
 
 
 def create_stack(monkeypatch) -> Stack:
-    """Buckets, tables and one stopped pool instance, shaped like the Terraform ones; the functions' env set."""
+    """Buckets, tables, the default job and one stopped pool instance, shaped like the Terraform ones; the
+    functions' env set."""
     s3 = boto3.client("s3", region_name="us-east-1")
-    for bucket in (f"{PREFIX}-input", f"{PREFIX}-output"):
+    for bucket in (f"{PREFIX}-input", f"{PREFIX}-output", ARTIFACTS):
         s3.create_bucket(Bucket=bucket)
     s3.put_bucket_versioning(Bucket=f"{PREFIX}-input", VersioningConfiguration={"Status": "Enabled"})
+    deploy_package(s3, DEFAULT_JOB_TOML)
     ddb = boto3.client("dynamodb", region_name="us-east-1")
     ddb.create_table(
         TableName=f"{PREFIX}-jobs", BillingMode="PAY_PER_REQUEST",
@@ -104,6 +113,8 @@ def create_stack(monkeypatch) -> Stack:
     env = {
         "BATCHWORKER_INPUT_BUCKET": f"{PREFIX}-input",
         "BATCHWORKER_OUTPUT_BUCKET": f"{PREFIX}-output",
+        "BATCHWORKER_ARTIFACTS_BUCKET": ARTIFACTS,
+        "BATCHWORKER_DEFAULT_JOB": DEFAULT_JOB,
         "BATCHWORKER_JOBS_TABLE": f"{PREFIX}-jobs",
         "BATCHWORKER_INSTANCE_EVENTS_TABLE": f"{PREFIX}-instance-events",
         "BATCHWORKER_POOL_TAG": PREFIX,
@@ -117,3 +128,11 @@ def create_stack(monkeypatch) -> Stack:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return Stack(env=env, instance_id=instance_id)
+
+
+def deploy_package(s3, toml: str, body: str = "class Job: ...\n"):
+    """Deploy a job package (job.toml + handler.py) to the stack's artifacts bucket; returns its PackageRef."""
+    with tempfile.TemporaryDirectory(prefix="bwtest-package-") as folder:
+        (Path(folder) / "job.toml").write_text(toml)
+        (Path(folder) / "handler.py").write_text(body)
+        return PackageRegistry(ARTIFACTS, s3).deploy(Path(folder)).ref

@@ -8,11 +8,10 @@ import pytest
 
 from batchworker.config import Settings
 from batchworker.control import job_spec
-from batchworker.jobpkg.registry import PackageRegistry
 from batchworker.jobs import JobStore
 from batchworker.models import job_id_for
 from batchworker.routing import param_metadata
-from tests.functional.conftest import PREFIX
+from tests.functional.conftest import ARTIFACTS, deploy_package
 from tests.functional.handler_support import (
     LambdaContext,
     RecordingLambdaClient,
@@ -20,8 +19,6 @@ from tests.functional.handler_support import (
     s3_event,
     sqs_event,
 )
-
-ARTIFACTS = f"{PREFIX}-artifacts"
 
 WORDSTATS = """name = "wordstats"
 entrypoint = "handler:Job"
@@ -36,22 +33,11 @@ DIGITS = 'name = "digits"\nentrypoint = "handler:Job"\naccept = [".png", ".npy"]
 
 
 @pytest.fixture
-def packages(stack, monkeypatch, tmp_path):
-    """The stack with job packages on: an artifacts bucket, default_job = digits."""
-    boto3.client("s3").create_bucket(Bucket=ARTIFACTS)
-    for name, value in {"BATCHWORKER_ARTIFACTS_BUCKET": ARTIFACTS, "BATCHWORKER_DEFAULT_JOB": "digits"}.items():
-        monkeypatch.setenv(name, value)
-        stack.env[name] = value
-    registry = PackageRegistry(ARTIFACTS, boto3.client("s3"))
-
-    def deploy(toml: str, body: str = "class Job: ...\n"):
-        folder = tmp_path / f"pkg-{len(list(tmp_path.iterdir()))}"
-        folder.mkdir()
-        (folder / "job.toml").write_text(toml)
-        (folder / "handler.py").write_text(body)
-        return registry.deploy(folder).ref
-
-    return deploy
+def packages(stack, monkeypatch):
+    """The stack with default_job = digits (not deployed until a test deploys it)."""
+    monkeypatch.setenv("BATCHWORKER_DEFAULT_JOB", "digits")
+    stack.env["BATCHWORKER_DEFAULT_JOB"] = "digits"
+    return lambda toml: deploy_package(boto3.client("s3"), toml)
 
 
 def upload(stack, trigger, key: str, **metadata) -> str:
@@ -201,7 +187,7 @@ def test_one_batch_reads_each_package_pointer_once(stack, packages, monkeypatch)
 
 
 def test_without_default_job_other_keys_are_refused(stack, packages, monkeypatch):
-    # GIVEN job packages on (artifacts bucket) but no default_job
+    # GIVEN no default_job
     monkeypatch.setenv("BATCHWORKER_DEFAULT_JOB", "")
     stack.env["BATCHWORKER_DEFAULT_JOB"] = ""
     ref = packages(WORDSTATS)

@@ -75,6 +75,7 @@ def settings_for(table: str) -> Settings:
         "BATCHWORKER_INSTANCE_EVENTS_TABLE": EVENTS_TABLE, "BATCHWORKER_POOL_TAG": "job",
         "BATCHWORKER_WORKER_FUNCTION": "job-worker",
         "BATCHWORKER_PARAMETER_PREFIX": "/job", "BATCHWORKER_JOB_COMMAND": "batchworker-job launch",
+        "BATCHWORKER_ARTIFACTS_BUCKET": ARTIFACTS,
     })
 
 

@@ -154,6 +154,7 @@ def settings_for(**overrides) -> Settings:
     env = {
         "BATCHWORKER_INPUT_BUCKET": f"{PREFIX}-input",
         "BATCHWORKER_OUTPUT_BUCKET": f"{PREFIX}-output",
+        "BATCHWORKER_ARTIFACTS_BUCKET": f"{PREFIX}-artifacts",
         "BATCHWORKER_JOBS_TABLE": f"{PREFIX}-jobs",
         "BATCHWORKER_INSTANCE_EVENTS_TABLE": f"{PREFIX}-instance-events",
         "BATCHWORKER_POOL_TAG": PREFIX,
