@@ -30,13 +30,13 @@ def start_somewhere(
     deadline: float,
     jobs: JobStore,
     pool: InstancePool,
-    ledger: InstanceLedger | None,
+    ledger: InstanceLedger,
     max_jobs_per_instance: int,
 ) -> str:
     """Get an instance running for the group: its own, else one in an AZ that has not refused. Returns its id.
 
     The jobs move with the choice (job row and ledger). Raises InsufficientCapacity naming every instance and
-    AZ that refused when none is left to try (without a ledger, the jobs never move).
+    AZ that refused when none is left to try.
     """
     refused: list[InsufficientCapacity] = []
     current = instance_id
@@ -51,7 +51,7 @@ def start_somewhere(
         short_zones = {z for exc in refused for z in exc.availability_zones}
         candidates = [i for i in pool.list() if i.instance_id not in tried and i.availability_zone not in short_zones]
         placement = None
-        if ledger is not None and candidates:
+        if candidates:
             # Each candidate's job count from its ledger item (one BatchGetItem), as the trigger places.
             entries = ledger.read_many(i.instance_id for i in candidates)
             load = {i: len(entry.placed_job_ids) for i, entry in entries.items()}

@@ -166,20 +166,19 @@ def dispatch_jobs(
     pool: InstancePool,
     launcher: Launcher,
     s3_client,
+    ledger: InstanceLedger,
     clock: Callable[[], float] = time.monotonic,
-    ledger: InstanceLedger | None = None,
     owner: str | None = None,
     claim_seconds: float | None = None,
 ) -> dict[str, JobStatus]:
     """Start each job on its instance, in as few commands as fit, as the instance's one dispatcher.
 
     A burst shares its instance start and its commands: the jobs of one instance travel together as one
-    batch spec. With a `ledger`, this invocation first claims the instance (`dispatch_instance`): if another
-    dispatcher holds it, the jobs are handed over to that one and this returns at once, their status QUEUED.
+    batch spec. This invocation first claims each instance (`dispatch_instance`): if another dispatcher
+    holds it, the jobs are handed over to that one and this returns at once, their status QUEUED.
     A job that cannot be started gets a failed manifest, so the stop function learns of it and the instance
     never keeps running for a job that will not come. A lack of EC2 capacity is not such a failure: the jobs
-    move to an instance in another AZ (with a `ledger`), or stay QUEUED waiting for capacity
-    (batchworker/capacity.py).
+    move to an instance in another AZ, or stay QUEUED waiting for capacity (batchworker/capacity.py).
     """
     outcome: dict[str, JobStatus] = {}
     by_instance: dict[str, list[Job]] = {}
@@ -197,12 +196,9 @@ def dispatch_jobs(
         else:
             by_instance.setdefault(job.instance_id, []).append(job)
     for instance_id, group in by_instance.items():
-        if ledger is None:
-            outcome.update(_dispatch_to(instance_id, group, settings, jobs, pool, launcher, s3_client, clock, ledger))
-        else:
-            outcome.update(dispatch_instance(
-                instance_id, settings, jobs, pool, launcher, s3_client, ledger, group, clock, owner, claim_seconds
-            ))
+        outcome.update(dispatch_instance(
+            instance_id, settings, jobs, pool, launcher, s3_client, ledger, group, clock, owner, claim_seconds
+        ))
     return outcome
 
 

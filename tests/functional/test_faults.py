@@ -84,7 +84,7 @@ def test_insufficient_capacity_is_retried_with_backoff_until_the_instance_starts
     assert placed == [stack.instance_id] and stack.instance_state() == "stopped"
     # WHEN the worker dispatches
     launcher = RecordingLauncher()
-    outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock)
+    outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), ledger, clock=clock)
     # THEN it retried (backing off) until the start went through, and the job runs
     assert outcome == {job_id: JobStatus.DISPATCHED}  # launched; RUNNING once its code starts
     assert ec2.starts == 4 and stack.instance_state() == "running"  # 1 by the trigger, 3 by the worker
@@ -97,7 +97,7 @@ def test_incorrect_instance_state_while_stopping_is_waited_out(stack):
     ec2 = FaultyEc2(boto3.client("ec2"), "IncorrectInstanceState", times=2)
     settings, jobs, pool, ledger = setup(stack, ec2, clock, BATCHWORKER_INSTANCE_READY_TIMEOUT_SECONDS="300")
     job_id, _ = queue_job(stack, settings, jobs, pool, ledger)
-    outcome = dispatch_jobs([job_id], settings, jobs, pool, RecordingLauncher(), boto3.client("s3"), clock=clock)
+    outcome = dispatch_jobs([job_id], settings, jobs, pool, RecordingLauncher(), boto3.client("s3"), ledger, clock=clock)
     # THEN the worker starts it again once EC2 accepts, and the upload is not stranded
     assert outcome == {job_id: JobStatus.DISPATCHED}  # launched; RUNNING once its code starts
     assert stack.instance_state() == "running"
@@ -117,10 +117,11 @@ def test_a_host_key_mismatch_fails_the_burst_and_runs_nothing(stack):
     settings, jobs, pool, ledger = setup(stack, boto3.client("ec2"), clock)
     ids = [queue_job(stack, settings, jobs, pool, ledger, f"{n}.png")[0] for n in range(3)]
     launcher = RecordingLauncher(fail_with=DispatchError("instance presented a host key other than the one it published"))
-    outcome = dispatch_jobs(ids, settings, jobs, pool, launcher, boto3.client("s3"), clock=clock)
+    outcome = dispatch_jobs(ids, settings, jobs, pool, launcher, boto3.client("s3"), ledger, clock=clock)
     assert set(outcome.values()) == {JobStatus.FAILED} and launcher.launched == []
     for job_id in ids:
         assert "host key" in jobs.get(job_id).error
+    assert ledger.read(stack.instance_id).dispatcher is None  # the failed dispatcher let go of the instance
 
 
 def test_duplicate_worker_invocations_launch_each_job_once(stack):
@@ -129,10 +130,11 @@ def test_duplicate_worker_invocations_launch_each_job_once(stack):
     job_id, _ = queue_job(stack, settings, jobs, pool, ledger)
     launcher = RecordingLauncher()
     for _ in range(3):  # Lambda retries async invokes; events arrive twice
-        dispatch_jobs([job_id, job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock)
+        dispatch_jobs([job_id, job_id], settings, jobs, pool, launcher, boto3.client("s3"), ledger, clock=clock)
     assert len(launcher.launched) == 1
     assert [s["job_id"] for s in launcher.launched[0][1]["jobs"]] == [job_id]
     assert jobs.get(job_id).attempts == 1
+    assert ledger.read(stack.instance_id).dispatcher is None  # each invocation let go of its claim
 
 
 def test_ready_timeout_names_the_state(stack):
@@ -157,7 +159,7 @@ def test_a_launch_cut_off_by_an_instance_stop_is_relaunched_after_a_restart(stac
         return original(instance_id, spec, deadline)
 
     launcher.launch = launch_and_stop_once
-    outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), clock=clock)
+    outcome = dispatch_jobs([job_id], settings, jobs, pool, launcher, boto3.client("s3"), ledger, clock=clock)
     # THEN the worker starts the instance again and relaunches: the job runs, it was not failed
     assert outcome == {job_id: JobStatus.DISPATCHED}  # launched; RUNNING once its code starts
     assert len(launcher.launched) == 1 and stack.instance_state() == "running"
