@@ -272,32 +272,15 @@ def _admit(batch_path: Path, busy: bool, job_root: Path, hosts: HostPool) -> boo
 def _taken(offered: Offered, job_root: Path) -> None:
     """A batch this process took: its jobs' run.pid name this process (before launch hears of it), and
     their leases are renewed from now on, while the batch waits its turn (worker/lease.py)."""
-    from worker.lease import Heartbeat  # the `run` process only
+    from worker.lease import Heartbeat, shared_client  # the `run` process only
 
     specs = _read_run_file(offered.batch_path, job_root)
     _record_pid(specs, job_root, os.getpid())
     leases = {spec.job_id: spec.lease for spec in specs if spec.lease}
     if leases:
-        heartbeat = Heartbeat(leases, client=_listener_lease_client())
+        heartbeat = Heartbeat(leases, client=shared_client())
         heartbeat.start()
         offered.context = heartbeat
-
-
-_lease_client = None
-
-
-def _listener_lease_client():
-    """One DynamoDB client for the heartbeats of every batch the warm server takes (clients are thread-safe;
-    a session and client per batch cost the listener thread a service model load each, under a burst). Made
-    from the listener thread's own session: boto3's default one is not thread-safe."""
-    global _lease_client
-    if _lease_client is None:
-        import boto3
-
-        from worker.lease import make_client
-
-        _lease_client = make_client(boto3.session.Session())
-    return _lease_client
 
 
 def _serve(server: Server, linger: float, job_root: Path, warm: WarmState) -> None:

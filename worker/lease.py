@@ -42,6 +42,19 @@ def make_client(session: boto3.session.Session | None = None) -> Any:
     return (session or boto3).client("dynamodb", config=config)
 
 
+_shared_client = None
+
+
+def shared_client() -> Any:
+    """One DynamoDB client for the heartbeats of every batch a warm server takes (clients are thread-safe;
+    a session and client per batch cost the listener thread a service model load each, under a burst). Made
+    from a session of its own: boto3's default one is not thread-safe, and the listener thread may make it."""
+    global _shared_client
+    if _shared_client is None:
+        _shared_client = make_client(boto3.session.Session())
+    return _shared_client
+
+
 def iso_utc(moment: dt.datetime) -> str:
     """2026-11-22T01:02:03.456Z, the job table's timestamp format."""
     return moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -64,7 +64,8 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, l
     remembered = start_remembered(job_root)
     try:
         import batchworker.jobpkg  # noqa: F401 - the first job reads its job.toml with it (10-40 ms, else on its path)
-        from worker.runner import WarmState  # the slow imports start here
+        from worker.lease import shared_client  # the slow imports start here
+        from worker.runner import WarmState
         from worker.storage import Storage
 
         warm = WarmState(hosts=hosts)
@@ -74,7 +75,7 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, l
             warm.storage = Storage()
             # The client the server's listener renews taken jobs' leases with: made now, not while the
             # first job waits for its hand-over (a session and a service model load).
-            cli._listener_lease_client()
+            shared_client()
             if packages_uri and instance_events_table and instance_id:
                 starters = started_by(instance_events_table, instance_id, packages_uri)
             if default_job and packages_uri and default_job not in {ref.name for ref in starters}:
