@@ -10,12 +10,11 @@ import argparse
 import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from worker.deadman import (
     RUN_DONE_NAME,
@@ -26,24 +25,14 @@ from worker.deadman import (
     should_power_off,
     uptime_seconds,
 )
-from worker.errors import ExitCode, Interrupted, SpecError
+from worker.errors import ExitCode, SpecError, print_error
 from worker.hosts import HostPool
-from worker.paths import RUN_LOCK_NAME, job_dir_for, job_root_from_env
+from worker.paths import RUN_LOCK_NAME, SPEC_NAME, job_dir_for, job_root_from_env, write_private
 from worker.prune import prune_job_root
-from worker.server import BATCHES_DIR, Offered, Server, ServerRole, claim_role, hand_over
-from worker.spec import (
-    MAX_BATCH_BYTES,
-    MAX_SPEC_BYTES,
-    JobSpec,
-    is_valid_job_id,
-    parse_launch_request,
-    parse_spec,
-)
+from worker.server import BATCHES_DIR, ServerRole, claim_role, hand_over
+from worker.serving import BatchProcess, batch_linger, close_fds, read_run_file, record_pid
+from worker.spec import MAX_BATCH_BYTES, JobSpec, parse_launch_request
 
-if TYPE_CHECKING:  # imported late at run time: `launch` stays free of boto3, NumPy and PIL
-    from worker.runner import WarmState
-
-SPEC_NAME = "spec.json"
 RUN_LOG_NAME = "run.log"
 
 
@@ -96,7 +85,7 @@ def launch(stdin: BinaryIO, job_root: Path) -> ExitCode:
     try:
         specs, is_batch = parse_launch_request(stdin.read(MAX_BATCH_BYTES + 1))
     except SpecError as exc:
-        _print_error(str(exc))
+        print_error(str(exc))
         return ExitCode.FAILED
     replies: list[dict] = []
     locks: dict[str, int] = {}  # job_id -> fd holding its run.lock, for the jobs this launch starts
@@ -113,7 +102,7 @@ def launch(stdin: BinaryIO, job_root: Path) -> ExitCode:
                 if reply["job_id"] in locks:
                     reply["pid"] = pid
     except OSError as exc:
-        _print_error(f"cannot start the job: {exc}")
+        print_error(f"cannot start the job: {exc}")
         return ExitCode.TRANSIENT
     finally:
         for lock_fd in locks.values():
@@ -122,7 +111,7 @@ def launch(stdin: BinaryIO, job_root: Path) -> ExitCode:
     try:
         prune_job_root(job_root)  # at most hourly; after the answer, which the caller already has
     except OSError as exc:
-        _print_error(f"pruning old job directories failed: {exc}")
+        print_error(f"pruning old job directories failed: {exc}")
     return ExitCode.SUCCEEDED
 
 
@@ -139,7 +128,7 @@ def _claim(spec: JobSpec, job_root: Path) -> tuple[dict, int | None]:
         return {"job_id": spec.job_id, "pid": running_pid, "already_running": True}, None
     try:
         (job_dir / RUN_DONE_NAME).unlink(missing_ok=True)  # from an earlier attempt: this one is not done
-        _write_private(job_dir / SPEC_NAME, json.dumps(spec.to_json(), indent=2) + "\n")
+        write_private(job_dir / SPEC_NAME, json.dumps(spec.to_json(), indent=2) + "\n")
     except OSError:
         os.close(lock_fd)
         raise
@@ -151,9 +140,9 @@ def _start(specs: list[JobSpec], job_root: Path, locks: dict[str, int]) -> int:
     batches = job_root / BATCHES_DIR
     batches.mkdir(parents=True, exist_ok=True, mode=0o700)
     batch_path = batches / f"{specs[0].job_id}.json"
-    _write_private(batch_path, json.dumps({"jobs": [spec.job_id for spec in specs]}) + "\n")
+    write_private(batch_path, json.dumps({"jobs": [spec.job_id for spec in specs]}) + "\n")
     lock_fds = [locks[spec.job_id] for spec in specs]
-    if _linger(specs) > 0:
+    if batch_linger(specs) > 0:
         pid = hand_over(job_root, batch_path, lock_fds,
                         lambda: _read_pid(job_dir_for(job_root, specs[0].job_id) / RUN_PID_NAME))
         if pid is not None:
@@ -168,7 +157,7 @@ def _start_run(specs: list[JobSpec], job_root: Path, batch_path: Path, lock_fds:
     """
     first_dir = job_dir_for(job_root, specs[0].job_id)
     command = [sys.executable, "-m", "worker.cli", "run", "--lock-fds", ",".join(map(str, lock_fds))]
-    role = claim_role(job_root) if _linger(specs) > 0 else None
+    role = claim_role(job_root) if batch_linger(specs) > 0 else None
     inherited = list(lock_fds)  # the child inherits the locks and holds them until its batch ends
     if role is not None:
         command += ["--server-fds", f"{role.lock_fd},{role.listener_fd}"]
@@ -188,18 +177,8 @@ def _start_run(specs: list[JobSpec], job_root: Path, batch_path: Path, lock_fds:
     finally:
         if role is not None:
             role.close()  # the child holds its own copies
-    _record_pid(specs, job_root, process.pid)
+    record_pid(specs, job_root, process.pid)
     return process.pid
-
-
-def _linger(specs: list[JobSpec]) -> float:
-    """How long the batch's process serves after it (0: no warm server): the longest any spec asks for."""
-    return max(spec.server_linger_seconds for spec in specs)
-
-
-def _record_pid(specs: list[JobSpec], job_root: Path, pid: int) -> None:
-    for spec in specs:
-        _write_private(job_dir_for(job_root, spec.job_id) / RUN_PID_NAME, f"{pid}\n")
 
 
 def run(path: Path, lock_fds: list[int] | tuple[int, ...] = (), role: ServerRole | None = None) -> ExitCode:
@@ -207,140 +186,41 @@ def run(path: Path, lock_fds: list[int] | tuple[int, ...] = (), role: ServerRole
     its job directory) in the foreground; the exit code tells the caller whether a retry can help.
 
     lock_fds (the jobs' run.lock, from launch) are closed when the batch ends. Unless the specs say
-    server_linger_seconds 0, the process is the job root's warm server (worker/server.py) from the start,
-    with the role launch claimed for it or one it claims: it runs the batches it takes after its own, then
-    lingers for more until idle that long or SIGTERM.
+    server_linger_seconds 0, the process is the job root's warm server (worker/server.py, worker/serving.py)
+    from the start, with the role launch claimed for it or one it claims: it runs the batches it takes after
+    its own, then lingers for more until idle that long or SIGTERM.
     """
-    global _raise_on_sigterm
-    _raise_on_sigterm = True
-    signal.signal(signal.SIGTERM, _on_sigterm)
     job_root = job_root_from_env()
+    process = BatchProcess(job_root, idle=False)  # SIGTERM from now on fails the running job at once
     try:
-        specs = _read_run_file(path, job_root)
+        specs = read_run_file(path, job_root)
     except (OSError, SpecError) as exc:
-        _close_fds(lock_fds)
+        close_fds(lock_fds)
         if role is not None:
             role.close()
-        _print_error(f"cannot read the job spec {path}: {exc}")
+        print_error(f"cannot read the job spec {path}: {exc}")
         return ExitCode.FAILED
-    linger = _linger(specs)
+    linger = batch_linger(specs)
     if linger <= 0 and role is not None:
         role.close()
     hosts = HostPool()  # the job packages' warm handler processes, one per (version, environment)
     hosts.expect(spec.package.version for spec in specs)
-    server = _open_server(job_root, role, hosts) if linger > 0 else None  # before the slow imports
+    server = process.open_server(role, hosts) if linger > 0 else None  # before the slow imports
     from worker.runner import WarmState  # not at the top: `launch` stays free of boto3, NumPy and PIL
 
     warm = WarmState(hosts=hosts)
     try:
         try:
-            code = _run_specs(specs, job_root, warm)
+            code = process.run_specs(specs, warm)
         finally:
-            _close_fds(lock_fds)
-        if linger > 0 and server is None and not _terminating:
-            server = _open_server(job_root, None, hosts)  # the server of the time has gone: be the next one
+            close_fds(lock_fds)
+        if linger > 0 and server is None and not process.terminating:
+            server = process.open_server(None, hosts)  # the server of the time has gone: be the next one
         if server is not None:
-            _serve(server, linger, job_root, warm)
+            process.serve(server, linger, warm)
     finally:
         hosts.close()
     return code
-
-
-def _open_server(job_root: Path, role: ServerRole | None, hosts: HostPool) -> Server | None:
-    return Server.open(job_root, role, lambda batch, busy: _admit(batch, busy, job_root, hosts),
-                       lambda offered: _taken(offered, job_root), _terminated)
-
-
-def _admit(batch_path: Path, busy: bool, job_root: Path, hosts: HostPool) -> bool:
-    """Idle: take any batch. Busy: only one that would wait for the instance's only slot anyway, or
-    whose jobs all run a job package this process has warm (one process per package version: its
-    setup() is not run again elsewhere)."""
-    try:
-        specs = _read_run_file(batch_path, job_root)
-    except (OSError, SpecError):
-        return not busy  # idle: take it anyway, its run reports the problem
-    admitted = (
-        not busy
-        or all(hosts.has_package(spec.package.version) for spec in specs)
-        or all(spec.max_concurrent_jobs == 1 for spec in specs)
-    )
-    if admitted:
-        hosts.expect(spec.package.version for spec in specs)
-    return admitted
-
-
-def _taken(offered: Offered, job_root: Path) -> None:
-    """A batch this process took: its jobs' run.pid name this process (before launch hears of it), and
-    their leases are renewed from now on, while the batch waits its turn (worker/lease.py)."""
-    from worker.lease import Heartbeat, shared_client  # the `run` process only
-
-    specs = _read_run_file(offered.batch_path, job_root)
-    _record_pid(specs, job_root, os.getpid())
-    leases = {spec.job_id: spec.lease for spec in specs if spec.lease}
-    if leases:
-        heartbeat = Heartbeat(leases, client=shared_client())
-        heartbeat.start()
-        offered.context = heartbeat
-
-
-def _serve(server: Server, linger: float, job_root: Path, warm: WarmState) -> None:
-    """Run the batches the server takes until it is idle for `linger` seconds or SIGTERM, then close it."""
-    global _raise_on_sigterm
-    try:
-        while not _terminating:
-            _raise_on_sigterm = False  # idle: SIGTERM only ends the wait
-            offered = server.next_batch(linger)
-            if offered is None:
-                break
-            next_linger = _serve_batch(offered, job_root, warm)
-            if next_linger is not None:
-                linger = next_linger
-    except Interrupted:  # SIGTERM between two batches
-        pass
-    finally:
-        # Taken but not run (SIGTERM, or offered as the linger ran out): nobody else will run them.
-        for offered in server.close():
-            _serve_batch(offered, job_root, warm)
-
-
-def _run_specs(
-    specs: list[JobSpec], job_root: Path, warm: WarmState, offered: Offered | None = None
-) -> ExitCode:
-    from worker.runner import run_jobs
-
-    try:
-        if offered is None:
-            codes = run_jobs(specs, job_root, warm=warm)
-        else:  # its time in the server's queue counts as waiting for the slot
-            codes = run_jobs(specs, job_root, warm=warm, heartbeat=offered.context,
-                             waiting_since=(offered.taken_at_utc, offered.taken_at))
-    except OSError as exc:  # the job directory itself is unusable: no log, no manifest
-        _print_error(f"cannot set up the job directory: {exc}")
-        return ExitCode.TRANSIENT
-    if ExitCode.TRANSIENT in codes:
-        return ExitCode.TRANSIENT
-    return ExitCode.FAILED if ExitCode.FAILED in codes else ExitCode.SUCCEEDED
-
-
-def _serve_batch(offered: Offered, job_root: Path, warm: WarmState) -> float | None:
-    """A batch the warm server took: run it like `run` does; the linger its specs ask for after it."""
-    global _raise_on_sigterm
-    _raise_on_sigterm = True
-    try:
-        if _terminating:  # SIGTERM came: its jobs fail at once, each with a manifest
-            warm.interrupted = Interrupted(_INTERRUPTED_MESSAGE.format(name="SIGTERM"))
-        try:
-            specs = _read_run_file(offered.batch_path, job_root)
-        except (OSError, SpecError) as exc:
-            _print_error(f"cannot read the job spec {offered.batch_path}: {exc}")
-            if offered.context is not None:
-                offered.context.stop()
-            return None
-        _run_specs(specs, job_root, warm, offered)
-        return _linger(specs)
-    finally:
-        _raise_on_sigterm = False
-        _close_fds(offered.lock_fds)
 
 
 def deadman(job_root: Path) -> int:
@@ -351,61 +231,8 @@ def deadman(job_root: Path) -> int:
     return 0 if expired else 1
 
 
-def _read_run_file(path: Path, job_root: Path) -> list[JobSpec]:
-    """The specs of a spec.json, or of every job a batch file names (read from their job directories)."""
-    with path.open("rb") as fh:
-        data = fh.read(MAX_BATCH_BYTES + 1)
-    try:
-        raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(f"not valid JSON: {exc}") from exc
-    if not (isinstance(raw, dict) and "jobs" in raw):
-        return [parse_spec(data)]
-    job_ids = raw["jobs"]
-    if not isinstance(job_ids, list) or not job_ids or not all(is_valid_job_id(j) for j in job_ids):
-        raise SpecError('a batch file must be {"jobs": [job_id, ...]}')
-    specs = []
-    for job_id in job_ids:
-        with (job_dir_for(job_root, job_id) / SPEC_NAME).open("rb") as fh:
-            specs.append(parse_spec(fh.read(MAX_SPEC_BYTES + 1)))
-    return specs
-
-
-_INTERRUPTED_MESSAGE = "the job was interrupted ({name}); submit the input again"
-_terminating = False  # SIGTERM came: finish (fail) the current job, then exit
-_raise_on_sigterm = True  # False while a warm server waits for a batch
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    global _terminating
-    _terminating = True
-    if _raise_on_sigterm:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the failed manifest go out
-        raise Interrupted(_INTERRUPTED_MESSAGE.format(name=signal.Signals(signum).name))
-
-
-def _terminated() -> bool:
-    return _terminating
-
-
 def _parse_fds(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
-
-
-def _close_fds(fds: list[int] | tuple[int, ...]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def _read_pid(path: Path) -> int | None:
@@ -413,10 +240,6 @@ def _read_pid(path: Path) -> int | None:
         return int(path.read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _print_error(message: str) -> None:
-    print(json.dumps({"error": message}), file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

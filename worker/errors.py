@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import json
+import sys
 
 
 class ExitCode(enum.IntEnum):
@@ -49,3 +51,8 @@ def printable(text: str, limit: int = 200) -> str:
     """User-supplied text (keys, entry names) made safe for one-line messages: no control chars, bounded."""
     cleaned = "".join(ch if ch.isprintable() else "?" for ch in text)
     return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
+
+def print_error(message: str) -> None:
+    """A diagnostic of `batchworker-job`: one JSON line on stderr (stdout carries the results)."""
+    print(json.dumps({"error": message}), file=sys.stderr, flush=True)

@@ -11,7 +11,8 @@ Nothing runs twice or is lost when a batch arrives early: the server role (and s
 anything slow, the first batch offered during the preparation is taken and runs right after it (later ones
 by the warm server's usual rule, else launch starts a `run` of their own); whoever removes a batch's offer
 token runs it (worker/server.py). When a `run` holds the role already, prewarm
-exits at once. After `linger` seconds without a batch it exits, like any warm server.
+exits at once. After `linger` seconds without a batch it exits, like any warm server (both serve through
+worker/serving.py).
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import time
 from pathlib import Path
 
-from worker import cli
 from worker.errors import Interrupted
 from worker.hosts import HANDLER_LOG_NAME, HandlerHost, HostKey, HostPool
 from worker.paths import job_root_from_env
-from worker.server import claim_role
+from worker.server import Offered, claim_role
+from worker.serving import BatchProcess
 from worker.spec import PackageRef
 
 logger = logging.getLogger("batchworker.prewarm")
@@ -45,8 +45,7 @@ MAX_REMEMBERED = 4
 
 def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, linger_seconds: float,
             instance_events_table: str | None = None, instance_id: str | None = None) -> int:
-    signal.signal(signal.SIGTERM, cli._on_sigterm)
-    cli._raise_on_sigterm = False  # SIGTERM while preparing: stop afterwards, running what was taken
+    process = BatchProcess(job_root, idle=True)  # SIGTERM while preparing: stop afterwards, running what was taken
     job_root.mkdir(parents=True, exist_ok=True, mode=0o700)
     role = claim_role(job_root)
     if role is None:
@@ -57,7 +56,7 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, l
     # Serve at once (launch waits at most 2 s for an answer), idle: the first batch offered is taken while
     # this process prepares, and waits for the preparation a new `run` would have to do anyway. A batch the
     # server took before it was made idle comes back from next_batch: it runs first.
-    server = cli._open_server(job_root, role, hosts)
+    server = process.open_server(role, hosts)
     early = server.next_batch(0)
     # The handler processes this job root's last pre-warm set up start now, before this process's own slow
     # imports and reads: their framework imports and setup() overlap them. Kept if still wanted.
@@ -91,10 +90,10 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, l
         linger = linger_seconds
         if starters:  # what the server took meanwhile (most likely that job) runs now, before the default job
             taken, early = early if early is not None else server.next_batch(0), None
-            while taken is not None and not cli._terminating:
-                linger = _serve_early(taken, job_root, warm, linger)
+            while taken is not None and not process.terminating:
+                linger = _serve_early(process, taken, warm, linger)
                 taken = server.next_batch(0)
-            if taken is not None:  # SIGTERM: _serve runs it as it closes the server
+            if taken is not None:  # SIGTERM: serve() runs it as it closes the server
                 early = taken
         if default is not None and default.version not in {ref.version for ref in starters}:
             _prepare([default], job_root, warm, remembered, "the default job")
@@ -103,8 +102,8 @@ def prewarm(job_root: Path, packages_uri: str | None, default_job: str | None, l
         logger.info("warm after %.2f s; serving for %.0f s without a batch", time.monotonic() - started,
                     linger_seconds)
         if early is not None:
-            linger = _serve_early(early, job_root, warm, linger)
-        cli._serve(server, linger, job_root, warm)
+            linger = _serve_early(process, early, warm, linger)
+        process.serve(server, linger, warm)
     finally:
         _discard(remembered)
         hosts.close()
@@ -185,11 +184,11 @@ def _discard(remembered: dict[str, tuple[HostKey, HandlerHost]]) -> None:
         host.kill()
 
 
-def _serve_early(batch, job_root: Path, warm, linger: float) -> float:
+def _serve_early(process: BatchProcess, batch: Offered, warm, linger: float) -> float:
     """The batch the server took while this process prepared: it runs now, exactly once."""
     try:
-        return cli._serve_batch(batch, job_root, warm) or linger
-    except Interrupted:  # SIGTERM: _serve closes the server and runs what it took
+        return process.serve_batch(batch, warm) or linger
+    except Interrupted:  # SIGTERM: serve() closes the server and runs what it took
         return linger
 
 
