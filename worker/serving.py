@@ -3,7 +3,7 @@
 
 `batchworker-job run` (worker/cli.py) and the boot-time pre-warm (worker/prewarm.py) both serve through
 a BatchProcess, which owns the process's SIGTERM state. Kept light at import: `launch` imports this module
-(read_run_file, record_pid); the runner, boto3, NumPy and PIL are imported only when a batch runs.
+(batch_linger, record_pid); the runner, boto3, NumPy and PIL are imported only when a batch runs.
 """
 
 from __future__ import annotations
